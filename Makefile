@@ -1,0 +1,105 @@
+# meshkeeper — see README.md. Every tool is built from a pinned Go module.
+SHELL := /usr/bin/env bash -o pipefail
+.SHELLFLAGS := -ec
+
+BIN            ?= $(CURDIR)/bin
+CONTROLLER_GEN := $(BIN)/controller-gen
+GOLANGCI_LINT  := $(BIN)/golangci-lint
+CLUSTER_BINS   := $(BIN)/cluster
+IMG            ?= ghcr.io/meshkeeper/manager:dev
+AGENT_IMG      ?= ghcr.io/meshkeeper/agent:dev
+GO_TEST_FLAGS  ?=
+
+export KUBEBUILDER_ASSETS ?= $(CLUSTER_BINS)
+
+.PHONY: all
+all: build
+
+##@ Development
+
+.PHONY: manifests
+manifests: $(CONTROLLER_GEN) ## Generate CRDs and RBAC from the API types and markers.
+	$(CONTROLLER_GEN) crd paths=./api/... output:crd:artifacts:config=config/crd/bases
+	$(CONTROLLER_GEN) rbac:roleName=meshkeeper-manager paths=./internal/controller/... output:rbac:artifacts:config=config/rbac
+
+.PHONY: generate
+generate: $(CONTROLLER_GEN) ## Generate deepcopy code.
+	$(CONTROLLER_GEN) object:headerFile=hack/boilerplate.go.txt paths=./api/...
+
+.PHONY: fmt
+fmt: ## go fmt.
+	go fmt ./...
+
+.PHONY: vet
+vet: ## go vet.
+	go vet ./...
+
+.PHONY: lint
+lint: $(GOLANGCI_LINT) ## golangci-lint with .golangci.yml.
+	$(GOLANGCI_LINT) run ./...
+
+.PHONY: verify
+verify: manifests generate ## Fail if generated files are stale or code is unformatted.
+	@test -z "$$(gofmt -l api cmd internal webhooks test)" || { echo "gofmt needed:"; gofmt -l api cmd internal webhooks test; exit 1; }
+	@git diff --exit-code -- config api || { echo "Generated files are stale: run 'make manifests generate' and commit."; exit 1; }
+	@test -z "$$(git status --porcelain -- config api)" || { echo "Untracked generated files:"; git status --porcelain -- config api; exit 1; }
+	go mod tidy -diff
+
+.PHONY: test
+test: cluster-bins vet test-unit test-e2e ## Unit, integration (envtest) and e2e tests.
+
+.PHONY: test-unit
+test-unit: cluster-bins ## Unit and integration tests (envtest against the real API server).
+	go test $(GO_TEST_FLAGS) ./api/... ./internal/... ./webhooks/... ./cmd/... ./test/cluster/...
+
+.PHONY: test-e2e
+test-e2e: cluster-bins build ## End-to-end: the manager binary against a local cluster with kwok nodes.
+	MESHKEEPER_MANAGER_BIN=$(BIN)/manager go test $(GO_TEST_FLAGS) -timeout 20m ./test/e2e/... -args -ginkgo.v
+
+.PHONY: fuzz
+fuzz: ## Fuzz the Mesh validation for 60s.
+	go test ./webhooks/ -run '^$$' -fuzz FuzzValidateMesh -fuzztime 60s
+
+##@ Build
+
+.PHONY: build
+build: ## Build the manager and agent binaries.
+	go build -o $(BIN)/manager ./cmd/manager
+	go build -o $(BIN)/agent ./cmd/agent
+
+.PHONY: docker-build
+docker-build: ## Build the manager and agent images (needs a Docker engine).
+	docker build -t $(IMG) -f Dockerfile .
+	docker build -t $(AGENT_IMG) -f Dockerfile.agent .
+
+.PHONY: demo
+demo: cluster-bins build ## Start a local cluster, run the operator, apply the sample Mesh, watch it become Ready.
+	go run ./test/cluster/cmd/demo --manager $(BIN)/manager --cluster-bins $(CLUSTER_BINS)
+
+##@ Deployment
+
+.PHONY: deploy
+deploy: ## Install CRDs, RBAC, webhook and the manager into the current kubectl context.
+	cd config/manager && kubectl kustomize . >/dev/null
+	kubectl apply -k config/default
+
+.PHONY: undeploy
+undeploy: ## Remove what deploy installed (Meshes are deleted first so their finalizers run).
+	-kubectl delete mesh --all --wait --timeout=5m
+	kubectl delete -k config/default --ignore-not-found
+
+##@ Tools
+
+.PHONY: cluster-bins
+cluster-bins: ## Build (once, cached) etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kubectl, kwok.
+	hack/cluster-bins.sh >/dev/null
+
+$(CONTROLLER_GEN): tools/codegen/go.mod tools/codegen/go.sum
+	cd tools/codegen && go build -o $(CONTROLLER_GEN) sigs.k8s.io/controller-tools/cmd/controller-gen
+
+$(GOLANGCI_LINT): tools/lint/go.mod tools/lint/go.sum
+	cd tools/lint && go build -o $(GOLANGCI_LINT) github.com/golangci/golangci-lint/v2/cmd/golangci-lint
+
+.PHONY: help
+help: ## Show targets.
+	@awk 'BEGIN {FS = ":.*##"} /^[a-zA-Z_-]+:.*?##/ { printf "  %-14s %s\n", $$1, $$2 } /^##@/ { printf "\n%s\n", substr($$0, 5) }' $(MAKEFILE_LIST)

@@ -1,0 +1,56 @@
+package v1alpha1
+
+// Condition types of a Mesh. Ready, Reconciling and Stalled follow kstatus, so
+// `kubectl wait --for=condition=Ready`, Flux and Argo CD read them correctly.
+const (
+	// ConditionReady is True when the mesh runs as the spec says.
+	ConditionReady = "Ready"
+	// ConditionReconciling is True while meshkeeper is acting on a change.
+	ConditionReconciling = "Reconciling"
+	// ConditionStalled is True when meshkeeper cannot progress without a
+	// change by a human (a bad spec, a failed target).
+	ConditionStalled = "Stalled"
+	// ConditionDegraded is True when the mesh runs but not as wanted (a
+	// rollback happened, analysis is inconclusive for too long).
+	ConditionDegraded = "Degraded"
+	// ConditionPreflightPassed is True when every node passed kernel preflight
+	// for the chosen redirection.
+	ConditionPreflightPassed = "PreflightPassed"
+	// ConditionRolledBack is True when the last rollout was rolled back.
+	ConditionRolledBack = "RolledBack"
+)
+
+// Condition reasons.
+const (
+	// ReasonSucceeded: the spec is in effect.
+	ReasonSucceeded = "Succeeded"
+	// ReasonProgressing: meshkeeper is applying the spec.
+	ReasonProgressing = "Progressing"
+	// ReasonInvalidSpec: the spec cannot be acted on; the message says which
+	// field and how to fix it.
+	ReasonInvalidSpec = "InvalidSpec"
+	// ReasonApplyFailed: a write to the cluster failed; meshkeeper retries.
+	ReasonApplyFailed = "ApplyFailed"
+	// ReasonPaused: spec.paused is true; the plan is published, nothing runs.
+	ReasonPaused = "Paused"
+	// ReasonDeleting: the Mesh is being deleted and meshkeeper is cleaning up.
+	ReasonDeleting = "Deleting"
+	// ReasonLabelConflict: a namespace's dataplane label is owned by someone else.
+	ReasonLabelConflict = "LabelConflict"
+)
+
+// Well-known labels, annotations and names.
+const (
+	// Finalizer keeps a Mesh until meshkeeper has removed what it set.
+	Finalizer = "meshkeeper.dev/cleanup"
+	// FieldManager is the server-side apply field manager meshkeeper writes with.
+	FieldManager = "meshkeeper"
+	// LabelDataplaneMode enrolls a namespace in ambient mode.
+	LabelDataplaneMode = "istio.io/dataplane-mode"
+	// LabelRevision points a namespace's sidecar injection at a control-plane revision.
+	LabelRevision = "istio.io/rev"
+	// LabelRedirection on a Node says which redirection it gets: ebpf, iptables or blocked.
+	LabelRedirection = "meshkeeper.dev/redirection"
+	// AnnotationIgnore on a managed object makes meshkeeper leave it alone.
+	AnnotationIgnore = "meshkeeper.dev/ignore"
+)

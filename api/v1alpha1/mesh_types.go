@@ -1,0 +1,506 @@
+package v1alpha1
+
+import (
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/util/intstr"
+)
+
+// DataplaneMode says how workloads join the mesh.
+// +kubebuilder:validation:Enum=Ambient;Sidecar
+type DataplaneMode string
+
+const (
+	// ModeAmbient runs the sidecarless dataplane: ztunnel per node, waypoints for L7.
+	ModeAmbient DataplaneMode = "Ambient"
+	// ModeSidecar runs classic injected sidecars.
+	ModeSidecar DataplaneMode = "Sidecar"
+)
+
+// Redirection says how a pod's traffic reaches the node proxy in Ambient mode.
+// +kubebuilder:validation:Enum=EBPF;IPTables
+type Redirection string
+
+const (
+	// RedirectionEBPF uses meshkeeper's node agent and its cgroup eBPF programs.
+	RedirectionEBPF Redirection = "EBPF"
+	// RedirectionIPTables uses istio-cni's iptables rules in each pod's network namespace.
+	RedirectionIPTables Redirection = "IPTables"
+)
+
+// KernelFallback says what happens on nodes whose kernel fails eBPF preflight.
+// +kubebuilder:validation:Enum=IPTables;Block
+type KernelFallback string
+
+const (
+	// FallbackIPTables redirects with iptables on those nodes.
+	FallbackIPTables KernelFallback = "IPTables"
+	// FallbackBlock keeps those nodes out of the mesh and reports them.
+	FallbackBlock KernelFallback = "Block"
+)
+
+// WaypointFor says which traffic a waypoint proxies.
+// +kubebuilder:validation:Enum=Service;Workload;All
+type WaypointFor string
+
+const (
+	WaypointForService  WaypointFor = "Service"
+	WaypointForWorkload WaypointFor = "Workload"
+	WaypointForAll      WaypointFor = "All"
+)
+
+// MeshSpec is what the platform team wants. meshkeeper never writes it.
+// +kubebuilder:validation:XValidation:rule="!has(self.analysis) || !has(self.analysis.slos) || size(self.analysis.slos) == 0 || has(self.analysis.prometheus)",message="spec.analysis.prometheus.address is required when spec.analysis.slos is set: SLOs are read from Prometheus"
+type MeshSpec struct {
+	// Version is the mesh release to run: an exact version ("1.28.2") or a
+	// minor ("1.28"), which means the newest patch of that minor in the catalog.
+	// +kubebuilder:validation:Pattern=`^[0-9]+\.[0-9]+(\.[0-9]+)?$`
+	// +kubebuilder:validation:MaxLength=32
+	// +required
+	Version string `json:"version"`
+
+	// Dataplane chooses the dataplane mode and how traffic is redirected.
+	// +optional
+	Dataplane DataplaneSpec `json:"dataplane,omitempty"`
+
+	// Namespaces selects the namespaces that are in the mesh.
+	// +optional
+	Namespaces NamespacesSpec `json:"namespaces,omitempty"`
+
+	// Waypoints are the per-namespace L7 proxies (Ambient mode).
+	// +listType=map
+	// +listMapKey=namespace
+	// +listMapKey=name
+	// +kubebuilder:validation:MaxItems=256
+	// +optional
+	Waypoints []WaypointSpec `json:"waypoints,omitempty"`
+
+	// Identity configures workload identity.
+	// +optional
+	Identity IdentitySpec `json:"identity,omitempty"`
+
+	// Rollout says how changes move across nodes and namespaces.
+	// +optional
+	Rollout RolloutSpec `json:"rollout,omitempty"`
+
+	// Analysis are the SLO gates each wave must pass before it is promoted.
+	// +optional
+	Analysis *AnalysisSpec `json:"analysis,omitempty"`
+
+	// Upgrade says whether and when new patch releases are followed.
+	// +optional
+	Upgrade UpgradeSpec `json:"upgrade,omitempty"`
+
+	// Paused makes meshkeeper compute and publish status.plan without executing
+	// any of it: a dry run reviewers can read.
+	// +optional
+	Paused bool `json:"paused,omitempty"`
+}
+
+// DataplaneSpec chooses the dataplane. Defaults are applied when read, never
+// written back: mode Ambient, redirection EBPF, kernelFallback IPTables.
+// +kubebuilder:validation:XValidation:rule="!has(self.redirection) || !has(self.mode) || self.mode == 'Ambient'",message="spec.dataplane.redirection is only valid with mode Ambient; remove redirection or set mode: Ambient",fieldPath=".redirection"
+// +kubebuilder:validation:XValidation:rule="!has(self.kernelFallback) || ((!has(self.mode) || self.mode == 'Ambient') && (!has(self.redirection) || self.redirection == 'EBPF'))",message="spec.dataplane.kernelFallback only applies to mode Ambient with redirection EBPF; remove kernelFallback",fieldPath=".kernelFallback"
+type DataplaneSpec struct {
+	// Mode is Ambient (default) or Sidecar.
+	// +optional
+	Mode DataplaneMode `json:"mode,omitempty"`
+
+	// Redirection is EBPF (default) or IPTables; Ambient only.
+	// +optional
+	Redirection Redirection `json:"redirection,omitempty"`
+
+	// KernelFallback is what nodes failing eBPF preflight get: IPTables
+	// (default) or Block.
+	// +optional
+	KernelFallback KernelFallback `json:"kernelFallback,omitempty"`
+}
+
+// NamespacesSpec selects the namespaces in the mesh.
+type NamespacesSpec struct {
+	// Selector picks namespaces by label. Absent selects none.
+	// +optional
+	Selector *metav1.LabelSelector `json:"selector,omitempty"`
+}
+
+// WaypointSpec declares one waypoint proxy.
+type WaypointSpec struct {
+	// Namespace the waypoint runs in.
+	// +kubebuilder:validation:Pattern=`^[a-z0-9]([-a-z0-9]*[a-z0-9])?$`
+	// +kubebuilder:validation:MaxLength=63
+	// +required
+	Namespace string `json:"namespace"`
+
+	// Name of the waypoint Gateway.
+	// +kubebuilder:validation:Pattern=`^[a-z0-9]([-a-z0-9]*[a-z0-9])?$`
+	// +kubebuilder:validation:MaxLength=63
+	// +required
+	Name string `json:"name"`
+
+	// For is the traffic it proxies: Service (default), Workload or All.
+	// +optional
+	For WaypointFor `json:"for,omitempty"`
+}
+
+// IdentitySpec configures workload identity.
+type IdentitySpec struct {
+	// Spire runs SPIRE as the identity provider.
+	// +optional
+	Spire *SpireSpec `json:"spire,omitempty"`
+}
+
+// SpireSpec configures SPIRE.
+// +kubebuilder:validation:XValidation:rule="!self.enabled || has(self.trustDomain)",message="spec.identity.spire.trustDomain is required when SPIRE is enabled, e.g. trustDomain: example.org",fieldPath=".trustDomain"
+type SpireSpec struct {
+	// Enabled turns SPIRE on.
+	Enabled bool `json:"enabled"`
+
+	// TrustDomain is the SPIFFE trust domain, e.g. example.org.
+	// +kubebuilder:validation:Pattern=`^[a-z0-9._-]+$`
+	// +kubebuilder:validation:MaxLength=255
+	// +optional
+	TrustDomain string `json:"trustDomain,omitempty"`
+
+	// SVIDTTL is the lifetime of workload certificates (default 1h).
+	// +kubebuilder:validation:Type=string
+	// +kubebuilder:validation:Pattern=`^([0-9]+(\.[0-9]+)?(ns|us|ms|s|m|h))+$`
+	// +optional
+	SVIDTTL *metav1.Duration `json:"svidTTL,omitempty"`
+}
+
+// RolloutSpec says how changes move.
+type RolloutSpec struct {
+	// Nodes configures node waves for node components.
+	// +optional
+	Nodes NodeRolloutSpec `json:"nodes,omitempty"`
+
+	// Namespaces configures namespace waves.
+	// +optional
+	Namespaces NamespaceRolloutSpec `json:"namespaces,omitempty"`
+}
+
+// NodeRolloutSpec configures node waves.
+type NodeRolloutSpec struct {
+	// Canary selects the nodes of the first node wave.
+	// +optional
+	Canary *metav1.LabelSelector `json:"canary,omitempty"`
+
+	// MaxUnavailable bounds each later node wave: a count or a percentage
+	// (default 10%).
+	// +kubebuilder:validation:XIntOrString
+	// +kubebuilder:validation:XValidation:rule="type(self) == int ? self >= 1 : self.matches('^([1-9][0-9]?|100)%$')",message="spec.rollout.nodes.maxUnavailable must be a count of at least 1 or a percentage from 1% to 100%, e.g. 10%"
+	// +optional
+	MaxUnavailable *intstr.IntOrString `json:"maxUnavailable,omitempty"`
+}
+
+// NamespaceRolloutSpec configures namespace waves.
+type NamespaceRolloutSpec struct {
+	// Canary namespaces move first, in this order.
+	// +listType=set
+	// +kubebuilder:validation:MaxItems=64
+	// +kubebuilder:validation:items:MaxLength=63
+	// +optional
+	Canary []string `json:"canary,omitempty"`
+
+	// Waves are cumulative percentages of the remaining namespaces, strictly
+	// increasing and ending at 100% (default ["100%"]).
+	// +listType=set
+	// +kubebuilder:validation:MaxItems=20
+	// +kubebuilder:validation:items:Pattern=`^([1-9][0-9]?|100)%$`
+	// +kubebuilder:validation:items:MaxLength=4
+	// +kubebuilder:validation:XValidation:rule="size(self) == 0 || self[size(self) - 1] == '100%'",message="spec.rollout.namespaces.waves must end at \"100%\" so every namespace moves, e.g. [\"10%\", \"50%\", \"100%\"]"
+	// +kubebuilder:validation:XValidation:rule="self.map(w, int(w.substring(0, size(w) - 1))).isSorted()",message="spec.rollout.namespaces.waves must be strictly increasing, e.g. [\"10%\", \"50%\", \"100%\"]"
+	// +optional
+	Waves []string `json:"waves,omitempty"`
+
+	// Bake is the minimum soak per wave before analysis may pass (default 5m).
+	// +kubebuilder:validation:Type=string
+	// +kubebuilder:validation:Pattern=`^([0-9]+(\.[0-9]+)?(ns|us|ms|s|m|h))+$`
+	// +optional
+	Bake *metav1.Duration `json:"bake,omitempty"`
+}
+
+// AnalysisSpec configures SLO gates.
+type AnalysisSpec struct {
+	// Prometheus is where SLO queries run.
+	// +optional
+	Prometheus *PrometheusSpec `json:"prometheus,omitempty"`
+
+	// Interval between checks (default 30s, at least 5s).
+	// +kubebuilder:validation:XValidation:rule="duration(self) >= duration('5s')",message="spec.analysis.interval must be at least 5s, e.g. 30s"
+	// +kubebuilder:validation:Type=string
+	// +kubebuilder:validation:Pattern=`^([0-9]+(\.[0-9]+)?(ns|us|ms|s|m|h))+$`
+	// +optional
+	Interval *metav1.Duration `json:"interval,omitempty"`
+
+	// FailureLimit is how many failed checks are tolerated before rollback
+	// (default 2).
+	// +kubebuilder:validation:Minimum=0
+	// +kubebuilder:validation:Maximum=100
+	// +optional
+	FailureLimit *int32 `json:"failureLimit,omitempty"`
+
+	// SLOs are the checks. A query is a Go template with .Namespaces (a regex
+	// of the wave's namespaces), .Revision and .Interval.
+	// +listType=map
+	// +listMapKey=name
+	// +kubebuilder:validation:MaxItems=32
+	// +optional
+	SLOs []SLO `json:"slos,omitempty"`
+}
+
+// PrometheusSpec locates a Prometheus server.
+type PrometheusSpec struct {
+	// Address is the base URL, e.g. http://prometheus.monitoring:9090.
+	// +kubebuilder:validation:Pattern=`^https?://[^\s]+$`
+	// +kubebuilder:validation:MaxLength=2048
+	// +required
+	Address string `json:"address"`
+}
+
+// SLO is one service-level objective checked each interval.
+// +kubebuilder:validation:XValidation:rule="has(self.min) || has(self.max)",message="an SLO needs min, max or both, e.g. min: \"0.99\""
+type SLO struct {
+	// Name identifies the SLO in status and history.
+	// +kubebuilder:validation:Pattern=`^[a-z0-9]([-a-z0-9]*[a-z0-9])?$`
+	// +kubebuilder:validation:MaxLength=63
+	// +required
+	Name string `json:"name"`
+
+	// Query is PromQL (a Go template) returning one number.
+	// +kubebuilder:validation:MinLength=1
+	// +kubebuilder:validation:MaxLength=4096
+	// +required
+	Query string `json:"query"`
+
+	// Min is the lowest passing value, a decimal number as a string.
+	// +kubebuilder:validation:Pattern=`^-?[0-9]+(\.[0-9]+)?([eE][-+]?[0-9]+)?$`
+	// +kubebuilder:validation:MaxLength=32
+	// +optional
+	Min *string `json:"min,omitempty"`
+
+	// Max is the highest passing value, a decimal number as a string.
+	// +kubebuilder:validation:Pattern=`^-?[0-9]+(\.[0-9]+)?([eE][-+]?[0-9]+)?$`
+	// +kubebuilder:validation:MaxLength=32
+	// +optional
+	Max *string `json:"max,omitempty"`
+}
+
+// UpgradeSpec says how new releases are followed.
+type UpgradeSpec struct {
+	// Automatic follows new patch releases of spec.version's minor (default true).
+	// +optional
+	Automatic *bool `json:"automatic,omitempty"`
+
+	// Windows are when waves may start; none means any time.
+	// +kubebuilder:validation:MaxItems=16
+	// +optional
+	Windows []MaintenanceWindow `json:"windows,omitempty"`
+}
+
+// MaintenanceWindow opens at each cron time and stays open for Duration.
+type MaintenanceWindow struct {
+	// Cron is a standard 5-field cron expression in UTC, e.g. "0 2 * * 6".
+	// +kubebuilder:validation:MinLength=9
+	// +kubebuilder:validation:MaxLength=128
+	// +required
+	Cron string `json:"cron"`
+
+	// Duration is how long the window stays open, e.g. 4h.
+	// +kubebuilder:validation:Type=string
+	// +kubebuilder:validation:Pattern=`^([0-9]+(\.[0-9]+)?(ns|us|ms|s|m|h))+$`
+	// +required
+	Duration metav1.Duration `json:"duration"`
+}
+
+// MeshStatus is everything meshkeeper knows and does.
+type MeshStatus struct {
+	// ObservedGeneration is the spec generation the status describes; set only
+	// once a reconcile reached a settled result.
+	// +optional
+	ObservedGeneration int64 `json:"observedGeneration,omitempty"`
+
+	// Conditions: Ready, Reconciling, Stalled, Degraded, PreflightPassed, RolledBack.
+	// +listType=map
+	// +listMapKey=type
+	// +optional
+	Conditions []metav1.Condition `json:"conditions,omitempty"`
+
+	// Version is the installed and target mesh version.
+	// +optional
+	Version VersionStatus `json:"version,omitempty"`
+
+	// Dataplane is the dataplane as it runs.
+	// +optional
+	Dataplane DataplaneStatus `json:"dataplane,omitempty"`
+
+	// Plan is the ordered steps meshkeeper will take, with their state.
+	// +optional
+	Plan []PlanStep `json:"plan,omitempty"`
+
+	// Rollout is the progress of the rollout in flight.
+	// +optional
+	Rollout *RolloutStatus `json:"rollout,omitempty"`
+
+	// Nodes counts nodes by eBPF eligibility.
+	// +optional
+	Nodes NodeCounts `json:"nodes,omitempty"`
+
+	// History records finished rollouts, newest last.
+	// +kubebuilder:validation:MaxItems=32
+	// +optional
+	History []HistoryEntry `json:"history,omitempty"`
+}
+
+// VersionStatus is the installed and target version.
+type VersionStatus struct {
+	// Installed is the version every component runs.
+	// +optional
+	Installed string `json:"installed,omitempty"`
+	// Target is the version being rolled out (the resolved spec.version).
+	// +optional
+	Target string `json:"target,omitempty"`
+}
+
+// DataplaneStatus is the dataplane as it runs.
+type DataplaneStatus struct {
+	// Mode in effect.
+	// +optional
+	Mode DataplaneMode `json:"mode,omitempty"`
+	// Redirection in effect (Ambient only).
+	// +optional
+	Redirection Redirection `json:"redirection,omitempty"`
+	// Revision is the control-plane revision namespaces point at, e.g. 1-28-2.
+	// +optional
+	Revision string `json:"revision,omitempty"`
+	// Namespaces is how many namespaces are enrolled in the mesh.
+	// +optional
+	Namespaces int32 `json:"namespaces"`
+	// Conflicts lists namespaces whose dataplane label is set to another
+	// value by someone else; meshkeeper leaves them as they are.
+	// +kubebuilder:validation:MaxItems=64
+	// +optional
+	Conflicts []string `json:"conflicts,omitempty"`
+}
+
+// StepState is the state of a plan step.
+// +kubebuilder:validation:Enum=Pending;Running;Done;Failed;Skipped
+type StepState string
+
+const (
+	StepPending StepState = "Pending"
+	StepRunning StepState = "Running"
+	StepDone    StepState = "Done"
+	StepFailed  StepState = "Failed"
+	StepSkipped StepState = "Skipped"
+)
+
+// PlanStep is one step of the plan.
+type PlanStep struct {
+	// Action, e.g. UpgradeControlPlane.
+	Action string `json:"action"`
+	// Target of the action, e.g. a version or a wave.
+	// +optional
+	Target string `json:"target,omitempty"`
+	// State of the step.
+	State StepState `json:"state"`
+	// Message says more, e.g. why the step failed.
+	// +optional
+	Message string `json:"message,omitempty"`
+}
+
+// Verdict of one SLO check.
+// +kubebuilder:validation:Enum=Pass;Fail;Inconclusive
+type Verdict string
+
+const (
+	VerdictPass         Verdict = "Pass"
+	VerdictFail         Verdict = "Fail"
+	VerdictInconclusive Verdict = "Inconclusive"
+)
+
+// RolloutStatus is the rollout in flight.
+type RolloutStatus struct {
+	// Step is the plan step being executed, e.g. Namespaces.
+	// +optional
+	Step string `json:"step,omitempty"`
+	// Wave is the current wave, from 1.
+	// +optional
+	Wave int32 `json:"wave,omitempty"`
+	// Waves is the number of waves of this step.
+	// +optional
+	Waves int32 `json:"waves,omitempty"`
+	// Analysis holds the latest result per SLO.
+	// +optional
+	Analysis []AnalysisResult `json:"analysis,omitempty"`
+}
+
+// AnalysisResult is one SLO check.
+type AnalysisResult struct {
+	SLO     string      `json:"slo"`
+	Value   string      `json:"value,omitempty"`
+	Verdict Verdict     `json:"verdict"`
+	At      metav1.Time `json:"at"`
+}
+
+// NodeCounts counts nodes by eBPF eligibility.
+type NodeCounts struct {
+	Total    int32 `json:"total"`
+	Eligible int32 `json:"eligible"`
+	Fallback int32 `json:"fallback"`
+	Blocked  int32 `json:"blocked"`
+}
+
+// Outcome of a finished rollout.
+// +kubebuilder:validation:Enum=Succeeded;RolledBack;Failed
+type Outcome string
+
+const (
+	OutcomeSucceeded  Outcome = "Succeeded"
+	OutcomeRolledBack Outcome = "RolledBack"
+	OutcomeFailed     Outcome = "Failed"
+)
+
+// HistoryEntry records one finished rollout.
+type HistoryEntry struct {
+	Version string        `json:"version"`
+	Mode    DataplaneMode `json:"mode,omitempty"`
+	Outcome Outcome       `json:"outcome"`
+	// +optional
+	Reason string `json:"reason,omitempty"`
+	// +optional
+	StartedAt *metav1.Time `json:"startedAt,omitempty"`
+	// +optional
+	FinishedAt *metav1.Time `json:"finishedAt,omitempty"`
+}
+
+// Mesh is the one object a platform team writes to run the mesh.
+// +kubebuilder:object:root=true
+// +kubebuilder:subresource:status
+// +kubebuilder:resource:scope=Cluster,categories=meshkeeper
+// +kubebuilder:printcolumn:name="Mode",type=string,JSONPath=`.status.dataplane.mode`
+// +kubebuilder:printcolumn:name="Installed",type=string,JSONPath=`.status.version.installed`
+// +kubebuilder:printcolumn:name="Target",type=string,JSONPath=`.status.version.target`
+// +kubebuilder:printcolumn:name="Ready",type=string,JSONPath=`.status.conditions[?(@.type=="Ready")].status`
+// +kubebuilder:printcolumn:name="Step",type=string,JSONPath=`.status.rollout.step`
+// +kubebuilder:printcolumn:name="Age",type=date,JSONPath=`.metadata.creationTimestamp`
+type Mesh struct {
+	metav1.TypeMeta   `json:",inline"`
+	metav1.ObjectMeta `json:"metadata,omitempty"`
+
+	// +required
+	Spec MeshSpec `json:"spec"`
+	// +optional
+	Status MeshStatus `json:"status,omitempty"`
+}
+
+// MeshList is a list of Mesh.
+// +kubebuilder:object:root=true
+type MeshList struct {
+	metav1.TypeMeta `json:",inline"`
+	metav1.ListMeta `json:"metadata,omitempty"`
+	Items           []Mesh `json:"items"`
+}
+
+func init() {
+	SchemeBuilder.Register(&Mesh{}, &MeshList{})
+}
