@@ -1,0 +1,60 @@
+package v1alpha1
+
+import "time"
+
+// Defaults are applied when the spec is read, never written back, so GitOps
+// tools see exactly what was committed. These helpers are the one place the
+// defaults live.
+
+// Default values of optional fields.
+const (
+	DefaultBake           = 5 * time.Minute
+	DefaultInterval       = 30 * time.Second
+	DefaultFailureLimit   = int32(2)
+	DefaultMaxUnavailable = "10%"
+	DefaultSVIDTTL        = time.Hour
+)
+
+// EffectiveMode is the mode with its default (Ambient).
+func (d DataplaneSpec) EffectiveMode() DataplaneMode {
+	if d.Mode == "" {
+		return ModeAmbient
+	}
+	return d.Mode
+}
+
+// EffectiveRedirection is the redirection with its default (EBPF in Ambient,
+// none in Sidecar).
+func (d DataplaneSpec) EffectiveRedirection() Redirection {
+	if d.EffectiveMode() != ModeAmbient {
+		return ""
+	}
+	if d.Redirection == "" {
+		return RedirectionEBPF
+	}
+	return d.Redirection
+}
+
+// EffectiveKernelFallback is the kernel fallback with its default (IPTables).
+func (d DataplaneSpec) EffectiveKernelFallback() KernelFallback {
+	if d.KernelFallback == "" {
+		return FallbackIPTables
+	}
+	return d.KernelFallback
+}
+
+// EffectiveWaves is the namespace waves with their default (["100%"]).
+func (n NamespaceRolloutSpec) EffectiveWaves() []string {
+	if len(n.Waves) == 0 {
+		return []string{"100%"}
+	}
+	return n.Waves
+}
+
+// EffectiveBake is the bake time with its default (5m).
+func (n NamespaceRolloutSpec) EffectiveBake() time.Duration {
+	if n.Bake == nil {
+		return DefaultBake
+	}
+	return n.Bake.Duration
+}
