@@ -20,7 +20,7 @@ all: build
 .PHONY: manifests
 manifests: $(CONTROLLER_GEN) ## Generate CRDs and RBAC from the API types and markers.
 	$(CONTROLLER_GEN) crd paths=./api/... output:crd:artifacts:config=config/crd/bases
-	$(CONTROLLER_GEN) rbac:roleName=meshkeeper-manager paths=./internal/controller/... output:rbac:artifacts:config=config/rbac
+	$(CONTROLLER_GEN) rbac:roleName=meshkeeper-manager paths="./internal/controller/...;./webhooks/..." output:rbac:artifacts:config=config/rbac
 
 .PHONY: generate
 generate: $(CONTROLLER_GEN) ## Generate deepcopy code.
@@ -42,7 +42,7 @@ lint: $(GOLANGCI_LINT) ## golangci-lint with .golangci.yml.
 verify: manifests generate ## Fail if generated files are stale or code is unformatted.
 	@test -z "$$(gofmt -l api cmd internal webhooks test)" || { echo "gofmt needed:"; gofmt -l api cmd internal webhooks test; exit 1; }
 	@git diff --exit-code -- config api || { echo "Generated files are stale: run 'make manifests generate' and commit."; exit 1; }
-	@test -z "$$(git status --porcelain -- config api)" || { echo "Untracked generated files:"; git status --porcelain -- config api; exit 1; }
+	@test -z "$$(git ls-files --others --exclude-standard -- config api)" || { echo "Untracked generated files:"; git ls-files --others --exclude-standard -- config api; exit 1; }
 	go mod tidy -diff
 
 .PHONY: test
@@ -74,7 +74,7 @@ docker-build: ## Build the manager and agent images (needs a Docker engine).
 
 .PHONY: demo
 demo: cluster-bins build ## Start a local cluster, run the operator, apply the sample Mesh, watch it become Ready.
-	go run ./test/cluster/cmd/demo --manager $(BIN)/manager --cluster-bins $(CLUSTER_BINS)
+	go run ./test/demo --manager $(BIN)/manager --cluster-bins $(CLUSTER_BINS)
 
 ##@ Deployment
 
