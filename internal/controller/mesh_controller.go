@@ -1,0 +1,167 @@
+// Package controller holds meshkeeper's reconcilers: thin, one per kind, with
+// each phase in its own file.
+package controller
+
+import (
+	"context"
+	"fmt"
+	"math/rand/v2"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	"k8s.io/klog/v2"
+	ctrl "sigs.k8s.io/controller-runtime"
+	"sigs.k8s.io/controller-runtime/pkg/builder"
+	"sigs.k8s.io/controller-runtime/pkg/client"
+	"sigs.k8s.io/controller-runtime/pkg/controller/controllerutil"
+	"sigs.k8s.io/controller-runtime/pkg/handler"
+	"sigs.k8s.io/controller-runtime/pkg/log"
+	"sigs.k8s.io/controller-runtime/pkg/predicate"
+	"sigs.k8s.io/controller-runtime/pkg/reconcile"
+	"sigs.k8s.io/controller-runtime/pkg/recorder"
+
+	meshv1 "github.com/meshkeeper/meshkeeper/api/v1alpha1"
+)
+
+// MeshReconciler drives the cluster towards a Mesh's spec and reports what it
+// did in the Mesh's status.
+type MeshReconciler struct {
+	client.Client
+	Recorder recorder.EventRecorder
+}
+
+// +kubebuilder:rbac:groups=meshkeeper.dev,resources=meshes,verbs=get;list;watch;update;patch
+// +kubebuilder:rbac:groups=meshkeeper.dev,resources=meshes/status,verbs=get;update;patch
+// +kubebuilder:rbac:groups=meshkeeper.dev,resources=meshes/finalizers,verbs=update
+// +kubebuilder:rbac:groups=meshkeeper.dev,resources=meshnodes,verbs=get;list;watch
+// +kubebuilder:rbac:groups="",resources=namespaces,verbs=get;list;watch;patch
+// +kubebuilder:rbac:groups="",resources=nodes,verbs=get;list;watch
+// +kubebuilder:rbac:groups=events.k8s.io,resources=events,verbs=create;patch
+// +kubebuilder:rbac:groups="",namespace=meshkeeper-system,resources=secrets,verbs=get;list;watch;create;update;patch
+// +kubebuilder:rbac:groups=coordination.k8s.io,namespace=meshkeeper-system,resources=leases,verbs=get;list;watch;create;update;patch;delete
+// +kubebuilder:rbac:groups=admissionregistration.k8s.io,resources=validatingwebhookconfigurations,verbs=get;list;watch;patch
+
+// Reconcile reads like a table of contents: get, finalizer, deferred status
+// patch, then the delete path or the normal phases.
+func (r *MeshReconciler) Reconcile(ctx context.Context, req ctrl.Request) (result ctrl.Result, retErr error) {
+	mesh := &meshv1.Mesh{}
+	if err := r.Get(ctx, req.NamespacedName, mesh); err != nil {
+		return ctrl.Result{}, client.IgnoreNotFound(err)
+	}
+	ctx = log.IntoContext(ctx, log.FromContext(ctx).WithValues("mesh", klog.KObj(mesh)))
+
+	if mesh.DeletionTimestamp.IsZero() && !controllerutil.ContainsFinalizer(mesh, meshv1.Finalizer) {
+		before := mesh.DeepCopy()
+		controllerutil.AddFinalizer(mesh, meshv1.Finalizer)
+		if err := r.Patch(ctx, mesh, client.MergeFrom(before)); err != nil {
+			return ctrl.Result{}, fmt.Errorf("add finalizer: %w", err)
+		}
+	}
+
+	base := mesh.DeepCopy()
+	obs := &observation{}
+	defer func() {
+		retErr = r.patchStatus(ctx, base, mesh, obs, retErr)
+	}()
+
+	if !mesh.DeletionTimestamp.IsZero() {
+		return r.reconcileDelete(ctx, mesh, obs)
+	}
+	return r.reconcileNormal(ctx, mesh, obs)
+}
+
+// reconcileNormal runs the phases in order; each one records what it saw in obs.
+func (r *MeshReconciler) reconcileNormal(ctx context.Context, mesh *meshv1.Mesh, obs *observation) (ctrl.Result, error) {
+	if err := r.reconcileSpec(ctx, mesh, obs); err != nil {
+		return ctrl.Result{}, err
+	}
+	if mesh.Spec.Paused {
+		obs.paused = true
+		return ctrl.Result{}, nil
+	}
+	if err := r.reconcileNamespaces(ctx, mesh, obs); err != nil {
+		return ctrl.Result{RequeueAfter: jitter(10 * time.Second)}, nil
+	}
+	return ctrl.Result{}, nil
+}
+
+// reconcileDelete removes everything meshkeeper set, then the finalizer.
+func (r *MeshReconciler) reconcileDelete(ctx context.Context, mesh *meshv1.Mesh, obs *observation) (ctrl.Result, error) {
+	obs.deleting = true
+	if !controllerutil.ContainsFinalizer(mesh, meshv1.Finalizer) {
+		return ctrl.Result{}, nil
+	}
+	if err := r.releaseNamespaces(ctx, mesh, obs); err != nil {
+		return ctrl.Result{RequeueAfter: jitter(5 * time.Second)}, nil
+	}
+	before := mesh.DeepCopy()
+	controllerutil.RemoveFinalizer(mesh, meshv1.Finalizer)
+	if err := r.Patch(ctx, mesh, client.MergeFrom(before)); err != nil && !apierrors.IsNotFound(err) {
+		return ctrl.Result{}, fmt.Errorf("remove finalizer: %w", err)
+	}
+	log.FromContext(ctx).Info("Cleaned up, finalizer removed")
+	return ctrl.Result{}, nil
+}
+
+// patchStatus is the one status write of a reconcile.
+func (r *MeshReconciler) patchStatus(ctx context.Context, base, mesh *meshv1.Mesh, obs *observation, reconcileErr error) error {
+	if obs.deleting && !controllerutil.ContainsFinalizer(mesh, meshv1.Finalizer) {
+		return reconcileErr // the object is gone or going; nothing to report on
+	}
+	prevReady := readyStatus(base)
+	applyStatus(mesh, obs, reconcileErr)
+	if err := r.Status().Patch(ctx, mesh, client.MergeFrom(base)); err != nil && !apierrors.IsNotFound(err) {
+		if reconcileErr == nil {
+			return fmt.Errorf("patch status: %w", err)
+		}
+		log.FromContext(ctx).Error(err, "Patch status")
+	}
+	r.recordTransition(mesh, prevReady)
+	return reconcileErr
+}
+
+// recordTransition emits an event when Ready changes.
+func (r *MeshReconciler) recordTransition(mesh *meshv1.Mesh, prev string) {
+	cur := readyCondition(mesh)
+	if cur == nil || string(cur.Status) == prev || r.Recorder == nil {
+		return
+	}
+	eventType := corev1.EventTypeNormal
+	if cur.Reason == meshv1.ReasonInvalidSpec || cur.Reason == meshv1.ReasonApplyFailed {
+		eventType = corev1.EventTypeWarning
+	}
+	r.Recorder.Eventf(mesh, nil, eventType, cur.Reason, "Reconcile", "%s", cur.Message)
+}
+
+// SetupWithManager watches Meshes and the namespaces they select.
+func (r *MeshReconciler) SetupWithManager(mgr ctrl.Manager) error {
+	return ctrl.NewControllerManagedBy(mgr).
+		For(&meshv1.Mesh{}, builder.WithPredicates(predicate.Or(
+			predicate.GenerationChangedPredicate{},
+			predicate.AnnotationChangedPredicate{},
+			finalizerOrDeletionChanged()))).
+		Watches(&corev1.Namespace{},
+			handler.EnqueueRequestsFromMapFunc(r.allMeshes),
+			builder.WithPredicates(namespaceChanged())).
+		Named("mesh").
+		Complete(r)
+}
+
+// allMeshes maps any watched object to every Mesh (there is one per cluster).
+func (r *MeshReconciler) allMeshes(ctx context.Context, _ client.Object) []reconcile.Request {
+	var meshes meshv1.MeshList
+	if err := r.List(ctx, &meshes); err != nil {
+		log.FromContext(ctx).Error(err, "List meshes")
+		return nil
+	}
+	reqs := make([]reconcile.Request, 0, len(meshes.Items))
+	for i := range meshes.Items {
+		reqs = append(reqs, reconcile.Request{NamespacedName: client.ObjectKeyFromObject(&meshes.Items[i])})
+	}
+	return reqs
+}
+
+func jitter(d time.Duration) time.Duration {
+	return d + time.Duration(rand.Int64N(int64(d/5)+1))
+}

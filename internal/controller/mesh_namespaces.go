@@ -1,0 +1,187 @@
+package controller
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"maps"
+	"slices"
+	"strings"
+
+	corev1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/labels"
+	corev1ac "k8s.io/client-go/applyconfigurations/core/v1"
+	"sigs.k8s.io/controller-runtime/pkg/client"
+	"sigs.k8s.io/controller-runtime/pkg/log"
+
+	meshv1 "github.com/meshkeeper/meshkeeper/api/v1alpha1"
+)
+
+// Namespace labels are written with server-side apply under meshkeeper's own
+// field manager. The API server then records which labels meshkeeper owns:
+// applying a smaller set removes exactly the labels meshkeeper set and no
+// longer wants, and never a label someone else set. A label someone else set
+// to another value is a conflict meshkeeper reports and does not force.
+
+// namespaceLabels is the set of labels a namespace in the mesh gets.
+func namespaceLabels(mesh *meshv1.Mesh) map[string]string {
+	if mesh.Spec.Dataplane.EffectiveMode() == meshv1.ModeSidecar {
+		return map[string]string{meshv1.LabelRevision: revision(mesh.Spec.Version)}
+	}
+	return map[string]string{meshv1.LabelDataplaneMode: "ambient"}
+}
+
+// revision is the control-plane revision name of a version: "1.28.2" → "1-28-2".
+func revision(version string) string {
+	return strings.ReplaceAll(version, ".", "-")
+}
+
+// reconcileNamespaces labels the selected namespaces and releases the labels
+// of namespaces that left the selection.
+func (r *MeshReconciler) reconcileNamespaces(ctx context.Context, mesh *meshv1.Mesh, obs *observation) error {
+	selector, err := selectorOf(mesh)
+	if err != nil {
+		// ValidateSpec refuses a bad selector before this point.
+		return fmt.Errorf("spec.namespaces.selector: %w", err)
+	}
+	var namespaces corev1.NamespaceList
+	if err := r.List(ctx, &namespaces); err != nil {
+		obs.applyErr = fmt.Errorf("list namespaces: %w", err)
+		return obs.applyErr
+	}
+	want := namespaceLabels(mesh)
+	var errs []error
+	for i := range namespaces.Items {
+		ns := &namespaces.Items[i]
+		switch {
+		case ns.DeletionTimestamp != nil:
+			continue
+		case selector.Matches(labels.Set(ns.Labels)):
+			conflict, err := r.applyNamespaceLabels(ctx, ns, want)
+			if err != nil {
+				errs = append(errs, err)
+				continue
+			}
+			if conflict != "" {
+				obs.conflicts = append(obs.conflicts, conflict)
+				continue
+			}
+			obs.namespaces++
+		case ownsLabels(ns):
+			if _, err := r.applyNamespaceLabels(ctx, ns, nil); err != nil {
+				errs = append(errs, err)
+			}
+		}
+	}
+	if len(errs) > 0 {
+		obs.applyErr = errors.Join(errs...)
+	}
+	return obs.applyErr
+}
+
+// releaseNamespaces removes every label meshkeeper set, from every namespace.
+func (r *MeshReconciler) releaseNamespaces(ctx context.Context, _ *meshv1.Mesh, obs *observation) error {
+	var namespaces corev1.NamespaceList
+	if err := r.List(ctx, &namespaces); err != nil {
+		obs.applyErr = fmt.Errorf("list namespaces: %w", err)
+		return obs.applyErr
+	}
+	var errs []error
+	for i := range namespaces.Items {
+		if ns := &namespaces.Items[i]; ownsLabels(ns) && ns.DeletionTimestamp == nil {
+			if _, err := r.applyNamespaceLabels(ctx, ns, nil); err != nil {
+				errs = append(errs, err)
+			}
+		}
+	}
+	if len(errs) > 0 {
+		obs.applyErr = errors.Join(errs...)
+	}
+	return obs.applyErr
+}
+
+// applyNamespaceLabels makes want the exact set of labels meshkeeper owns on
+// ns. It returns a conflict description instead of an error when another
+// field manager owns one of the labels with a different value.
+func (r *MeshReconciler) applyNamespaceLabels(ctx context.Context, ns *corev1.Namespace, want map[string]string) (string, error) {
+	if ownedLabelsEqual(ns, want) {
+		return "", nil
+	}
+	ac := corev1ac.Namespace(ns.Name)
+	if len(want) > 0 {
+		ac = ac.WithLabels(want)
+	}
+	err := r.Apply(ctx, ac, client.FieldOwner(meshv1.FieldManager))
+	switch {
+	case err == nil:
+		log.FromContext(ctx).Info("Applied namespace labels", "namespace", ns.Name, "labels", want)
+		return "", nil
+	case apierrors.IsConflict(err):
+		keys := slices.Sorted(maps.Keys(want))
+		return fmt.Sprintf("%s: %s set by another manager to %q", ns.Name, strings.Join(keys, ","), conflictingValues(ns, want)), nil
+	case apierrors.IsNotFound(err):
+		return "", nil
+	default:
+		return "", fmt.Errorf("label namespace %s: %w", ns.Name, err)
+	}
+}
+
+func conflictingValues(ns *corev1.Namespace, want map[string]string) string {
+	var vals []string
+	for _, k := range slices.Sorted(maps.Keys(want)) {
+		if v, ok := ns.Labels[k]; ok && v != want[k] {
+			vals = append(vals, v)
+		}
+	}
+	return strings.Join(vals, ",")
+}
+
+// ownsLabels reports whether meshkeeper's field manager owns anything on ns.
+func ownsLabels(ns *corev1.Namespace) bool {
+	return len(ownedLabelKeys(ns)) > 0
+}
+
+// ownedLabelsEqual reports whether ns already carries exactly want under
+// meshkeeper's ownership, so no write is needed.
+func ownedLabelsEqual(ns *corev1.Namespace, want map[string]string) bool {
+	if len(want) == 0 {
+		return !ownsLabels(ns)
+	}
+	owned := ownedLabelKeys(ns)
+	if len(owned) != len(want) {
+		return false
+	}
+	for k, v := range want {
+		if !owned[k] || ns.Labels[k] != v {
+			return false
+		}
+	}
+	return true
+}
+
+// ownedLabelKeys lists the label keys meshkeeper's apply owns on ns.
+func ownedLabelKeys(ns *corev1.Namespace) map[string]bool {
+	keys := map[string]bool{}
+	for _, mf := range ns.ManagedFields {
+		if mf.Manager != meshv1.FieldManager || mf.Operation != metav1.ManagedFieldsOperationApply || mf.FieldsV1 == nil {
+			continue
+		}
+		set, err := fieldSetOf(mf.FieldsV1)
+		if err != nil {
+			return map[string]bool{"<unparsable>": true} // forces a re-apply
+		}
+		for k := range set {
+			keys[k] = true
+		}
+	}
+	return keys
+}
+
+func selectorOf(mesh *meshv1.Mesh) (labels.Selector, error) {
+	if mesh.Spec.Namespaces.Selector == nil {
+		return labels.Nothing(), nil
+	}
+	return metav1.LabelSelectorAsSelector(mesh.Spec.Namespaces.Selector)
+}
