@@ -1,0 +1,143 @@
+// Package agent is the node agent: kernel preflight now; eBPF redirection and
+// L4 telemetry come with the node agent issue.
+package agent
+
+import (
+	"bufio"
+	"fmt"
+	"io"
+	"os"
+	"strconv"
+	"strings"
+
+	"golang.org/x/sys/unix"
+)
+
+// MinKernel is the oldest kernel the eBPF redirection supports (cgroup
+// getsockopt hooks and netns cookies in sock_addr programs are older, but
+// 5.10 LTS is the oldest release tested). Bundles will carry their own minimum.
+var MinKernel = KernelVersion{5, 10, 0}
+
+// KernelVersion is a parsed kernel release.
+type KernelVersion struct{ Major, Minor, Patch int }
+
+func (v KernelVersion) String() string { return fmt.Sprintf("%d.%d.%d", v.Major, v.Minor, v.Patch) }
+
+// Less reports whether v is older than o.
+func (v KernelVersion) Less(o KernelVersion) bool {
+	if v.Major != o.Major {
+		return v.Major < o.Major
+	}
+	if v.Minor != o.Minor {
+		return v.Minor < o.Minor
+	}
+	return v.Patch < o.Patch
+}
+
+// ParseKernelRelease reads "6.1.0-28-amd64" or "5.4.0" as a version.
+func ParseKernelRelease(release string) (KernelVersion, error) {
+	var v KernelVersion
+	head, _, _ := strings.Cut(release, "-")
+	parts := strings.SplitN(head, ".", 3)
+	if len(parts) < 2 {
+		return v, fmt.Errorf("kernel release %q: want major.minor[.patch]", release)
+	}
+	nums := make([]int, 3)
+	for i, p := range parts {
+		digits := strings.TrimRightFunc(p, func(r rune) bool { return r < '0' || r > '9' })
+		n, err := strconv.Atoi(digits)
+		if err != nil {
+			return v, fmt.Errorf("kernel release %q: %w", release, err)
+		}
+		nums[i] = n
+	}
+	return KernelVersion{nums[0], nums[1], nums[2]}, nil
+}
+
+// Inputs are what preflight reads from the host.
+type Inputs struct {
+	KernelRelease string
+	BTF           bool
+	MountInfo     string // contents of /proc/self/mountinfo
+}
+
+// Result is the preflight verdict.
+type Result struct {
+	KernelRelease string `json:"kernelRelease"`
+	BTF           bool   `json:"btf"`
+	CgroupV2      bool   `json:"cgroupV2"`
+	CgroupV2Path  string `json:"cgroupV2Path,omitempty"`
+	BPFFS         bool   `json:"bpffs"`
+	Eligible      bool   `json:"eligible"`
+	Reason        string `json:"reason,omitempty"`
+}
+
+// Evaluate decides eligibility from the inputs. bpffs may be missing: the
+// agent mounts it, so it does not make a node ineligible.
+func Evaluate(in Inputs) Result {
+	r := Result{KernelRelease: in.KernelRelease, BTF: in.BTF}
+	r.CgroupV2Path, r.BPFFS = scanMounts(in.MountInfo)
+	r.CgroupV2 = r.CgroupV2Path != ""
+	var reasons []string
+	if v, err := ParseKernelRelease(in.KernelRelease); err != nil {
+		reasons = append(reasons, err.Error())
+	} else if v.Less(MinKernel) {
+		reasons = append(reasons, fmt.Sprintf("kernel %s < %s required", v, MinKernel))
+	}
+	if !in.BTF {
+		reasons = append(reasons, "no BTF (/sys/kernel/btf/vmlinux missing)")
+	}
+	if !r.CgroupV2 {
+		reasons = append(reasons, "no cgroup v2 mount")
+	}
+	r.Eligible = len(reasons) == 0
+	r.Reason = strings.Join(reasons, "; ")
+	return r
+}
+
+// scanMounts finds the cgroup2 mount point (unified or hybrid layout) and
+// whether a bpf filesystem is mounted at /sys/fs/bpf.
+func scanMounts(mountinfo string) (cgroup2 string, bpffs bool) {
+	sc := bufio.NewScanner(strings.NewReader(mountinfo))
+	for sc.Scan() {
+		// id parent major:minor root mountpoint opts [optional...] - fstype source superopts
+		pre, post, ok := strings.Cut(sc.Text(), " - ")
+		if !ok {
+			continue
+		}
+		fields, tail := strings.Fields(pre), strings.Fields(post)
+		if len(fields) < 5 || len(tail) < 1 {
+			continue
+		}
+		switch mnt := fields[4]; tail[0] {
+		case "cgroup2":
+			if cgroup2 == "" || mnt == "/sys/fs/cgroup" {
+				cgroup2 = mnt
+			}
+		case "bpf":
+			if mnt == "/sys/fs/bpf" {
+				bpffs = true
+			}
+		}
+	}
+	return cgroup2, bpffs
+}
+
+// ReadHost gathers Inputs from this machine.
+func ReadHost() (Inputs, error) {
+	var uts unix.Utsname
+	if err := unix.Uname(&uts); err != nil {
+		return Inputs{}, fmt.Errorf("uname: %w", err)
+	}
+	f, err := os.Open("/proc/self/mountinfo")
+	if err != nil {
+		return Inputs{}, err
+	}
+	defer f.Close()
+	mi, err := io.ReadAll(f)
+	if err != nil {
+		return Inputs{}, err
+	}
+	_, btfErr := os.Stat("/sys/kernel/btf/vmlinux")
+	return Inputs{KernelRelease: unix.ByteSliceToString(uts.Release[:]), BTF: btfErr == nil, MountInfo: string(mi)}, nil
+}
