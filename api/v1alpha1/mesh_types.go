@@ -333,6 +333,18 @@ type MeshStatus struct {
 	// +optional
 	Dataplane DataplaneStatus `json:"dataplane,omitempty"`
 
+	// Components reports each installed mesh component.
+	// +listType=map
+	// +listMapKey=name
+	// +optional
+	Components []ComponentStatus `json:"components,omitempty"`
+
+	// Ignored lists managed objects annotated meshkeeper.dev/ignore: "true"
+	// that meshkeeper leaves as they are, as kind/namespace/name.
+	// +kubebuilder:validation:MaxItems=64
+	// +optional
+	Ignored []string `json:"ignored,omitempty"`
+
 	// Plan is the ordered steps meshkeeper will take, with their state.
 	// +optional
 	Plan []PlanStep `json:"plan,omitempty"`
@@ -380,6 +392,26 @@ type DataplaneStatus struct {
 	// +kubebuilder:validation:MaxItems=64
 	// +optional
 	Conflicts []string `json:"conflicts,omitempty"`
+}
+
+// ComponentStatus is one mesh component as installed.
+type ComponentStatus struct {
+	// Name of the component: istiod, ztunnel, istio-cni, node-agent, spire-server, spire-agent, crds.
+	Name string `json:"name"`
+	// Release is the Helm release that installs it.
+	// +optional
+	Release string `json:"release,omitempty"`
+	// Version of the mesh bundle it runs.
+	// +optional
+	Version string `json:"version,omitempty"`
+	// Revision is the Helm release revision.
+	// +optional
+	Revision int32 `json:"revision,omitempty"`
+	// Ready is true when its workloads are available.
+	Ready bool `json:"ready"`
+	// Message says what is missing when it is not ready.
+	// +optional
+	Message string `json:"message,omitempty"`
 }
 
 // StepState is the state of a plan step.
