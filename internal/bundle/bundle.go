@@ -1,0 +1,123 @@
+// Package bundle is meshkeeper's catalog of mesh releases. A bundle is a
+// tested set of chart and image versions that belong together: one manifest
+// per release under bundles/catalog/ plus the project's own charts under
+// bundles/charts/, shared by every release. The package resolves a Mesh's
+// spec.version to a bundle and computes each component's Helm values; it
+// never imports Helm and never talks to a cluster.
+package bundle
+
+import (
+	"fmt"
+	"io/fs"
+	"path"
+	"slices"
+	"strings"
+)
+
+// Component is one Helm release meshkeeper manages. Its value is also the
+// name of its chart and of the meshkeeper.dev/component label.
+type Component string
+
+// The components, in install order (see Components).
+const (
+	CRDs        Component = "crds"
+	SpireServer Component = "spire-server"
+	SpireAgent  Component = "spire-agent"
+	Istiod      Component = "istiod"
+	Ztunnel     Component = "ztunnel"
+	NodeAgent   Component = "node-agent"
+	CNI         Component = "istio-cni"
+)
+
+// AllComponents lists every component in install order. Every bundle ships a
+// chart for each.
+var AllComponents = []Component{CRDs, SpireServer, SpireAgent, Istiod, Ztunnel, NodeAgent, CNI}
+
+// Image names a bundle's manifest must set under images:.
+const (
+	ImagePilot       = "pilot"
+	ImageProxy       = "proxy"
+	ImageZtunnel     = "ztunnel"
+	ImageInstallCNI  = "installCNI"
+	ImageNodeAgent   = "nodeAgent"
+	ImagePause       = "pause"
+	ImageSpireServer = "spireServer"
+	ImageSpireAgent  = "spireAgent"
+)
+
+// componentImages is which images each component's chart runs.
+var componentImages = map[Component][]string{
+	CRDs:        nil,
+	SpireServer: {ImageSpireServer},
+	SpireAgent:  {ImageSpireAgent},
+	Istiod:      {ImagePilot, ImageProxy},
+	Ztunnel:     {ImageZtunnel},
+	NodeAgent:   {ImageNodeAgent, ImagePause},
+	CNI:         {ImageInstallCNI},
+}
+
+// Bundle is one mesh release: its versions, images and charts.
+type Bundle struct {
+	// Version is the Istio release, e.g. "1.28.2".
+	Version string
+	// Minor is Version's minor, e.g. "1.28".
+	Minor string
+	// MinKernel is the oldest kernel release ("5.10") the node agent's eBPF
+	// redirection supports; older nodes fall back or are blocked.
+	MinKernel string
+	// UpgradeFrom lists the minors ("1.27") a mesh may run before moving to
+	// this release.
+	UpgradeFrom []string
+	// SpireVersion is the SPIRE release of spire-server and spire-agent.
+	SpireVersion string
+	// Images maps an image name (ImagePilot, ...) to its reference, a tag
+	// and optionally a pinned digest.
+	Images map[string]string
+
+	file   string
+	semver semver
+	charts map[Component]string         // chart directory under charts/
+	values map[Component]map[string]any // per-release values from the manifest
+	fsys   fs.FS
+}
+
+// Revision is the control-plane revision of this release: its version with
+// dashes, usable in object names and label values ("1.28.2" → "1-28-2").
+func (b *Bundle) Revision() string {
+	return strings.ReplaceAll(b.Version, ".", "-")
+}
+
+// Chart returns the chart of component c as a file system rooted at the
+// directory holding its Chart.yaml.
+func (b *Bundle) Chart(c Component) (fs.FS, error) {
+	dir, ok := b.charts[c]
+	if !ok {
+		return nil, fmt.Errorf("bundle %s: no chart for component %q; components: %s", b.Version, c, joinComponents(AllComponents))
+	}
+	sub, err := fs.Sub(b.fsys, path.Join("charts", dir))
+	if err != nil {
+		return nil, fmt.Errorf("bundle %s: chart %s: %w", b.Version, dir, err)
+	}
+	return sub, nil
+}
+
+// CanUpgradeFrom says whether a mesh running version (exact or a minor) may
+// move to this bundle in one step.
+func (b *Bundle) CanUpgradeFrom(version string) bool {
+	v, err := parseVersion(version)
+	if err != nil {
+		return false
+	}
+	if v.minorString() == b.Minor {
+		return !v.hasPatch || v.patch <= b.semver.patch
+	}
+	return v.compareMinor(b.semver) < 0 && slices.Contains(b.UpgradeFrom, v.minorString())
+}
+
+func joinComponents(cs []Component) string {
+	s := make([]string, len(cs))
+	for i, c := range cs {
+		s[i] = string(c)
+	}
+	return strings.Join(s, ", ")
+}
