@@ -37,6 +37,9 @@ const (
 	ReasonDeleting = "Deleting"
 	// ReasonLabelConflict: a namespace's dataplane label is owned by someone else.
 	ReasonLabelConflict = "LabelConflict"
+	// ReasonKernelIneligible: some nodes cannot run eBPF redirection; the
+	// message names them and says why.
+	ReasonKernelIneligible = "KernelIneligible"
 )
 
 // Well-known labels, annotations and names.
@@ -51,6 +54,13 @@ const (
 	LabelRevision = "istio.io/rev"
 	// LabelRedirection on a Node says which redirection it gets: ebpf, iptables or blocked.
 	LabelRedirection = "meshkeeper.dev/redirection"
+	// LabelComponent names the mesh component an object belongs to. Every
+	// object meshkeeper's releases render carries it, so it is the label to
+	// select meshkeeper's objects by (app.kubernetes.io/managed-by is Helm's:
+	// Helm sets it to "Helm" on every object it applies).
+	LabelComponent = "meshkeeper.dev/component"
+	// LabelControlPlaneRevision names the control-plane revision an object belongs to.
+	LabelControlPlaneRevision = "meshkeeper.dev/revision"
 	// AnnotationIgnore on a managed object makes meshkeeper leave it alone.
 	AnnotationIgnore = "meshkeeper.dev/ignore"
 )

@@ -475,11 +475,23 @@ type AnalysisResult struct {
 }
 
 // NodeCounts counts nodes by eBPF eligibility.
+//
+// The counts are optional in the schema (a status merge patch sends only the
+// counts that changed) but always serialised, zeros included.
 type NodeCounts struct {
-	Total    int32 `json:"total"`
+	// Total is the number of nodes in the cluster.
+	// +optional
+	Total int32 `json:"total"`
+	// Eligible nodes run eBPF redirection.
+	// +optional
 	Eligible int32 `json:"eligible"`
+	// Fallback nodes failed eBPF preflight and use iptables redirection.
+	// +optional
 	Fallback int32 `json:"fallback"`
-	Blocked  int32 `json:"blocked"`
+	// Blocked nodes failed eBPF preflight and get no mesh dataplane
+	// (kernelFallback: Block).
+	// +optional
+	Blocked int32 `json:"blocked"`
 }
 
 // Outcome of a finished rollout.

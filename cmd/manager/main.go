@@ -10,10 +10,15 @@ import (
 	"strings"
 	"time"
 
+	appsv1 "k8s.io/api/apps/v1"
+	corev1 "k8s.io/api/core/v1"
+	"k8s.io/apimachinery/pkg/labels"
 	"k8s.io/apimachinery/pkg/runtime"
+	"k8s.io/apimachinery/pkg/selection"
 	utilruntime "k8s.io/apimachinery/pkg/util/runtime"
 	clientgoscheme "k8s.io/client-go/kubernetes/scheme"
 	ctrl "sigs.k8s.io/controller-runtime"
+	"sigs.k8s.io/controller-runtime/pkg/cache"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 	"sigs.k8s.io/controller-runtime/pkg/healthz"
 	"sigs.k8s.io/controller-runtime/pkg/log/zap"
@@ -21,7 +26,9 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/webhook"
 
 	meshv1 "github.com/meshkeeper/meshkeeper/api/v1alpha1"
+	"github.com/meshkeeper/meshkeeper/internal/bundle"
 	"github.com/meshkeeper/meshkeeper/internal/controller"
+	"github.com/meshkeeper/meshkeeper/internal/helm"
 	"github.com/meshkeeper/meshkeeper/webhooks"
 )
 
@@ -35,6 +42,8 @@ type options struct {
 	webhookConfigName      string
 	webhookSecretName      string
 	webhookHosts           string
+	componentsNamespace    string
+	bundlesDir             string
 }
 
 func main() {
@@ -49,6 +58,8 @@ func main() {
 	flag.StringVar(&o.webhookConfigName, "webhook-config-name", "meshkeeper-validating-webhook", "ValidatingWebhookConfiguration whose caBundle meshkeeper keeps current.")
 	flag.StringVar(&o.webhookSecretName, "webhook-secret-name", "meshkeeper-webhook-cert", "Secret holding the webhook CA and serving certificate.")
 	flag.StringVar(&o.webhookHosts, "webhook-hosts", "meshkeeper-webhook.meshkeeper-system.svc,meshkeeper-webhook.meshkeeper-system.svc.cluster.local", "Comma-separated DNS names and IPs the serving certificate covers.")
+	flag.StringVar(&o.componentsNamespace, "components-namespace", "istio-system", "Namespace the mesh components are installed in.")
+	flag.StringVar(&o.bundlesDir, "bundles-dir", "", "Load bundles from this directory instead of the embedded catalog (development).")
 	zapOpts := zap.Options{Development: false}
 	zapOpts.BindFlags(flag.CommandLine)
 	flag.Parse()
@@ -87,8 +98,32 @@ func run(ctx context.Context, o options) error {
 		return err
 	}
 
+	catalog, err := loadCatalog(o.bundlesDir)
+	if err != nil {
+		return err
+	}
+	helmClient, err := helm.New(cfg, o.namespace, ctrl.Log.WithName("helm"))
+	if err != nil {
+		return fmt.Errorf("create helm client: %w", err)
+	}
+
+	// Cache only the objects meshkeeper's releases render, not every
+	// Deployment, ConfigMap or Secret of the cluster.
+	managedReq, err := labels.NewRequirement(meshv1.LabelComponent, selection.Exists, nil)
+	if err != nil {
+		return err
+	}
+	managed := cache.ByObject{Label: labels.NewSelector().Add(*managedReq)}
 	mgr, err := ctrl.NewManager(cfg, ctrl.Options{
-		Scheme:                  scheme,
+		Scheme: scheme,
+		Cache: cache.Options{ByObject: map[client.Object]cache.ByObject{
+			&appsv1.Deployment{}:     managed,
+			&appsv1.DaemonSet{}:      managed,
+			&appsv1.StatefulSet{}:    managed,
+			&corev1.ConfigMap{}:      managed,
+			&corev1.Service{}:        managed,
+			&corev1.ServiceAccount{}: managed,
+		}},
 		Metrics:                 metricsserver.Options{BindAddress: o.metricsAddr},
 		HealthProbeBindAddress:  o.probeAddr,
 		LeaderElection:          o.leaderElect,
@@ -105,8 +140,11 @@ func run(ctx context.Context, o options) error {
 	}
 
 	if err := (&controller.MeshReconciler{
-		Client:   mgr.GetClient(),
-		Recorder: mgr.GetEventRecorder("meshkeeper"),
+		Client:              mgr.GetClient(),
+		Recorder:            mgr.GetEventRecorder("meshkeeper"),
+		Helm:                helmClient,
+		Catalog:             catalog,
+		ComponentsNamespace: o.componentsNamespace,
 	}).SetupWithManager(mgr); err != nil {
 		return fmt.Errorf("set up mesh controller: %w", err)
 	}
@@ -123,7 +161,8 @@ func run(ctx context.Context, o options) error {
 		return err
 	}
 
-	log.Info("Starting manager", "namespace", o.namespace, "webhookPort", o.webhookPort)
+	log.Info("Starting manager", "namespace", o.namespace, "webhookPort", o.webhookPort,
+		"componentsNamespace", o.componentsNamespace, "bundles", catalog.Versions())
 	return mgr.Start(ctx)
 }
 
@@ -142,6 +181,17 @@ func ensureCertsWithRetry(ctx context.Context, c client.Client, opts webhooks.Ce
 		}
 	}
 	return fmt.Errorf("webhook serving certificate: %w", err)
+}
+
+func loadCatalog(dir string) (*bundle.Catalog, error) {
+	if dir == "" {
+		return bundle.Default(), nil
+	}
+	c, err := bundle.FromDir(dir)
+	if err != nil {
+		return nil, fmt.Errorf("load bundles from %s: %w", dir, err)
+	}
+	return c, nil
 }
 
 func splitList(s string) []string {

@@ -4,10 +4,12 @@ package controller
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"math/rand/v2"
 	"time"
 
+	appsv1 "k8s.io/api/apps/v1"
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	"k8s.io/klog/v2"
@@ -22,6 +24,8 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/recorder"
 
 	meshv1 "github.com/meshkeeper/meshkeeper/api/v1alpha1"
+	"github.com/meshkeeper/meshkeeper/internal/bundle"
+	"github.com/meshkeeper/meshkeeper/internal/helm"
 )
 
 // MeshReconciler drives the cluster towards a Mesh's spec and reports what it
@@ -29,6 +33,12 @@ import (
 type MeshReconciler struct {
 	client.Client
 	Recorder recorder.EventRecorder
+	// Helm installs the mesh components; its releases live in the operator's namespace.
+	Helm *helm.Client
+	// Catalog holds the bundles spec.version resolves against.
+	Catalog *bundle.Catalog
+	// ComponentsNamespace is where the mesh components run (istio-system).
+	ComponentsNamespace string
 }
 
 // +kubebuilder:rbac:groups=meshkeeper.dev,resources=meshes,verbs=get;list;watch;update;patch
@@ -36,7 +46,7 @@ type MeshReconciler struct {
 // +kubebuilder:rbac:groups=meshkeeper.dev,resources=meshes/finalizers,verbs=update
 // +kubebuilder:rbac:groups=meshkeeper.dev,resources=meshnodes,verbs=get;list;watch
 // +kubebuilder:rbac:groups="",resources=namespaces,verbs=get;list;watch;patch
-// +kubebuilder:rbac:groups="",resources=nodes,verbs=get;list;watch
+// +kubebuilder:rbac:groups="",resources=nodes,verbs=get;list;watch;patch
 // +kubebuilder:rbac:groups=events.k8s.io,resources=events,verbs=create;patch
 // +kubebuilder:rbac:groups="",namespace=meshkeeper-system,resources=secrets,verbs=get;list;watch;create;update;patch
 // +kubebuilder:rbac:groups=coordination.k8s.io,namespace=meshkeeper-system,resources=leases,verbs=get;list;watch;create;update;patch;delete
@@ -63,6 +73,9 @@ func (r *MeshReconciler) Reconcile(ctx context.Context, req ctrl.Request) (resul
 	obs := &observation{}
 	defer func() {
 		retErr = r.patchStatus(ctx, base, mesh, obs, retErr)
+		if retErr != nil {
+			result = ctrl.Result{} // an error requeues with backoff; a result would be ignored
+		}
 	}()
 
 	if !mesh.DeletionTimestamp.IsZero() {
@@ -80,8 +93,26 @@ func (r *MeshReconciler) reconcileNormal(ctx context.Context, mesh *meshv1.Mesh,
 		obs.paused = true
 		return ctrl.Result{}, nil
 	}
-	if err := r.reconcileNamespaces(ctx, mesh, obs); err != nil {
+	phases := []struct {
+		name string
+		run  func(context.Context, *meshv1.Mesh, *observation) error
+	}{
+		{"nodes", r.reconcileNodes},
+		{"components", r.reconcileComponents},
+		{"namespaces", r.reconcileNamespaces},
+		{"retire", r.retireComponents},
+	}
+	for _, p := range phases {
+		if err := p.run(ctx, mesh, obs); err != nil {
+			log.FromContext(ctx).Error(err, "Phase failed, retrying", "phase", p.name)
+			obs.applyErr = errors.Join(obs.applyErr, err)
+		}
+	}
+	switch {
+	case obs.applyErr != nil:
 		return ctrl.Result{RequeueAfter: jitter(10 * time.Second)}, nil
+	case !obs.converged():
+		return ctrl.Result{RequeueAfter: jitter(3 * time.Second)}, nil
 	}
 	return ctrl.Result{}, nil
 }
@@ -92,7 +123,13 @@ func (r *MeshReconciler) reconcileDelete(ctx context.Context, mesh *meshv1.Mesh,
 	if !controllerutil.ContainsFinalizer(mesh, meshv1.Finalizer) {
 		return ctrl.Result{}, nil
 	}
-	if err := r.releaseNamespaces(ctx, mesh, obs); err != nil {
+	for _, cleanup := range []func(context.Context) error{r.uninstallComponents, r.releaseNamespaces, r.releaseNodes} {
+		if err := cleanup(ctx); err != nil {
+			obs.applyErr = errors.Join(obs.applyErr, err)
+		}
+	}
+	if obs.applyErr != nil {
+		log.FromContext(ctx).Error(obs.applyErr, "Cleanup incomplete, retrying")
 		return ctrl.Result{RequeueAfter: jitter(5 * time.Second)}, nil
 	}
 	before := mesh.DeepCopy()
@@ -144,6 +181,18 @@ func (r *MeshReconciler) SetupWithManager(mgr ctrl.Manager) error {
 		Watches(&corev1.Namespace{},
 			handler.EnqueueRequestsFromMapFunc(r.allMeshes),
 			builder.WithPredicates(namespaceChanged())).
+		Watches(&corev1.Node{},
+			handler.EnqueueRequestsFromMapFunc(r.allMeshes),
+			builder.WithPredicates(nodeChanged())).
+		Watches(&meshv1.MeshNode{}, handler.EnqueueRequestsFromMapFunc(r.allMeshes)).
+		// Managed workloads: readiness changes and drift.
+		Watches(&appsv1.Deployment{}, handler.EnqueueRequestsFromMapFunc(r.allMeshes), builder.WithPredicates(managedObject())).
+		Watches(&appsv1.DaemonSet{}, handler.EnqueueRequestsFromMapFunc(r.allMeshes), builder.WithPredicates(managedObject())).
+		Watches(&appsv1.StatefulSet{}, handler.EnqueueRequestsFromMapFunc(r.allMeshes), builder.WithPredicates(managedObject())).
+		// Other managed objects: drift only, metadata is enough.
+		WatchesMetadata(&corev1.ConfigMap{}, handler.EnqueueRequestsFromMapFunc(r.allMeshes), builder.WithPredicates(managedObject())).
+		WatchesMetadata(&corev1.Service{}, handler.EnqueueRequestsFromMapFunc(r.allMeshes), builder.WithPredicates(managedObject())).
+		WatchesMetadata(&corev1.ServiceAccount{}, handler.EnqueueRequestsFromMapFunc(r.allMeshes), builder.WithPredicates(managedObject())).
 		Named("mesh").
 		Complete(r)
 }

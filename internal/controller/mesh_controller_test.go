@@ -3,93 +3,23 @@ package controller
 import (
 	"context"
 	"fmt"
-	"os"
-	"path/filepath"
 	"testing"
 	"time"
 
 	. "github.com/onsi/gomega"
-	"go.uber.org/zap/zapcore"
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	"k8s.io/apimachinery/pkg/api/meta"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-	"k8s.io/apimachinery/pkg/runtime"
-	clientgoscheme "k8s.io/client-go/kubernetes/scheme"
-	"k8s.io/client-go/rest"
-	ctrl "sigs.k8s.io/controller-runtime"
 	"sigs.k8s.io/controller-runtime/pkg/client"
-	"sigs.k8s.io/controller-runtime/pkg/envtest"
-	"sigs.k8s.io/controller-runtime/pkg/log/zap"
-	metricsserver "sigs.k8s.io/controller-runtime/pkg/metrics/server"
 
 	meshv1 "github.com/meshkeeper/meshkeeper/api/v1alpha1"
-	"github.com/meshkeeper/meshkeeper/test/cluster"
 )
-
-// The integration tests run the reconciler against a real API server
-// (envtest: etcd + kube-apiserver), without the admission webhook, so a spec
-// that admission would refuse can reach the reconciler.
-
-var k8s client.Client
-
-func TestMain(m *testing.M) {
-	assets, err := cluster.Available()
-	if err != nil {
-		fmt.Println(err)
-		os.Exit(cluster.ExitCodeUnavailable())
-	}
-	ctrl.SetLogger(zap.New(zap.UseDevMode(true), zap.Level(zapLevel())))
-	env := &envtest.Environment{
-		BinaryAssetsDirectory: assets,
-		CRDDirectoryPaths:     []string{filepath.Join("..", "..", "config", "crd", "bases")},
-		ErrorIfCRDPathMissing: true,
-	}
-	cfg, err := env.Start()
-	if err != nil {
-		fmt.Println("start envtest:", err)
-		os.Exit(1)
-	}
-	code := run(cfg, m)
-	_ = env.Stop()
-	os.Exit(code)
-}
-
-func run(cfg *rest.Config, m *testing.M) int {
-	scheme := runtime.NewScheme()
-	_ = clientgoscheme.AddToScheme(scheme)
-	_ = meshv1.AddToScheme(scheme)
-	mgr, err := ctrl.NewManager(cfg, ctrl.Options{Scheme: scheme, Metrics: metricsserver.Options{BindAddress: "0"}})
-	if err != nil {
-		fmt.Println("manager:", err)
-		return 1
-	}
-	if err := (&MeshReconciler{Client: mgr.GetClient(), Recorder: mgr.GetEventRecorder("meshkeeper")}).SetupWithManager(mgr); err != nil {
-		fmt.Println("setup:", err)
-		return 1
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	defer cancel()
-	go func() { _ = mgr.Start(ctx) }()
-	k8s, err = client.New(cfg, client.Options{Scheme: scheme})
-	if err != nil {
-		fmt.Println("client:", err)
-		return 1
-	}
-	return m.Run()
-}
-
-func zapLevel() zapcore.Level {
-	if os.Getenv("MESHKEEPER_TEST_DEBUG") != "" {
-		return -1
-	}
-	return 2 // errors only
-}
 
 func TestNamespaceLabelling(t *testing.T) {
 	g := NewWithT(t)
 	ctx := context.Background()
-	g.SetDefaultEventuallyTimeout(20 * time.Second)
+	g.SetDefaultEventuallyTimeout(60 * time.Second)
 	g.SetDefaultEventuallyPollingInterval(100 * time.Millisecond)
 
 	// a and b are selected; b carries a user label meshkeeper must keep; c is
@@ -112,6 +42,7 @@ func TestNamespaceLabelling(t *testing.T) {
 
 	t.Run("selected namespaces are enrolled, others untouched", func(t *testing.T) {
 		g := NewWithT(t)
+		g.SetDefaultEventuallyTimeout(60 * time.Second)
 		g.Eventually(labelsOf).WithArguments("nl-a").Should(HaveKeyWithValue(meshv1.LabelDataplaneMode, "ambient"))
 		g.Eventually(labelsOf).WithArguments("nl-b").Should(And(
 			HaveKeyWithValue(meshv1.LabelDataplaneMode, "ambient"), HaveKeyWithValue("team", "payments")))
@@ -196,8 +127,6 @@ func TestNamespaceLabelling(t *testing.T) {
 	})
 }
 
-func ptr[T any](v T) *T { return &v }
-
 func mkNS(g Gomega, name string, labels map[string]string) {
 	g.Expect(k8s.Create(context.Background(), &corev1.Namespace{
 		ObjectMeta: metav1.ObjectMeta{Name: name, Labels: labels},
@@ -233,12 +162,27 @@ func getMesh() *meshv1.Mesh {
 
 // readyMesh returns the Mesh once it is Ready for its current generation.
 func readyMesh() *meshv1.Mesh {
-	m := getMesh()
-	if m == nil || m.Status.ObservedGeneration != m.Generation ||
-		!meta.IsStatusConditionTrue(m.Status.Conditions, meshv1.ConditionReady) {
-		return nil
-	}
+	m, _ := meshReady()
 	return m
+}
+
+// meshReady is readyMesh with the reason it is not ready yet, so that a
+// timed-out Eventually says what the Mesh was waiting for.
+func meshReady() (*meshv1.Mesh, error) {
+	m := getMesh()
+	if m == nil {
+		return nil, fmt.Errorf("mesh/default not found")
+	}
+	ready := meta.FindStatusCondition(m.Status.Conditions, meshv1.ConditionReady)
+	switch {
+	case ready == nil:
+		return nil, fmt.Errorf("no Ready condition yet")
+	case ready.Status != metav1.ConditionTrue:
+		return nil, fmt.Errorf("Ready=%s %s: %s", ready.Status, ready.Reason, ready.Message)
+	case m.Status.ObservedGeneration != m.Generation:
+		return nil, fmt.Errorf("observedGeneration %d, generation %d", m.Status.ObservedGeneration, m.Generation)
+	}
+	return m, nil
 }
 
 func updateMesh(g Gomega, mutate func(*meshv1.Mesh)) {

@@ -26,21 +26,22 @@ import (
 // to another value is a conflict meshkeeper reports and does not force.
 
 // namespaceLabels is the set of labels a namespace in the mesh gets.
-func namespaceLabels(mesh *meshv1.Mesh) map[string]string {
+func namespaceLabels(mesh *meshv1.Mesh, revision string) map[string]string {
 	if mesh.Spec.Dataplane.EffectiveMode() == meshv1.ModeSidecar {
-		return map[string]string{meshv1.LabelRevision: revision(mesh.Spec.Version)}
+		return map[string]string{meshv1.LabelRevision: revision}
 	}
 	return map[string]string{meshv1.LabelDataplaneMode: "ambient"}
 }
 
-// revision is the control-plane revision name of a version: "1.28.2" → "1-28-2".
-func revision(version string) string {
-	return strings.ReplaceAll(version, ".", "-")
-}
-
 // reconcileNamespaces labels the selected namespaces and releases the labels
-// of namespaces that left the selection.
+// of namespaces that left the selection. Namespaces are enrolled only once
+// every component is ready, so no workload is pointed at a proxy that is not
+// there yet; labels already in place stay while components recover.
 func (r *MeshReconciler) reconcileNamespaces(ctx context.Context, mesh *meshv1.Mesh, obs *observation) error {
+	if !obs.componentsReady {
+		return nil
+	}
+	obs.namespacesObserved = true
 	selector, err := selectorOf(mesh)
 	if err != nil {
 		// ValidateSpec refuses a bad selector before this point.
@@ -48,10 +49,9 @@ func (r *MeshReconciler) reconcileNamespaces(ctx context.Context, mesh *meshv1.M
 	}
 	var namespaces corev1.NamespaceList
 	if err := r.List(ctx, &namespaces); err != nil {
-		obs.applyErr = fmt.Errorf("list namespaces: %w", err)
-		return obs.applyErr
+		return fmt.Errorf("list namespaces: %w", err)
 	}
-	want := namespaceLabels(mesh)
+	want := namespaceLabels(mesh, obs.bundle.Revision())
 	var errs []error
 	for i := range namespaces.Items {
 		ns := &namespaces.Items[i]
@@ -75,18 +75,14 @@ func (r *MeshReconciler) reconcileNamespaces(ctx context.Context, mesh *meshv1.M
 			}
 		}
 	}
-	if len(errs) > 0 {
-		obs.applyErr = errors.Join(errs...)
-	}
-	return obs.applyErr
+	return errors.Join(errs...)
 }
 
 // releaseNamespaces removes every label meshkeeper set, from every namespace.
-func (r *MeshReconciler) releaseNamespaces(ctx context.Context, _ *meshv1.Mesh, obs *observation) error {
+func (r *MeshReconciler) releaseNamespaces(ctx context.Context) error {
 	var namespaces corev1.NamespaceList
 	if err := r.List(ctx, &namespaces); err != nil {
-		obs.applyErr = fmt.Errorf("list namespaces: %w", err)
-		return obs.applyErr
+		return fmt.Errorf("list namespaces: %w", err)
 	}
 	var errs []error
 	for i := range namespaces.Items {
@@ -96,10 +92,7 @@ func (r *MeshReconciler) releaseNamespaces(ctx context.Context, _ *meshv1.Mesh, 
 			}
 		}
 	}
-	if len(errs) > 0 {
-		obs.applyErr = errors.Join(errs...)
-	}
-	return obs.applyErr
+	return errors.Join(errs...)
 }
 
 // applyNamespaceLabels makes want the exact set of labels meshkeeper owns on

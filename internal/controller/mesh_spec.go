@@ -16,11 +16,18 @@ import (
 // reason instead of being retried in a hot loop: a terminal error is not
 // requeued, and the next spec change starts a new reconcile.
 func (r *MeshReconciler) reconcileSpec(ctx context.Context, mesh *meshv1.Mesh, obs *observation) error {
-	obs.target = mesh.Spec.Version
-	if errs := webhooks.ValidateSpec(&mesh.Spec); len(errs) > 0 {
-		obs.invalidSpec = errs.ToAggregate().Error()
-		log.FromContext(ctx).Info("Spec is invalid; waiting for a change", "reason", obs.invalidSpec)
-		return reconcile.TerminalError(fmt.Errorf("invalid spec: %s", obs.invalidSpec))
+	stall := func(reason string) error {
+		obs.invalidSpec = reason
+		log.FromContext(ctx).Info("Spec is invalid; waiting for a change", "reason", reason)
+		return reconcile.TerminalError(fmt.Errorf("invalid spec: %s", reason))
 	}
+	if errs := webhooks.ValidateSpec(&mesh.Spec); len(errs) > 0 {
+		return stall(errs.ToAggregate().Error())
+	}
+	b, err := r.Catalog.Resolve(mesh.Spec.Version)
+	if err != nil {
+		return stall(err.Error())
+	}
+	obs.bundle, obs.target = b, b.Version
 	return nil
 }

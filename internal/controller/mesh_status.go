@@ -9,18 +9,38 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
 	meshv1 "github.com/meshkeeper/meshkeeper/api/v1alpha1"
+	"github.com/meshkeeper/meshkeeper/internal/bundle"
 )
 
 // observation is what the phases of one reconcile saw and did; the status is
 // computed from it once, in the deferred patch.
 type observation struct {
 	target      string
+	bundle      *bundle.Bundle
 	invalidSpec string
 	applyErr    error
-	namespaces  int32
-	conflicts   []string
 	paused      bool
 	deleting    bool
+
+	nodesObserved bool
+	nodes         meshv1.NodeCounts
+	failingNodes  []string
+
+	components      []meshv1.ComponentStatus
+	componentsReady bool
+	wantedReleases  []string
+	retired         bool
+	ignored         []string
+
+	namespacesObserved bool
+	namespaces         int32
+	conflicts          []string
+}
+
+// converged is true when every component is ready at the target, the
+// namespaces are enrolled and nothing old is left to retire.
+func (o *observation) converged() bool {
+	return o.applyErr == nil && o.componentsReady && o.namespacesObserved && o.retired
 }
 
 // applyStatus writes everything the reconcile learned into mesh.status.
@@ -29,14 +49,27 @@ func applyStatus(mesh *meshv1.Mesh, obs *observation, reconcileErr error) {
 	if obs.target != "" {
 		st.Version.Target = obs.target
 	}
-	if obs.invalidSpec == "" && !obs.deleting && !obs.paused && obs.applyErr == nil {
+	if obs.nodesObserved {
+		st.Nodes = obs.nodes
+	}
+	if len(obs.components) > 0 {
+		st.Components = obs.components
+		slices.Sort(obs.ignored)
+		st.Ignored = slices.Compact(obs.ignored)
+	}
+	if obs.namespacesObserved {
 		d := mesh.Spec.Dataplane
 		st.Dataplane.Mode = d.EffectiveMode()
 		st.Dataplane.Redirection = d.EffectiveRedirection()
-		st.Dataplane.Revision = revision(mesh.Spec.Version)
+		if obs.bundle != nil {
+			st.Dataplane.Revision = obs.bundle.Revision()
+		}
 		st.Dataplane.Namespaces = obs.namespaces
 		slices.Sort(obs.conflicts)
 		st.Dataplane.Conflicts = obs.conflicts
+	}
+	if obs.converged() && reconcileErr == nil {
+		st.Version.Installed = obs.target
 	}
 	setConditions(mesh, obs, reconcileErr)
 	if settled(obs, reconcileErr) {
@@ -45,16 +78,22 @@ func applyStatus(mesh *meshv1.Mesh, obs *observation, reconcileErr error) {
 }
 
 // settled is true when the reconcile reached a result that needs no more
-// work from meshkeeper: done, paused, or stalled on the spec.
+// work from meshkeeper: converged, paused, or stalled on the spec.
 func settled(obs *observation, reconcileErr error) bool {
-	if obs.deleting || obs.applyErr != nil {
+	switch {
+	case obs.deleting || obs.applyErr != nil:
+		return false
+	case obs.invalidSpec != "":
+		return true
+	case reconcileErr != nil:
 		return false
 	}
-	return reconcileErr == nil || obs.invalidSpec != ""
+	return obs.paused || obs.converged()
 }
 
-// setConditions sets Ready, Reconciling, Stalled and Degraded from obs.
-// Reconciling and Stalled are only present while True (kstatus convention).
+// setConditions sets Ready, Reconciling, Stalled, Degraded and
+// PreflightPassed from obs. Reconciling and Stalled are only present while
+// True (kstatus convention).
 func setConditions(mesh *meshv1.Mesh, obs *observation, reconcileErr error) {
 	gen := mesh.Generation
 	set := func(t string, s metav1.ConditionStatus, reason, msg string) {
@@ -63,36 +102,34 @@ func setConditions(mesh *meshv1.Mesh, obs *observation, reconcileErr error) {
 		})
 	}
 	drop := func(t string) { meta.RemoveStatusCondition(&mesh.Status.Conditions, t) }
+	progressing := func(reason, msg string) {
+		set(meshv1.ConditionReady, metav1.ConditionFalse, reason, msg)
+		set(meshv1.ConditionReconciling, metav1.ConditionTrue, reason, msg)
+		drop(meshv1.ConditionStalled)
+	}
 
 	switch {
 	case obs.deleting:
-		msg := "Removing the labels meshkeeper set on namespaces"
+		msg := "Uninstalling components and removing the labels meshkeeper set"
 		if obs.applyErr != nil {
 			msg += ": " + obs.applyErr.Error()
 		}
-		set(meshv1.ConditionReady, metav1.ConditionFalse, meshv1.ReasonDeleting, msg)
-		set(meshv1.ConditionReconciling, metav1.ConditionTrue, meshv1.ReasonDeleting, msg)
-		drop(meshv1.ConditionStalled)
+		progressing(meshv1.ReasonDeleting, msg)
 	case obs.invalidSpec != "":
 		msg := "Invalid spec: " + obs.invalidSpec
 		set(meshv1.ConditionReady, metav1.ConditionFalse, meshv1.ReasonInvalidSpec, msg)
 		set(meshv1.ConditionStalled, metav1.ConditionTrue, meshv1.ReasonInvalidSpec, msg)
 		drop(meshv1.ConditionReconciling)
 	case obs.applyErr != nil:
-		msg := "Retrying: " + obs.applyErr.Error()
-		set(meshv1.ConditionReady, metav1.ConditionFalse, meshv1.ReasonApplyFailed, msg)
-		set(meshv1.ConditionReconciling, metav1.ConditionTrue, meshv1.ReasonApplyFailed, msg)
-		drop(meshv1.ConditionStalled)
+		progressing(meshv1.ReasonApplyFailed, "Retrying: "+obs.applyErr.Error())
 	case reconcileErr != nil:
-		msg := "Retrying: " + reconcileErr.Error()
-		set(meshv1.ConditionReady, metav1.ConditionFalse, meshv1.ReasonProgressing, msg)
-		set(meshv1.ConditionReconciling, metav1.ConditionTrue, meshv1.ReasonProgressing, msg)
-		drop(meshv1.ConditionStalled)
+		progressing(meshv1.ReasonProgressing, "Retrying: "+reconcileErr.Error())
 	case obs.paused:
-		msg := "spec.paused is true: nothing is executed; set paused: false to continue"
-		set(meshv1.ConditionReady, metav1.ConditionFalse, meshv1.ReasonPaused, msg)
+		set(meshv1.ConditionReady, metav1.ConditionFalse, meshv1.ReasonPaused, "spec.paused is true: nothing is executed; set paused: false to continue")
 		drop(meshv1.ConditionReconciling)
 		drop(meshv1.ConditionStalled)
+	case !obs.converged():
+		progressing(meshv1.ReasonProgressing, progressMessage(obs))
 	default:
 		set(meshv1.ConditionReady, metav1.ConditionTrue, meshv1.ReasonSucceeded, readyMessage(mesh, obs))
 		drop(meshv1.ConditionReconciling)
@@ -103,8 +140,42 @@ func setConditions(mesh *meshv1.Mesh, obs *observation, reconcileErr error) {
 		set(meshv1.ConditionDegraded, metav1.ConditionTrue, meshv1.ReasonLabelConflict,
 			fmt.Sprintf("meshkeeper leaves namespaces whose dataplane label another manager set: %s; remove that label to enroll them",
 				strings.Join(obs.conflicts, "; ")))
-	} else if obs.invalidSpec == "" {
+	} else if obs.namespacesObserved || obs.deleting {
 		drop(meshv1.ConditionDegraded)
+	}
+
+	switch {
+	case obs.nodesObserved && mesh.Spec.Dataplane.EffectiveRedirection() == meshv1.RedirectionEBPF:
+		status := metav1.ConditionTrue
+		reason := meshv1.ReasonSucceeded
+		if len(obs.failingNodes) > 0 {
+			status, reason = metav1.ConditionFalse, meshv1.ReasonKernelIneligible
+		}
+		set(meshv1.ConditionPreflightPassed, status, reason, preflightMessage(obs.failingNodes))
+	case obs.nodesObserved || obs.deleting:
+		drop(meshv1.ConditionPreflightPassed)
+	}
+}
+
+// progressMessage says what the rollout waits for.
+func progressMessage(obs *observation) string {
+	var waiting []string
+	for _, c := range obs.components {
+		if !c.Ready {
+			msg := c.Message
+			if msg == "" {
+				msg = "not ready"
+			}
+			waiting = append(waiting, fmt.Sprintf("%s: %s", c.Name, msg))
+		}
+	}
+	switch {
+	case len(waiting) > 0:
+		return fmt.Sprintf("Installing %s: waiting for %s", obs.target, strings.Join(waiting, "; "))
+	case !obs.namespacesObserved:
+		return "Enrolling namespaces"
+	default:
+		return "Removing releases the spec no longer needs"
 	}
 }
 
@@ -114,7 +185,7 @@ func readyMessage(mesh *meshv1.Mesh, obs *observation) string {
 	if obs.namespaces == 1 {
 		noun = "namespace"
 	}
-	return fmt.Sprintf("%d %s enrolled in %s mode", obs.namespaces, noun, mode)
+	return fmt.Sprintf("%s %s: %d components ready, %d %s enrolled", mode, obs.target, len(obs.components), obs.namespaces, noun)
 }
 
 func readyCondition(mesh *meshv1.Mesh) *metav1.Condition {

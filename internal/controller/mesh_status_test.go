@@ -9,6 +9,7 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
 	meshv1 "github.com/meshkeeper/meshkeeper/api/v1alpha1"
+	"github.com/meshkeeper/meshkeeper/internal/bundle"
 )
 
 func TestApplyStatus(t *testing.T) {
@@ -24,7 +25,7 @@ func TestApplyStatus(t *testing.T) {
 		err  error
 		want want
 	}{
-		{"converged", observation{namespaces: 2}, nil,
+		{"converged", done(observation{namespaces: 2}), nil,
 			want{ready: "True", reason: meshv1.ReasonSucceeded, observed: true}},
 		{"invalid spec stalls", observation{invalidSpec: "spec.version: bad"}, errors.New("terminal"),
 			want{ready: "False", reason: meshv1.ReasonInvalidSpec, stalled: true, observed: true}},
@@ -36,7 +37,9 @@ func TestApplyStatus(t *testing.T) {
 			want{ready: "False", reason: meshv1.ReasonPaused, observed: true}},
 		{"deleting", observation{deleting: true}, nil,
 			want{ready: "False", reason: meshv1.ReasonDeleting, reconciling: true}},
-		{"label conflict degrades but stays ready", observation{namespaces: 1, conflicts: []string{"b: x"}}, nil,
+		{"components not ready yet keeps reconciling", observation{componentsReady: false}, nil,
+			want{ready: "False", reason: meshv1.ReasonProgressing, reconciling: true}},
+		{"label conflict degrades but stays ready", done(observation{namespaces: 1, conflicts: []string{"b: x"}}), nil,
 			want{ready: "True", reason: meshv1.ReasonSucceeded, degraded: true, observed: true}},
 	}
 	for _, tc := range cases {
@@ -73,25 +76,42 @@ func TestApplyStatus(t *testing.T) {
 	}
 }
 
+// done marks an observation as fully converged: components ready,
+// namespaces enrolled, nothing left to retire.
+func done(o observation) observation {
+	o.componentsReady, o.namespacesObserved, o.retired = true, true, true
+	return o
+}
+
 func TestApplyStatusDataplane(t *testing.T) {
 	g := NewWithT(t)
+	b, err := bundle.Default().Resolve("1.28.2")
+	g.Expect(err).NotTo(HaveOccurred())
 	mesh := &meshv1.Mesh{Spec: meshv1.MeshSpec{Version: "1.28.2", Dataplane: meshv1.DataplaneSpec{Mode: meshv1.ModeSidecar}}}
-	applyStatus(mesh, &observation{target: "1.28.2", namespaces: 3}, nil)
+	applyStatus(mesh, ptr(done(observation{target: "1.28.2", bundle: b, namespaces: 3,
+		components: []meshv1.ComponentStatus{{Name: "istiod", Ready: true}}})), nil)
 	g.Expect(mesh.Status.Dataplane).To(Equal(meshv1.DataplaneStatus{Mode: meshv1.ModeSidecar, Revision: "1-28-2", Namespaces: 3}))
 	g.Expect(mesh.Status.Version.Target).To(Equal("1.28.2"))
-	g.Expect(readyCondition(mesh).Message).To(Equal("3 namespaces enrolled in Sidecar mode"))
+	g.Expect(mesh.Status.Version.Installed).To(Equal("1.28.2"))
+	g.Expect(readyCondition(mesh).Message).To(Equal("Sidecar 1.28.2: 1 components ready, 3 namespaces enrolled"))
+
+	// Until the namespaces are observed, the dataplane status is not claimed.
+	early := &meshv1.Mesh{Spec: meshv1.MeshSpec{Version: "1.28.2"}}
+	applyStatus(early, &observation{target: "1.28.2", bundle: b}, nil)
+	g.Expect(early.Status.Dataplane).To(Equal(meshv1.DataplaneStatus{}))
+	g.Expect(early.Status.Version.Installed).To(BeEmpty())
 
 	ambient := &meshv1.Mesh{Spec: meshv1.MeshSpec{Version: "1.27"}}
-	applyStatus(ambient, &observation{namespaces: 1}, nil)
+	applyStatus(ambient, ptr(done(observation{namespaces: 1})), nil)
 	g.Expect(ambient.Status.Dataplane.Mode).To(Equal(meshv1.ModeAmbient))
 	g.Expect(ambient.Status.Dataplane.Redirection).To(Equal(meshv1.RedirectionEBPF))
 }
 
 func TestNamespaceLabels(t *testing.T) {
 	g := NewWithT(t)
-	g.Expect(namespaceLabels(&meshv1.Mesh{Spec: meshv1.MeshSpec{Version: "1.28.2"}})).
+	g.Expect(namespaceLabels(&meshv1.Mesh{Spec: meshv1.MeshSpec{Version: "1.28.2"}}, "1-28-2")).
 		To(Equal(map[string]string{meshv1.LabelDataplaneMode: "ambient"}))
-	g.Expect(namespaceLabels(&meshv1.Mesh{Spec: meshv1.MeshSpec{Version: "1.27.3", Dataplane: meshv1.DataplaneSpec{Mode: meshv1.ModeSidecar}}})).
+	g.Expect(namespaceLabels(&meshv1.Mesh{Spec: meshv1.MeshSpec{Version: "1.27.3", Dataplane: meshv1.DataplaneSpec{Mode: meshv1.ModeSidecar}}}, "1-27-3")).
 		To(Equal(map[string]string{meshv1.LabelRevision: "1-27-3"}))
 }
 

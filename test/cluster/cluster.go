@@ -83,6 +83,10 @@ type Options struct {
 	Stdout io.Writer
 	// StartTimeout bounds Start when ctx has no earlier deadline. Default 90s.
 	StartTimeout time.Duration
+	// Volumes is how many 10Gi PersistentVolumes (no storage class) are
+	// pre-created for kube-controller-manager's binder to hand to claims,
+	// as a static provisioner would. Default 4; negative: none.
+	Volumes int
 }
 
 // Cluster is a running local cluster. Stop it when done.
@@ -366,6 +370,9 @@ func Start(ctx context.Context, opts Options) (_ *Cluster, retErr error) {
 			return nil, err
 		}
 	}
+	if err := c.createVolumes(ctx, opts.Volumes); err != nil {
+		return nil, err
+	}
 
 	var names []string
 	for _, n := range opts.Nodes {
@@ -384,6 +391,31 @@ func Start(ctx context.Context, opts Options) (_ *Cluster, retErr error) {
 	}
 	c.progress(began, "cluster ready with %d node(s)", len(names))
 	return c, nil
+}
+
+// createVolumes pre-creates n static PersistentVolumes so StatefulSets with
+// volumeClaimTemplates get their claims bound, as on a real cluster.
+func (c *Cluster) createVolumes(ctx context.Context, n int) error {
+	if n == 0 {
+		n = 4
+	}
+	for i := range max(n, 0) {
+		pv := &corev1.PersistentVolume{
+			ObjectMeta: metav1.ObjectMeta{Name: fmt.Sprintf("local-pv-%d", i)},
+			Spec: corev1.PersistentVolumeSpec{
+				Capacity:                      corev1.ResourceList{corev1.ResourceStorage: resource.MustParse("10Gi")},
+				AccessModes:                   []corev1.PersistentVolumeAccessMode{corev1.ReadWriteOnce},
+				PersistentVolumeReclaimPolicy: corev1.PersistentVolumeReclaimRecycle,
+				PersistentVolumeSource: corev1.PersistentVolumeSource{
+					HostPath: &corev1.HostPathVolumeSource{Path: fmt.Sprintf("/var/lib/kwok-volumes/%d", i)},
+				},
+			},
+		}
+		if err := c.Client.Create(ctx, pv); err != nil && !apierrors.IsAlreadyExists(err) {
+			return fmt.Errorf("cluster: create volume %s: %w", pv.Name, err)
+		}
+	}
+	return nil
 }
 
 func (c *Cluster) progress(began time.Time, format string, args ...any) {

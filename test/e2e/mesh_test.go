@@ -20,7 +20,7 @@ var _ = Describe("The sample Mesh on a 3-node cluster", Ordered, func() {
 	It("becomes Ready and enrolls the selected namespaces", func(ctx SpecContext) {
 		start := time.Now()
 		kubectl(ctx, "apply", "-k", filepath.Join(root, "config", "samples"))
-		kubectl(ctx, "wait", "--for=condition=Ready", "mesh/default", "--timeout=60s")
+		kubectl(ctx, "wait", "--for=condition=Ready", "mesh/default", "--timeout=180s")
 		GinkgoWriter.Printf("sample Mesh Ready %s after apply\n", time.Since(start).Round(time.Millisecond))
 
 		for _, ns := range []string{"shop", "shop-staging"} {
@@ -32,8 +32,18 @@ var _ = Describe("The sample Mesh on a 3-node cluster", Ordered, func() {
 		GinkgoWriter.Println(table)
 		header, row := splitTable(table)
 		Expect(header).To(Equal([]string{"NAME", "MODE", "INSTALLED", "TARGET", "READY", "STEP", "AGE"}))
-		Expect(row).To(ContainElements("default", "Ambient", "1.28", "True"))
+		Expect(row[:5]).To(Equal([]string{"default", "Ambient", "1.28.2", "1.28.2", "True"}))
 		Expect(kubectl(ctx, "get", "mesh", "default", "-o", "jsonpath={.status.dataplane.namespaces}")).To(Equal("2"))
+
+		podNodes := func(component string) []string {
+			return strings.Fields(kubectl(ctx, "get", "pods", "-n", "istio-system", "-l", "meshkeeper.dev/component="+component,
+				"--field-selector=status.phase=Running", "-o", "jsonpath={.items[*].spec.nodeName}"))
+		}
+		Expect(podNodes("ztunnel")).To(ConsistOf("node-a", "node-b", "node-c"))
+		Expect(podNodes("node-agent")).To(ConsistOf("node-b", "node-c"), "eBPF redirection where the kernel allows")
+		Expect(podNodes("istio-cni")).To(ConsistOf("node-a"), "iptables fallback on the 5.4 node")
+		Expect(kubectl(ctx, "get", "mesh", "default", "-o", `jsonpath={.status.conditions[?(@.type=="PreflightPassed")].message}`)).
+			To(ContainSubstring("node-a: kernel 5.4.0 < 5.10.0 required (iptables)"))
 	})
 
 	It("labels a namespace that joins the selection and reverts one that leaves", func(ctx SpecContext) {
@@ -65,8 +75,12 @@ var _ = Describe("The sample Mesh on a 3-node cluster", Ordered, func() {
 		kubectl(ctx, "wait", "--for=condition=Ready", "mesh/default", "--timeout=10s")
 	})
 
-	It("removes every label it set when the Mesh is deleted", func(ctx SpecContext) {
-		kubectl(ctx, "delete", "mesh", "default", "--wait", "--timeout=60s")
+	It("removes every release, managed object and label when the Mesh is deleted", func(ctx SpecContext) {
+		kubectl(ctx, "delete", "mesh", "default", "--wait", "--timeout=180s")
+		Expect(kubectl(ctx, "get", "deploy,ds,sts,cm,svc,sa,clusterrole,clusterrolebinding,mutatingwebhookconfiguration",
+			"-A", "-l", "meshkeeper.dev/component", "-o", "name")).To(BeEmpty())
+		Expect(kubectl(ctx, "get", "secrets", "-n", "meshkeeper-system", "-l", "owner=helm", "-o", "name")).To(BeEmpty(), "no Helm release left")
+		Expect(kubectl(ctx, "get", "nodes", "-l", "meshkeeper.dev/redirection", "-o", "name")).To(BeEmpty())
 		for _, ns := range []string{"shop", "shop-staging", "legacy"} {
 			Expect(nsLabels(ctx, ns)).NotTo(ContainSubstring("istio.io/"), ns)
 		}

@@ -1,0 +1,181 @@
+package controller
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"slices"
+	"strings"
+
+	corev1 "k8s.io/api/core/v1"
+	"sigs.k8s.io/controller-runtime/pkg/log"
+
+	meshv1 "github.com/meshkeeper/meshkeeper/api/v1alpha1"
+	"github.com/meshkeeper/meshkeeper/internal/bundle"
+	"github.com/meshkeeper/meshkeeper/internal/helm"
+)
+
+// releaseName is the Helm release of a component. The control plane gets one
+// release per revision so two revisions can run side by side.
+func releaseName(c bundle.Component, b *bundle.Bundle) string {
+	if c == bundle.Istiod {
+		return "istiod-" + b.Revision()
+	}
+	return string(c)
+}
+
+// inputsFor turns the Mesh spec into the bundle's chart inputs.
+func inputsFor(mesh *meshv1.Mesh, namespace string) bundle.Inputs {
+	in := bundle.Inputs{
+		Mode:        string(mesh.Spec.Dataplane.EffectiveMode()),
+		Redirection: string(mesh.Spec.Dataplane.EffectiveRedirection()),
+		Namespace:   namespace,
+	}
+	if s := mesh.Spec.Identity.Spire; s != nil && s.Enabled {
+		in.TrustDomain = s.TrustDomain
+		if s.SVIDTTL != nil {
+			in.SVIDTTL = s.SVIDTTL.Duration.String()
+		}
+	}
+	if mu := mesh.Spec.Rollout.Nodes.MaxUnavailable; mu != nil {
+		in.MaxUnavailable = mu.String()
+	}
+	return in
+}
+
+func spireEnabled(mesh *meshv1.Mesh) bool {
+	return mesh.Spec.Identity.Spire != nil && mesh.Spec.Identity.Spire.Enabled
+}
+
+// reconcileComponents installs or upgrades every component the mode needs,
+// repairs drift, and reads their readiness. It never waits: workloads that
+// are not ready yet requeue the Mesh.
+func (r *MeshReconciler) reconcileComponents(ctx context.Context, mesh *meshv1.Mesh, obs *observation) error {
+	b := obs.bundle
+	in := inputsFor(mesh, r.ComponentsNamespace)
+	wanted := bundle.Components(in.Mode, in.Redirection, spireEnabled(mesh))
+	previous := map[string]meshv1.ComponentStatus{}
+	for _, c := range mesh.Status.Components {
+		previous[c.Name] = c
+	}
+	var errs []error
+	obs.componentsReady = true
+	for _, c := range wanted {
+		st := r.reconcileComponent(ctx, mesh, b, c, in, previous[string(c)], obs)
+		if st.err != nil {
+			errs = append(errs, st.err)
+		}
+		obs.components = append(obs.components, st.status)
+		obs.componentsReady = obs.componentsReady && st.status.Ready
+		obs.wantedReleases = append(obs.wantedReleases, st.status.Release)
+	}
+	return errors.Join(errs...)
+}
+
+type componentResult struct {
+	status meshv1.ComponentStatus
+	err    error
+}
+
+func (r *MeshReconciler) reconcileComponent(ctx context.Context, mesh *meshv1.Mesh, b *bundle.Bundle, c bundle.Component,
+	in bundle.Inputs, prev meshv1.ComponentStatus, obs *observation) componentResult {
+	name := releaseName(c, b)
+	res := componentResult{status: meshv1.ComponentStatus{Name: string(c), Release: name, Version: b.Version}}
+	fail := func(what string, err error) componentResult {
+		res.err = fmt.Errorf("%s %s: %w", what, name, err)
+		res.status.Message = res.err.Error()
+		return res
+	}
+	chart, err := b.Chart(c)
+	if err != nil {
+		return fail("load chart for", err)
+	}
+	st, err := r.Helm.Apply(ctx, helm.Release{
+		Name:      name,
+		Namespace: r.ComponentsNamespace,
+		Chart:     chart,
+		Values:    b.Values(c, in),
+		Labels:    helm.ManagedLabels(string(c), b.Revision()),
+	})
+	if err != nil {
+		return fail("apply", err)
+	}
+	res.status.Revision = int32(st.Revision)
+	if prev.Revision != 0 && res.status.Revision != prev.Revision || prev.Version != b.Version {
+		r.event(mesh, corev1.EventTypeNormal, "ComponentApplied", "Applied %s %s (release %s revision %d)", c, b.Version, name, st.Revision)
+	}
+	repair, err := r.Helm.Repair(ctx, name)
+	if err != nil {
+		return fail("repair drift of", err)
+	}
+	if len(repair.Repaired) > 0 {
+		log.FromContext(ctx).Info("Repaired drift", "release", name, "objects", repair.Repaired)
+		r.event(mesh, corev1.EventTypeWarning, "DriftRepaired", "Restored %s changed or deleted outside meshkeeper", strings.Join(repair.Repaired, ", "))
+	}
+	obs.ignored = append(obs.ignored, repair.Ignored...)
+	ready, msg, err := r.Helm.Ready(ctx, name)
+	if err != nil {
+		return fail("read readiness of", err)
+	}
+	res.status.Ready, res.status.Message = ready, msg
+	return res
+}
+
+// retireComponents uninstalls releases the Mesh no longer needs (components of
+// another mode, an old control-plane revision) once everything wanted is
+// ready and the namespaces have moved, so traffic never loses its proxies.
+func (r *MeshReconciler) retireComponents(ctx context.Context, mesh *meshv1.Mesh, obs *observation) error {
+	if !obs.componentsReady || obs.applyErr != nil {
+		return nil
+	}
+	releases, err := r.Helm.List(ctx)
+	if err != nil {
+		return fmt.Errorf("list releases: %w", err)
+	}
+	var errs []error
+	for _, rel := range releases {
+		if slices.Contains(obs.wantedReleases, rel.Name) {
+			continue
+		}
+		if err := r.Helm.Uninstall(ctx, rel.Name, false); err != nil {
+			errs = append(errs, fmt.Errorf("uninstall %s: %w", rel.Name, err))
+			continue
+		}
+		log.FromContext(ctx).Info("Uninstalled release no longer needed", "release", rel.Name)
+		r.event(mesh, corev1.EventTypeNormal, "ComponentRemoved", "Uninstalled %s: not needed by %s mode at %s",
+			rel.Name, mesh.Spec.Dataplane.EffectiveMode(), obs.bundle.Version)
+	}
+	obs.retired = len(errs) == 0
+	return errors.Join(errs...)
+}
+
+// uninstallComponents removes every release, newest components first.
+func (r *MeshReconciler) uninstallComponents(ctx context.Context) error {
+	releases, err := r.Helm.List(ctx)
+	if err != nil {
+		return fmt.Errorf("list releases: %w", err)
+	}
+	order := func(name string) int {
+		for i, c := range bundle.Components(string(meshv1.ModeAmbient), string(meshv1.RedirectionEBPF), true) {
+			if name == string(c) || (c == bundle.Istiod && strings.HasPrefix(name, "istiod-")) {
+				return i
+			}
+		}
+		return -1
+	}
+	slices.SortFunc(releases, func(a, b helm.Status) int { return order(b.Name) - order(a.Name) })
+	var errs []error
+	for _, rel := range releases {
+		if err := r.Helm.Uninstall(ctx, rel.Name, true); err != nil {
+			errs = append(errs, fmt.Errorf("uninstall %s: %w", rel.Name, err))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// event records an event when a recorder is configured.
+func (r *MeshReconciler) event(mesh *meshv1.Mesh, eventType, reason, format string, args ...any) {
+	if r.Recorder != nil {
+		r.Recorder.Eventf(mesh, nil, eventType, reason, "Reconcile", format, args...)
+	}
+}

@@ -1,0 +1,111 @@
+package controller
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/onsi/gomega"
+	"go.uber.org/zap/zapcore"
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	ctrl "sigs.k8s.io/controller-runtime"
+	"sigs.k8s.io/controller-runtime/pkg/client"
+	"sigs.k8s.io/controller-runtime/pkg/log/zap"
+	metricsserver "sigs.k8s.io/controller-runtime/pkg/metrics/server"
+
+	"github.com/meshkeeper/meshkeeper/internal/bundle"
+	"github.com/meshkeeper/meshkeeper/internal/helm"
+	"github.com/meshkeeper/meshkeeper/test/cluster"
+)
+
+// The integration tests run the reconciler in-process against a real local
+// cluster (etcd, kube-apiserver, kube-controller-manager, kube-scheduler and
+// kwok nodes, so the components' pods really get scheduled and become
+// Ready), without the admission webhook, so a spec that admission would
+// refuse can reach the reconciler.
+
+const (
+	operatorNamespace   = "meshkeeper-system"
+	componentsNamespace = "istio-system"
+)
+
+var (
+	k8s        client.Client
+	kc         *cluster.Cluster
+	helmClient *helm.Client
+)
+
+func TestMain(m *testing.M) {
+	if _, err := cluster.Available(); err != nil {
+		fmt.Println(err)
+		os.Exit(cluster.ExitCodeUnavailable())
+	}
+	level := zapcore.Level(2) // errors only
+	if os.Getenv("MESHKEEPER_TEST_DEBUG") != "" {
+		level = -1
+	}
+	ctrl.SetLogger(zap.New(zap.UseDevMode(true), zap.Level(level)))
+	// Subtests make their own Gomega; they inherit these defaults.
+	gomega.SetDefaultEventuallyTimeout(slow)
+	gomega.SetDefaultEventuallyPollingInterval(200 * time.Millisecond)
+	gomega.SetDefaultConsistentlyDuration(2 * time.Second)
+	os.Exit(run(m))
+}
+
+func run(m *testing.M) int {
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	var err error
+	kc, err = cluster.Start(ctx, cluster.Options{
+		CRDDirectoryPaths: []string{filepath.Join("..", "..", "config", "crd", "bases")},
+		Nodes: []cluster.Node{
+			{Name: "node-new", KernelVersion: "6.1.0-28-amd64", Labels: map[string]string{"pool": "canary"}},
+			{Name: "node-mid", KernelVersion: "5.15.0-130-generic"},
+			{Name: "node-old", KernelVersion: "5.4.0-216-generic"},
+		},
+	})
+	if err != nil {
+		fmt.Println("start cluster:", err)
+		return 1
+	}
+	defer func() {
+		cancel() // stop the manager before the cluster under it
+		_ = kc.Stop()
+	}()
+	k8s = kc.Client
+	if err := k8s.Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: operatorNamespace}}); err != nil {
+		fmt.Println("create namespace:", err)
+		return 1
+	}
+	helmClient, err = helm.New(kc.Config, operatorNamespace, ctrl.Log.WithName("helm"))
+	if err != nil {
+		fmt.Println("helm:", err)
+		return 1
+	}
+	mgr, err := ctrl.NewManager(kc.Config, ctrl.Options{Scheme: kc.Scheme, Metrics: metricsserver.Options{BindAddress: "0"}})
+	if err != nil {
+		fmt.Println("manager:", err)
+		return 1
+	}
+	if err := (&MeshReconciler{
+		Client:              mgr.GetClient(),
+		Recorder:            mgr.GetEventRecorder("meshkeeper"),
+		Helm:                helmClient,
+		Catalog:             bundle.Default(),
+		ComponentsNamespace: componentsNamespace,
+	}).SetupWithManager(mgr); err != nil {
+		fmt.Println("setup:", err)
+		return 1
+	}
+	go func() { _ = mgr.Start(ctx) }()
+	return m.Run()
+}
+
+func ptr[T any](v T) *T { return &v }
+
+// slow is the timeout for anything that waits on workloads becoming ready.
+const slow = 90 * time.Second
