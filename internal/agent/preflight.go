@@ -1,5 +1,6 @@
-// Package agent is the node agent: kernel preflight now; eBPF redirection and
-// L4 telemetry come with the node agent issue.
+// Package agent is the node agent: kernel preflight, the eBPF datapath
+// (loading, pinning, adoption across restarts, uninstall), pod enrolment,
+// L4 telemetry and the node's MeshNode report. See bpf/README.md.
 package agent
 
 import (
@@ -59,23 +60,27 @@ type Inputs struct {
 	KernelRelease string
 	BTF           bool
 	MountInfo     string // contents of /proc/self/mountinfo
+	// Features are the kernel's BPF feature probes; nil when not probed
+	// (fixtures), in which case they do not count against eligibility.
+	Features []FeatureProbe
 }
 
 // Result is the preflight verdict.
 type Result struct {
-	KernelRelease string `json:"kernelRelease"`
-	BTF           bool   `json:"btf"`
-	CgroupV2      bool   `json:"cgroupV2"`
-	CgroupV2Path  string `json:"cgroupV2Path,omitempty"`
-	BPFFS         bool   `json:"bpffs"`
-	Eligible      bool   `json:"eligible"`
-	Reason        string `json:"reason,omitempty"`
+	KernelRelease string         `json:"kernelRelease"`
+	BTF           bool           `json:"btf"`
+	CgroupV2      bool           `json:"cgroupV2"`
+	CgroupV2Path  string         `json:"cgroupV2Path,omitempty"`
+	BPFFS         bool           `json:"bpffs"`
+	Features      []FeatureProbe `json:"features,omitempty"`
+	Eligible      bool           `json:"eligible"`
+	Reason        string         `json:"reason,omitempty"`
 }
 
 // Evaluate decides eligibility from the inputs. bpffs may be missing: the
 // agent mounts it, so it does not make a node ineligible.
 func Evaluate(in Inputs) Result {
-	r := Result{KernelRelease: in.KernelRelease, BTF: in.BTF}
+	r := Result{KernelRelease: in.KernelRelease, BTF: in.BTF, Features: in.Features}
 	r.CgroupV2Path, r.BPFFS = scanMounts(in.MountInfo)
 	r.CgroupV2 = r.CgroupV2Path != ""
 	var reasons []string
@@ -89,6 +94,9 @@ func Evaluate(in Inputs) Result {
 	}
 	if !r.CgroupV2 {
 		reasons = append(reasons, "no cgroup v2 mount")
+	}
+	if reason := featureReason(in.Features); reason != "" {
+		reasons = append(reasons, reason)
 	}
 	r.Eligible = len(reasons) == 0
 	r.Reason = strings.Join(reasons, "; ")
@@ -140,4 +148,14 @@ func ReadHost() (Inputs, error) {
 	}
 	_, btfErr := os.Stat("/sys/kernel/btf/vmlinux")
 	return Inputs{KernelRelease: unix.ByteSliceToString(uts.Release[:]), BTF: btfErr == nil, MountInfo: string(mi)}, nil
+}
+
+// Preflight reads this host, probes its BPF features and evaluates them.
+func Preflight() (Result, error) {
+	in, err := ReadHost()
+	if err != nil {
+		return Result{}, err
+	}
+	in.Features = ProbeFeatures()
+	return Evaluate(in), nil
 }

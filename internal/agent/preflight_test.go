@@ -26,14 +26,14 @@ func TestEvaluate(t *testing.T) {
 		bpffs    bool
 		reason   string
 	}{
-		{"6.x unified", Inputs{"6.1.0-28-amd64", true, unifiedMounts}, true, "/sys/fs/cgroup", true, ""},
-		{"6.x hybrid, bpffs not mounted yet", Inputs{"6.18.44", true, hybridMounts}, true, "/sys/fs/cgroup/unified", false, ""},
-		{"5.10 is the minimum", Inputs{"5.10.0-33-amd64", true, unifiedMounts}, true, "/sys/fs/cgroup", true, ""},
-		{"5.4 too old", Inputs{"5.4.0-216-generic", true, unifiedMounts}, false, "/sys/fs/cgroup", true, "kernel 5.4.0 < 5.10.0 required"},
-		{"4.19 too old", Inputs{"4.19.0", true, unifiedMounts}, false, "/sys/fs/cgroup", true, "kernel 4.19.0 < 5.10.0 required"},
-		{"no BTF", Inputs{"6.1.0", false, unifiedMounts}, false, "/sys/fs/cgroup", true, "no BTF"},
-		{"cgroup v1 only", Inputs{"6.1.0", true, v1OnlyMounts}, false, "", false, "no cgroup v2 mount"},
-		{"garbage release", Inputs{"banana", true, unifiedMounts}, false, "/sys/fs/cgroup", true, `kernel release "banana"`},
+		{"6.x unified", Inputs{KernelRelease: "6.1.0-28-amd64", BTF: true, MountInfo: unifiedMounts}, true, "/sys/fs/cgroup", true, ""},
+		{"6.x hybrid, bpffs not mounted yet", Inputs{KernelRelease: "6.18.44", BTF: true, MountInfo: hybridMounts}, true, "/sys/fs/cgroup/unified", false, ""},
+		{"5.10 is the minimum", Inputs{KernelRelease: "5.10.0-33-amd64", BTF: true, MountInfo: unifiedMounts}, true, "/sys/fs/cgroup", true, ""},
+		{"5.4 too old", Inputs{KernelRelease: "5.4.0-216-generic", BTF: true, MountInfo: unifiedMounts}, false, "/sys/fs/cgroup", true, "kernel 5.4.0 < 5.10.0 required"},
+		{"4.19 too old", Inputs{KernelRelease: "4.19.0", BTF: true, MountInfo: unifiedMounts}, false, "/sys/fs/cgroup", true, "kernel 4.19.0 < 5.10.0 required"},
+		{"no BTF", Inputs{KernelRelease: "6.1.0", BTF: false, MountInfo: unifiedMounts}, false, "/sys/fs/cgroup", true, "no BTF"},
+		{"cgroup v1 only", Inputs{KernelRelease: "6.1.0", BTF: true, MountInfo: v1OnlyMounts}, false, "", false, "no cgroup v2 mount"},
+		{"garbage release", Inputs{KernelRelease: "banana", BTF: true, MountInfo: unifiedMounts}, false, "/sys/fs/cgroup", true, `kernel release "banana"`},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {

@@ -1,0 +1,373 @@
+package agent
+
+import (
+	"context"
+	"fmt"
+	"path/filepath"
+	"sort"
+	"strconv"
+	"sync"
+	"time"
+
+	"github.com/go-logr/logr"
+)
+
+// PodRef names a pod.
+type PodRef struct {
+	Namespace, Name, UID string
+}
+
+func (p PodRef) String() string { return p.Namespace + "/" + p.Name }
+
+// Intervals of the enroller's /proc scans.
+const (
+	// PendingScanInterval is how often /proc is scanned for new processes
+	// while a pod waits for its network namespace to appear.
+	PendingScanInterval = 20 * time.Millisecond
+	// PendingFastFor is how long a pod is looked for at PendingScanInterval;
+	// after that it is looked for at every full scan only.
+	PendingFastFor = 2 * time.Minute
+	// FullScanInterval is how often every pod's namespaces are checked again
+	// (replaced sandboxes, reused pids).
+	FullScanInterval = 15 * time.Second
+)
+
+type podState struct {
+	ref      PodRef
+	cookies  map[uint64]struct{}
+	explicit bool      // enrolled through an explicit netns path, not found by scanning
+	since    time.Time // when it was wanted
+	retired  NetnsEntry
+}
+
+// Enroller keeps the datapath's enrolled map equal to the network
+// namespaces of the pods it is told to want. Pods are found by scanning
+// /proc for processes whose cgroup names the pod UID.
+type Enroller struct {
+	maps       NetnsMap
+	procRoot   string
+	hostCookie uint64
+	log        logr.Logger
+
+	mu      sync.Mutex
+	pods    map[string]*podState // by UID
+	orphans map[uint64]string    // enrolled cookies no wanted pod claims yet -> pod UID
+	scanner *procScanner
+	cookies map[procKey]uint64 // process instance -> its netns cookie
+	wake    chan struct{}
+	now     func() time.Time
+}
+
+// NewEnroller adopts what the map holds already (after an agent restart
+// nothing is removed until Reconcile).
+func NewEnroller(maps NetnsMap, procRoot string, log logr.Logger) (*Enroller, error) {
+	host, err := CurrentNetnsCookie()
+	if err != nil {
+		return nil, err
+	}
+	if procRoot == "" {
+		procRoot = "/proc"
+	}
+	e := &Enroller{
+		maps: maps, procRoot: procRoot, hostCookie: host, log: log,
+		pods: map[string]*podState{}, orphans: map[uint64]string{},
+		scanner: newProcScanner(procRoot), cookies: map[procKey]uint64{},
+		wake: make(chan struct{}, 1), now: time.Now,
+	}
+	existing, err := maps.EnrolledNetns()
+	if err != nil {
+		return nil, err
+	}
+	for cookie, entry := range existing {
+		e.orphans[cookie] = PodUIDOf(&entry)
+	}
+	return e, nil
+}
+
+// Want asks for a pod to be enrolled. Its namespace is found by scanning
+// /proc, quickly while it is new.
+func (e *Enroller) Want(ref PodRef) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if p, ok := e.pods[ref.UID]; ok {
+		p.ref = ref
+		return
+	}
+	p := &podState{ref: ref, cookies: map[uint64]struct{}{}, since: e.now()}
+	for cookie, uid := range e.orphans {
+		if uid == ref.UID {
+			p.cookies[cookie] = struct{}{}
+			delete(e.orphans, cookie)
+		}
+	}
+	e.pods[ref.UID] = p
+	if len(p.cookies) == 0 {
+		e.poke()
+	}
+}
+
+// EnrollPath enrolls a pod's network namespace given by path right away
+// (for a CNI plugin, tests, or a pod the agent was told about directly).
+func (e *Enroller) EnrollPath(ref PodRef, netnsPath string) error {
+	cookie, err := NetnsCookie(netnsPath)
+	if err != nil {
+		return err
+	}
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	p, ok := e.pods[ref.UID]
+	if !ok {
+		p = &podState{ref: ref, cookies: map[uint64]struct{}{}, since: e.now()}
+		e.pods[ref.UID] = p
+	}
+	p.explicit = true
+	return e.enroll(p, cookie)
+}
+
+// Enroll enrolls the network namespace of process pid for a pod.
+func (e *Enroller) Enroll(ref PodRef, pid int) error {
+	return e.EnrollPath(ref, filepath.Join(e.procRoot, strconv.Itoa(pid), "ns", "net"))
+}
+
+// Forget unenrolls a pod (deleted, finished, or its namespace left the mesh).
+func (e *Enroller) Forget(uid string) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	p, ok := e.pods[uid]
+	if !ok {
+		return
+	}
+	for cookie := range p.cookies {
+		if _, err := e.maps.UnenrollNetns(cookie); err != nil {
+			e.log.Error(err, "Unenrolling pod failed", "pod", p.ref.String())
+		}
+	}
+	delete(e.pods, uid)
+	e.log.V(1).Info("Pod unenrolled", "pod", p.ref.String())
+}
+
+// Unenroll is Forget by pod UID, for symmetry with Enroll.
+func (e *Enroller) Unenroll(uid string) { e.Forget(uid) }
+
+// Reconcile removes every enrolled namespace that no wanted pod claims. Call
+// it once the list of wanted pods is complete (informers synced).
+func (e *Enroller) Reconcile() {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	for cookie, uid := range e.orphans {
+		if _, err := e.maps.UnenrollNetns(cookie); err != nil {
+			e.log.Error(err, "Removing stale enrolment failed", "podUID", uid)
+			continue
+		}
+		delete(e.orphans, cookie)
+		e.log.Info("Removed stale enrolment", "podUID", uid, "netnsCookie", cookie)
+	}
+}
+
+func (e *Enroller) poke() {
+	select {
+	case e.wake <- struct{}{}:
+	default:
+	}
+}
+
+// Run scans /proc until ctx ends: every PendingScanInterval while a new pod
+// waits for its namespace, every FullScanInterval otherwise.
+func (e *Enroller) Run(ctx context.Context) {
+	full := time.NewTicker(FullScanInterval)
+	defer full.Stop()
+	fast := time.NewTicker(PendingScanInterval)
+	defer fast.Stop()
+	e.Sync(true)
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-full.C:
+			e.Sync(true)
+		case <-e.wake:
+			e.Sync(false)
+		case <-fast.C:
+			if e.hasFreshPending() {
+				e.Sync(false)
+			}
+		}
+	}
+}
+
+func (e *Enroller) hasFreshPending() bool {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	now := e.now()
+	for _, p := range e.pods {
+		if len(p.cookies) == 0 && now.Sub(p.since) < PendingFastFor {
+			return true
+		}
+	}
+	return false
+}
+
+// Sync scans /proc once. A quick scan looks for pods without a namespace
+// yet; a full scan checks every pod (a replaced sandbox has a new one).
+func (e *Enroller) Sync(full bool) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	need := false
+	for _, p := range e.pods {
+		if full || len(p.cookies) == 0 {
+			need = true
+			break
+		}
+	}
+	if !need {
+		return
+	}
+	pids, err := e.scanner.scan(full)
+	if err != nil {
+		e.log.Error(err, "Scanning processes failed")
+		return
+	}
+	if full {
+		e.cookies = map[procKey]uint64{}
+	}
+	for uid, p := range e.pods {
+		if p.explicit || (!full && len(p.cookies) > 0) {
+			continue
+		}
+		found := map[uint64]struct{}{}
+		for _, pid := range pids[uid] {
+			if c, ok := e.cookieOf(pid); ok {
+				found[c] = struct{}{}
+			}
+		}
+		if len(found) == 0 {
+			continue // not started yet, or only host-network processes
+		}
+		for c := range found {
+			if _, ok := p.cookies[c]; !ok {
+				if err := e.enroll(p, c); err != nil {
+					e.log.Error(err, "Enrolling pod failed", "pod", p.ref.String())
+				}
+			}
+		}
+		if full {
+			for c := range p.cookies {
+				if _, ok := found[c]; !ok {
+					e.retire(p, c)
+				}
+			}
+		}
+	}
+}
+
+// cookieOf returns the netns cookie of a process, cached per process
+// instance; false for host-network processes and ones that exited.
+func (e *Enroller) cookieOf(pid int) (uint64, bool) {
+	start, err := processStart(e.procRoot, pid)
+	if err != nil {
+		return 0, false
+	}
+	key := procKey{pid, start}
+	c, ok := e.cookies[key]
+	if !ok {
+		c, err = NetnsCookie(filepath.Join(e.procRoot, strconv.Itoa(pid), "ns", "net"))
+		if err != nil {
+			return 0, false
+		}
+		e.cookies[key] = c
+	}
+	return c, c != e.hostCookie
+}
+
+func (e *Enroller) enroll(p *podState, cookie uint64) error {
+	if cookie == e.hostCookie {
+		return fmt.Errorf("pod %s: refusing to enroll the host network namespace", p.ref)
+	}
+	if err := e.maps.EnrollNetns(cookie, p.ref.UID); err != nil {
+		return err
+	}
+	p.cookies[cookie] = struct{}{}
+	delete(e.orphans, cookie)
+	e.log.Info("Pod enrolled", "pod", p.ref.String(), "netnsCookie", cookie, "after", e.now().Sub(p.since).Round(time.Millisecond).String())
+	return nil
+}
+
+// retire unenrolls a namespace the pod no longer uses and keeps its counts,
+// so the pod's counters stay monotonic.
+func (e *Enroller) retire(p *podState, cookie uint64) {
+	last, err := e.maps.UnenrollNetns(cookie)
+	if err != nil {
+		e.log.Error(err, "Unenrolling replaced namespace failed", "pod", p.ref.String())
+		return
+	}
+	addEntry(&p.retired, &last)
+	delete(p.cookies, cookie)
+}
+
+func addEntry(dst, src *NetnsEntry) {
+	for i := range dst.Results {
+		dst.Results[i] += src.Results[i]
+	}
+	dst.LatencySumNs += src.LatencySumNs
+	for i := range dst.LatencyBuckets {
+		dst.LatencyBuckets[i] += src.LatencyBuckets[i]
+	}
+}
+
+// PodTelemetry is one enrolled pod's L4 telemetry.
+type PodTelemetry struct {
+	Pod     PodRef
+	Netns   int // enrolled network namespaces (normally 1)
+	Metrics NetnsEntry
+}
+
+// Telemetry returns every wanted pod's telemetry, enrolled or not yet.
+func (e *Enroller) Telemetry() ([]PodTelemetry, error) {
+	entries, err := e.maps.EnrolledNetns()
+	if err != nil {
+		return nil, err
+	}
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	out := make([]PodTelemetry, 0, len(e.pods))
+	for _, p := range e.pods {
+		t := PodTelemetry{Pod: p.ref, Metrics: p.retired}
+		for c := range p.cookies {
+			if v, ok := entries[c]; ok {
+				addEntry(&t.Metrics, &v)
+				t.Netns++
+			}
+		}
+		out = append(out, t)
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].Pod.String() < out[j].Pod.String() })
+	return out, nil
+}
+
+// Cookies returns the enrolled netns cookies of a pod.
+func (e *Enroller) Cookies(uid string) []uint64 {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	p, ok := e.pods[uid]
+	if !ok {
+		return nil
+	}
+	out := make([]uint64, 0, len(p.cookies))
+	for c := range p.cookies {
+		out = append(out, c)
+	}
+	return out
+}
+
+// EnrolledPods counts pods with at least one enrolled namespace.
+func (e *Enroller) EnrolledPods() int {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	n := 0
+	for _, p := range e.pods {
+		if len(p.cookies) > 0 {
+			n++
+		}
+	}
+	return n
+}

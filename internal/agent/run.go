@@ -1,0 +1,310 @@
+package agent
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"net/netip"
+	"os"
+	"runtime"
+	"runtime/debug"
+	"strings"
+	"time"
+
+	"github.com/go-logr/logr"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"k8s.io/apimachinery/pkg/util/wait"
+	"k8s.io/client-go/rest"
+
+	"github.com/meshkeeper/meshkeeper/api/v1alpha1"
+)
+
+// RunOptions configure the agent's run command.
+type RunOptions struct {
+	NodeName    string
+	MetricsAddr string
+	CapturePort uint16
+	BypassMark  uint32
+	PinPath     string
+	// CgroupPath overrides the cgroup2 mount found by preflight.
+	CgroupPath        string
+	NamespaceSelector string
+	AgentVersion      string
+	// RestConfig is the API server to use; nil runs without Kubernetes:
+	// no MeshNode, pods come from PodsFile.
+	RestConfig *rest.Config
+	// PodsFile lists the pods to enroll when there is no API server, one
+	// per line: "<namespace>/<name> <uid> [<netns path>]". Without a netns
+	// path the pod's namespace is found by scanning /proc. The file is
+	// re-read when it changes.
+	PodsFile string
+	// Ready, when set, is closed once the datapath is loaded (or known to
+	// be unavailable) and enrolment is running.
+	Ready chan<- struct{}
+	Log   logr.Logger
+}
+
+// Run is the node agent: preflight, report the node, load or adopt the
+// datapath, keep the enrolled pods up to date and serve metrics until ctx
+// ends. It returns without detaching anything: the datapath keeps running
+// while the agent restarts or is upgraded.
+func Run(ctx context.Context, o RunOptions) error {
+	log := o.Log
+	if o.NamespaceSelector == "" {
+		o.NamespaceSelector = DefaultNamespaceSelector
+	}
+	result, err := Preflight()
+	if err != nil {
+		return fmt.Errorf("preflight: %w", err)
+	}
+	log.Info("Preflight", "kernel", result.KernelRelease, "eligible", result.Eligible, "reason", result.Reason, "cgroup2", result.CgroupV2Path)
+	collector := &Collector{OnError: func(err error) { log.Error(err, "Reading datapath maps failed") }}
+	collector.Eligible.Store(result.Eligible)
+
+	srv, err := serveMetrics(o.MetricsAddr, collector, log)
+	if err != nil {
+		return err
+	}
+	defer func() {
+		shutdownCtx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		_ = srv.Shutdown(shutdownCtx)
+	}()
+
+	var kube *KubeClients
+	var reporter *nodeReporter
+	if o.RestConfig != nil {
+		if o.NodeName == "" {
+			return errors.New("--node-name is required (the downward API's spec.nodeName)")
+		}
+		kube, err = NewKubeClients(o.RestConfig)
+		if err != nil {
+			return err
+		}
+		reporter = startNodeReporter(ctx, kube.Mesh, o.NodeName, log.WithName("meshnode"))
+		// Report preflight before touching the kernel.
+		reporter.report(MeshNodeStatus(result, nil, o.AgentVersion, time.Now()))
+	}
+
+	if !result.Eligible {
+		log.Info("Node is not eligible for eBPF redirection; nothing is attached", "reason", result.Reason)
+		signalReady(o.Ready)
+		<-ctx.Done()
+		return nil
+	}
+	cgroupPath := result.CgroupV2Path
+	if o.CgroupPath != "" {
+		cgroupPath = o.CgroupPath
+	}
+	dp, report, err := LoadDatapath(DatapathConfig{
+		PinPath:     o.PinPath,
+		CgroupPath:  cgroupPath,
+		CaptureAddr: netip.AddrPortFrom(netip.AddrFrom4([4]byte{127, 0, 0, 1}), o.CapturePort),
+		BypassMark:  o.BypassMark,
+	})
+	if err != nil {
+		log.Error(err, "Loading the eBPF datapath failed; the node falls back")
+		reporter.report(MeshNodeStatus(result, err, o.AgentVersion, time.Now()))
+		signalReady(o.Ready)
+		<-ctx.Done()
+		return nil
+	}
+	// SIGTERM: release handles, keep every pin and link.
+	defer dp.Close()
+	// Loading parsed (and mapped) the kernel's BTF for CO-RE, several MiB
+	// the agent never needs again: let it go now rather than at some later GC.
+	releaseMemory()
+	log.Info("Datapath ready", "adoptedMaps", report.AdoptedMaps, "links", report.Links, "pinPath", o.PinPath)
+
+	enroller, err := NewEnroller(dp, "", log.WithName("enroll"))
+	if err != nil {
+		return err
+	}
+	collector.SetDatapath(dp, enroller)
+	go enroller.Run(ctx)
+
+	errc := make(chan error, 1)
+	if kube != nil {
+		w := &PodWatcher{Client: kube.Core, NodeName: o.NodeName, NamespaceSelector: o.NamespaceSelector, Enroller: enroller, Log: log.WithName("watch")}
+		go func() { errc <- w.Run(ctx) }()
+	} else if o.PodsFile != "" {
+		go func() { errc <- watchPodsFile(ctx, o.PodsFile, enroller, log.WithName("podsfile")) }()
+	}
+	signalReady(o.Ready)
+	select {
+	case <-ctx.Done():
+		return nil
+	case err := <-errc:
+		if err != nil && ctx.Err() == nil {
+			return err
+		}
+		<-ctx.Done()
+		return nil
+	}
+}
+
+func signalReady(ch chan<- struct{}) {
+	if ch != nil {
+		close(ch)
+	}
+}
+
+func serveMetrics(addr string, c *Collector, log logr.Logger) (*http.Server, error) {
+	mux := http.NewServeMux()
+	mux.Handle("/metrics", promhttp.HandlerFor(NewRegistry(c), promhttp.HandlerOpts{}))
+	mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) { _, _ = w.Write([]byte("ok")) })
+	srv := &http.Server{Addr: addr, Handler: mux, ReadHeaderTimeout: 5 * time.Second}
+	if addr == "" || addr == "0" {
+		return srv, nil
+	}
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		return nil, fmt.Errorf("metrics listener: %w", err)
+	}
+	log.Info("Serving metrics", "addr", ln.Addr().String())
+	go func() {
+		if err := srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			log.Error(err, "Metrics server stopped")
+		}
+	}()
+	return srv, nil
+}
+
+// nodeReporter writes the latest MeshNode status, retrying with backoff
+// until it worked (the API server may be down while the datapath runs fine);
+// a newer status replaces one not written yet.
+type nodeReporter struct {
+	latest chan v1alpha1.MeshNodeStatus
+}
+
+func startNodeReporter(ctx context.Context, c rest.Interface, nodeName string, log logr.Logger) *nodeReporter {
+	r := &nodeReporter{latest: make(chan v1alpha1.MeshNodeStatus, 1)}
+	go func() {
+		for {
+			var st v1alpha1.MeshNodeStatus
+			select {
+			case <-ctx.Done():
+				return
+			case st = <-r.latest:
+			}
+			delay := time.Second
+			for {
+				err := WriteMeshNode(ctx, c, nodeName, st)
+				if err == nil {
+					log.Info("MeshNode written", "node", nodeName, "eligible", st.Eligible, "redirection", st.Redirection, "reason", st.Reason)
+					break
+				}
+				log.Error(err, "Writing MeshNode failed; retrying", "node", nodeName, "in", delay.String())
+				select {
+				case <-ctx.Done():
+					return
+				case newer := <-r.latest:
+					st = newer
+				case <-time.After(wait.Jitter(delay, 0.2)):
+					delay = min(2*delay, time.Minute)
+				}
+			}
+		}
+	}()
+	return r
+}
+
+func (r *nodeReporter) report(st v1alpha1.MeshNodeStatus) {
+	if r == nil {
+		return
+	}
+	select {
+	case <-r.latest: // drop the older one not written yet
+	default:
+	}
+	r.latest <- st
+}
+
+// watchPodsFile enrolls the pods listed in path and follows its changes.
+func watchPodsFile(ctx context.Context, path string, e *Enroller, log logr.Logger) error {
+	var lastMod time.Time
+	current := map[string]bool{}
+	first := true
+	tick := time.NewTicker(time.Second)
+	defer tick.Stop()
+	for {
+		st, err := os.Stat(path)
+		if err == nil && (first || !st.ModTime().Equal(lastMod)) {
+			lastMod = st.ModTime()
+			entries, err := readPodsFile(path)
+			if err != nil {
+				log.Error(err, "Reading pods file failed")
+			} else {
+				next := map[string]bool{}
+				for _, pe := range entries {
+					next[pe.ref.UID] = true
+					if pe.netns != "" {
+						if err := e.EnrollPath(pe.ref, pe.netns); err != nil {
+							log.Error(err, "Enrolling pod failed", "pod", pe.ref.String())
+						}
+					} else {
+						e.Want(pe.ref)
+					}
+				}
+				for uid := range current {
+					if !next[uid] {
+						e.Forget(uid)
+					}
+				}
+				current = next
+				if first {
+					e.Reconcile()
+					first = false
+				}
+			}
+		}
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-tick.C:
+		}
+	}
+}
+
+type podsFileEntry struct {
+	ref   PodRef
+	netns string
+}
+
+func readPodsFile(path string) ([]podsFileEntry, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	var out []podsFileEntry
+	sc := bufio.NewScanner(f)
+	for line := 1; sc.Scan(); line++ {
+		text := strings.TrimSpace(sc.Text())
+		if text == "" || strings.HasPrefix(text, "#") {
+			continue
+		}
+		fields := strings.Fields(text)
+		ns, name, ok := strings.Cut(fields[0], "/")
+		if len(fields) < 2 || len(fields) > 3 || !ok {
+			return nil, fmt.Errorf("%s:%d: want \"<namespace>/<name> <uid> [<netns path>]\", got %q", path, line, text)
+		}
+		e := podsFileEntry{ref: PodRef{Namespace: ns, Name: name, UID: fields[1]}}
+		if len(fields) == 3 {
+			e.netns = fields[2]
+		}
+		out = append(out, e)
+	}
+	return out, sc.Err()
+}
+
+// releaseMemory collects garbage, lets finalizers and cleanups (such as the
+// munmap of the kernel BTF) run, and returns freed memory to the kernel.
+func releaseMemory() {
+	runtime.GC()
+	time.Sleep(10 * time.Millisecond)
+	debug.FreeOSMemory()
+}
