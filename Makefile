@@ -59,7 +59,7 @@ test-unit: cluster-bins ## Unit and integration tests (envtest against the real 
 
 .PHONY: test-e2e
 test-e2e: cluster-bins build ## End-to-end: the manager binary against a local cluster with kwok nodes.
-	MESHKEEPER_MANAGER_BIN=$(BIN)/manager go test $(GO_TEST_FLAGS) -timeout 20m ./test/e2e/... -args -ginkgo.v
+	MESHKEEPER_MANAGER_BIN=$(BIN)/manager MESHKEEPER_AGENT_BIN=$(BIN)/agent go test $(GO_TEST_FLAGS) -timeout 20m ./test/e2e/... -args -ginkgo.v
 
 .PHONY: fuzz
 fuzz: ## Fuzz the Mesh validation for 60s.
