@@ -100,9 +100,22 @@ func run(managerBin, binDir string, exitWhenReady bool) error {
 			return ctx.Err()
 		}
 	}
-	out, _, _ := c.Kubectl(ctx, "get", "ns", "-L", "mesh,istio.io/dataplane-mode", "-l", "kubernetes.io/metadata.name in (shop,shop-staging,legacy)")
-	fmt.Print(indent(out))
 	step("Mesh default is Ready, %s after start", time.Since(start).Round(time.Millisecond))
+	for _, view := range []struct {
+		what string
+		args []string
+	}{
+		{"the Mesh", []string{"get", "mesh"}},
+		{"namespaces (meshkeeper labels the selected ones)", []string{"get", "ns", "-L", "mesh,istio.io/dataplane-mode", "-l", "kubernetes.io/metadata.name in (shop,shop-staging,legacy)"}},
+		{"nodes (kernel decides eBPF or the iptables fallback)", []string{"get", "nodes", "-o",
+			"custom-columns=NAME:.metadata.name,KERNEL:.status.nodeInfo.kernelVersion,REDIRECTION:.metadata.labels.meshkeeper\\.dev/redirection"}},
+		{"mesh components and where they run", []string{"get", "pods", "-n", "istio-system", "-o",
+			"custom-columns=COMPONENT:.metadata.labels.meshkeeper\\.dev/component,POD:.metadata.name,NODE:.spec.nodeName,PHASE:.status.phase"}},
+	} {
+		if out, _, err := c.Kubectl(ctx, view.args...); err == nil {
+			fmt.Printf("--- %s\n%s", view.what, indent(out))
+		}
+	}
 	if exitWhenReady {
 		return nil
 	}
