@@ -98,6 +98,11 @@ func (b *Bundle) Values(c Component, in Inputs) map[string]any {
 	case NodeAgent:
 		v["maxUnavailable"] = maxUnavailable(in.MaxUnavailable)
 		v["nodeSelector"] = map[string]any{meshv1.LabelRedirection: string(meshv1.NodeRedirectionEBPF)}
+		if in.NodeAgentCleanup {
+			// Every node that may ever have run the agent, whatever its
+			// redirection label says now: `agent uninstall` is idempotent.
+			v["nodeSelector"] = map[string]any{"kubernetes.io/os": "linux"}
+		}
 		v["cleanup"] = in.NodeAgentCleanup
 	case SpireServer:
 		ttl := or(in.SVIDTTL, defaultSVIDTTL)

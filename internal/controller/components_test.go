@@ -10,6 +10,7 @@ import (
 	. "github.com/onsi/gomega"
 	appsv1 "k8s.io/api/apps/v1"
 	corev1 "k8s.io/api/core/v1"
+	eventsv1 "k8s.io/api/events/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	"k8s.io/apimachinery/pkg/api/meta"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -108,6 +109,8 @@ func TestComponentsLifecycle(t *testing.T) {
 		g.Eventually(func() []string { return componentNames(readyMesh()) }).
 			Should(ConsistOf("crds", "spire-server", "spire-agent", "istiod"))
 		g.Eventually(releaseNames).ShouldNot(ContainElements("ztunnel", "node-agent", "istio-cni"))
+		g.Expect(eventReasons(g)).To(ContainElement("DatapathRemoved"),
+			"the node agent's cleanup phase ran on every node before its release went")
 		g.Expect(labelsOf("cl-app")).To(And(HaveKeyWithValue(meshv1.LabelRevision, "1-27-3"), Not(HaveKey(meshv1.LabelDataplaneMode))))
 		g.Expect(nodeLabel(g, "node-new")).To(BeEmpty(), "no redirection label in Sidecar mode")
 		g.Expect(podNodes(g, "ztunnel")).To(BeEmpty())
@@ -260,4 +263,17 @@ func managedConfigMaps(g Gomega) []corev1.ConfigMap {
 		return 1
 	})
 	return cms.Items
+}
+
+// eventReasons lists the reasons of the events recorded for mesh/default.
+func eventReasons(g Gomega) []string {
+	var events eventsv1.EventList
+	g.Expect(k8s.List(context.Background(), &events)).To(Succeed())
+	var reasons []string
+	for _, e := range events.Items {
+		if e.Regarding.Kind == "Mesh" && e.Regarding.Name == "default" {
+			reasons = append(reasons, e.Reason)
+		}
+	}
+	return reasons
 }

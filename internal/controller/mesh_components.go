@@ -121,6 +121,72 @@ func (r *MeshReconciler) reconcileComponent(ctx context.Context, mesh *meshv1.Me
 	return res
 }
 
+// errWaiting marks a step that is under way and needs another reconcile,
+// not a failure.
+var errWaiting = errors.New("waiting")
+
+// cleanNodeAgent puts the node-agent release into its cleanup phase (every
+// node runs `agent uninstall`, removing each pinned program, map and link)
+// and reports whether that phase has rolled out to every node. The node
+// agent deliberately leaves its datapath attached when it stops (restarts and
+// upgrades never drop redirection), so uninstalling the release without this
+// phase would leave connects redirected to a capture port nobody serves.
+func (r *MeshReconciler) cleanNodeAgent(ctx context.Context, mesh *meshv1.Mesh, b *bundle.Bundle) error {
+	chart, err := b.Chart(bundle.NodeAgent)
+	if err != nil {
+		return fmt.Errorf("load node-agent chart: %w", err)
+	}
+	in := inputsFor(mesh, r.ComponentsNamespace)
+	in.NodeAgentCleanup = true
+	st, err := r.Helm.Apply(ctx, helm.Release{
+		Name:      string(bundle.NodeAgent),
+		Namespace: r.ComponentsNamespace,
+		Chart:     chart,
+		Values:    b.Values(bundle.NodeAgent, in),
+		Labels:    helm.ManagedLabels(string(bundle.NodeAgent), b.Revision()),
+	})
+	if err != nil {
+		return fmt.Errorf("start node-agent cleanup: %w", err)
+	}
+	ready, msg, err := r.Helm.Ready(ctx, string(bundle.NodeAgent))
+	if err != nil {
+		return fmt.Errorf("read node-agent cleanup: %w", err)
+	}
+	if !ready {
+		log.FromContext(ctx).Info("Waiting for the node agent to remove its datapath from every node", "revision", st.Revision, "status", msg)
+		return fmt.Errorf("%w for the node agent to remove its eBPF datapath from every node: %s", errWaiting, msg)
+	}
+	r.event(mesh, corev1.EventTypeNormal, "DatapathRemoved", "The node agent removed its eBPF programs and pins from every node")
+	return nil
+}
+
+// uninstall removes one release; the node agent goes through its cleanup
+// phase first.
+func (r *MeshReconciler) uninstall(ctx context.Context, mesh *meshv1.Mesh, b *bundle.Bundle, name string, wait bool) error {
+	if name == string(bundle.NodeAgent) {
+		if err := r.cleanNodeAgent(ctx, mesh, b); err != nil {
+			return err
+		}
+	}
+	if err := r.Helm.Uninstall(ctx, name, wait); err != nil {
+		return fmt.Errorf("uninstall %s: %w", name, err)
+	}
+	return nil
+}
+
+// cleanupBundle is the bundle whose charts remove components: the target's,
+// else the installed version's, else the newest (charts are shared).
+func (r *MeshReconciler) cleanupBundle(mesh *meshv1.Mesh) *bundle.Bundle {
+	for _, v := range []string{mesh.Spec.Version, mesh.Status.Version.Installed} {
+		if b, err := r.Catalog.Resolve(v); err == nil {
+			return b
+		}
+	}
+	versions := r.Catalog.Versions()
+	b, _ := r.Catalog.Resolve(versions[len(versions)-1])
+	return b
+}
+
 // retireComponents uninstalls releases the Mesh no longer needs (components of
 // another mode, an old control-plane revision) once everything wanted is
 // ready and the namespaces have moved, so traffic never loses its proxies.
@@ -137,8 +203,8 @@ func (r *MeshReconciler) retireComponents(ctx context.Context, mesh *meshv1.Mesh
 		if slices.Contains(obs.wantedReleases, rel.Name) {
 			continue
 		}
-		if err := r.Helm.Uninstall(ctx, rel.Name, false); err != nil {
-			errs = append(errs, fmt.Errorf("uninstall %s: %w", rel.Name, err))
+		if err := r.uninstall(ctx, mesh, obs.bundle, rel.Name, false); err != nil {
+			errs = append(errs, err)
 			continue
 		}
 		log.FromContext(ctx).Info("Uninstalled release no longer needed", "release", rel.Name)
@@ -149,8 +215,8 @@ func (r *MeshReconciler) retireComponents(ctx context.Context, mesh *meshv1.Mesh
 	return errors.Join(errs...)
 }
 
-// uninstallComponents removes every release, newest components first.
-func (r *MeshReconciler) uninstallComponents(ctx context.Context) error {
+// uninstallComponents removes every release, node components first.
+func (r *MeshReconciler) uninstallComponents(ctx context.Context, mesh *meshv1.Mesh) error {
 	releases, err := r.Helm.List(ctx)
 	if err != nil {
 		return fmt.Errorf("list releases: %w", err)
@@ -164,10 +230,11 @@ func (r *MeshReconciler) uninstallComponents(ctx context.Context) error {
 		return -1
 	}
 	slices.SortFunc(releases, func(a, b helm.Status) int { return order(b.Name) - order(a.Name) })
+	b := r.cleanupBundle(mesh)
 	var errs []error
 	for _, rel := range releases {
-		if err := r.Helm.Uninstall(ctx, rel.Name, true); err != nil {
-			errs = append(errs, fmt.Errorf("uninstall %s: %w", rel.Name, err))
+		if err := r.uninstall(ctx, mesh, b, rel.Name, true); err != nil {
+			errs = append(errs, err)
 		}
 	}
 	return errors.Join(errs...)

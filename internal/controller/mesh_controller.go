@@ -104,6 +104,10 @@ func (r *MeshReconciler) reconcileNormal(ctx context.Context, mesh *meshv1.Mesh,
 	}
 	for _, p := range phases {
 		if err := p.run(ctx, mesh, obs); err != nil {
+			if errors.Is(err, errWaiting) {
+				log.FromContext(ctx).V(1).Info("Phase under way", "phase", p.name, "status", err.Error())
+				continue
+			}
 			log.FromContext(ctx).Error(err, "Phase failed, retrying", "phase", p.name)
 			obs.applyErr = errors.Join(obs.applyErr, err)
 		}
@@ -123,14 +127,18 @@ func (r *MeshReconciler) reconcileDelete(ctx context.Context, mesh *meshv1.Mesh,
 	if !controllerutil.ContainsFinalizer(mesh, meshv1.Finalizer) {
 		return ctrl.Result{}, nil
 	}
-	for _, cleanup := range []func(context.Context) error{r.uninstallComponents, r.releaseNamespaces, r.releaseNodes} {
-		if err := cleanup(ctx); err != nil {
-			obs.applyErr = errors.Join(obs.applyErr, err)
+	// In order, each only once the one before is done: workloads leave the
+	// mesh first, then its components go (the node agent removing its
+	// datapath from every node first), then the node labels.
+	for _, cleanup := range []func(context.Context, *meshv1.Mesh) error{r.releaseNamespaces, r.uninstallComponents, r.releaseNodes} {
+		if err := cleanup(ctx, mesh); err != nil {
+			obs.applyErr = err
+			if errors.Is(err, errWaiting) {
+				return ctrl.Result{RequeueAfter: jitter(2 * time.Second)}, nil
+			}
+			log.FromContext(ctx).Error(err, "Cleanup incomplete, retrying")
+			return ctrl.Result{RequeueAfter: jitter(5 * time.Second)}, nil
 		}
-	}
-	if obs.applyErr != nil {
-		log.FromContext(ctx).Error(obs.applyErr, "Cleanup incomplete, retrying")
-		return ctrl.Result{RequeueAfter: jitter(5 * time.Second)}, nil
 	}
 	before := mesh.DeepCopy()
 	controllerutil.RemoveFinalizer(mesh, meshv1.Finalizer)

@@ -79,7 +79,7 @@ func (r *MeshReconciler) reconcileNamespaces(ctx context.Context, mesh *meshv1.M
 }
 
 // releaseNamespaces removes every label meshkeeper set, from every namespace.
-func (r *MeshReconciler) releaseNamespaces(ctx context.Context) error {
+func (r *MeshReconciler) releaseNamespaces(ctx context.Context, _ *meshv1.Mesh) error {
 	var namespaces corev1.NamespaceList
 	if err := r.List(ctx, &namespaces); err != nil {
 		return fmt.Errorf("list namespaces: %w", err)

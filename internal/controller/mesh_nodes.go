@@ -133,7 +133,7 @@ func (r *MeshReconciler) applyNodeLabel(ctx context.Context, n *corev1.Node, red
 }
 
 // releaseNodes removes meshkeeper's label from every node.
-func (r *MeshReconciler) releaseNodes(ctx context.Context) error {
+func (r *MeshReconciler) releaseNodes(ctx context.Context, _ *meshv1.Mesh) error {
 	var nodes corev1.NodeList
 	if err := r.List(ctx, &nodes); err != nil {
 		return fmt.Errorf("list nodes: %w", err)
