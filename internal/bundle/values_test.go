@@ -100,7 +100,7 @@ func TestValues(t *testing.T) {
 			"revision": "1-28-2", "version": "1.28.2",
 			"images":         map[string]any{"nodeAgent": "ghcr.io/meshkeeper/agent:0.1.0", "pause": "registry.k8s.io/pause:3.10"},
 			"maxUnavailable": "10%",
-			"nodeSelector":   map[string]any{"meshkeeper.dev/redirection": "ebpf"},
+			"nodeSelector":   map[string]any{"kubernetes.io/os": "linux"}, // every node, whatever its label now
 			"cleanup":        true,
 		}},
 		{name: "spire-server defaults", c: bundle.SpireServer, in: ambient, want: map[string]any{
