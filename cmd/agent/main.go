@@ -111,7 +111,7 @@ func run(args []string) error {
 	if err := agent.Run(ctx, o); err != nil {
 		return err
 	}
-	o.Log.Info("Stopped; the datapath stays attached")
+	o.Log.Info("Stopped")
 	return nil
 }
 

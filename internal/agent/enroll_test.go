@@ -2,6 +2,7 @@ package agent
 
 import (
 	"context"
+	"errors"
 	"os"
 	"testing"
 	"time"
@@ -9,7 +10,9 @@ import (
 	"github.com/go-logr/logr/testr"
 	. "github.com/onsi/gomega"
 	corev1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/runtime/schema"
 )
 
 func TestPodUIDFromCgroup(t *testing.T) {
@@ -122,3 +125,31 @@ func TestEnrollerFindsPodsByCgroup(t *testing.T) {
 }
 
 func writeFile(path, content string) error { return os.WriteFile(path, []byte(content), 0o644) }
+
+func TestDetachOnExit(t *testing.T) {
+	node := func(labels map[string]string) *corev1.Node {
+		return &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: "n1", Labels: labels}}
+	}
+	gone := apierrors.NewNotFound(schema.GroupResource{Resource: "nodes"}, "n1")
+	cases := []struct {
+		name   string
+		node   *corev1.Node
+		err    error
+		detach bool
+	}{
+		{"still eBPF: a restart or upgrade keeps redirection", node(map[string]string{"meshkeeper.dev/redirection": "ebpf"}), nil, false},
+		{"moved to the iptables fallback", node(map[string]string{"meshkeeper.dev/redirection": "iptables"}), nil, true},
+		{"blocked", node(map[string]string{"meshkeeper.dev/redirection": "blocked"}), nil, true},
+		{"label released (Mesh deleted or Sidecar mode)", node(nil), nil, true},
+		{"node deleted", nil, gone, true},
+		{"API server unreachable: keep", nil, errors.New("connection refused"), false},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			detach, why := DetachOnExit(tc.node, tc.err)
+			if detach != tc.detach || why == "" {
+				t.Fatalf("DetachOnExit = %v, %q; want %v with a reason", detach, why, tc.detach)
+			}
+		})
+	}
+}

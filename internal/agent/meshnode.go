@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"time"
 
+	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/rest"
@@ -18,6 +19,7 @@ import (
 // +kubebuilder:rbac:groups=meshkeeper.dev,resources=meshnodes,verbs=get;create
 // +kubebuilder:rbac:groups=meshkeeper.dev,resources=meshnodes/status,verbs=update
 // +kubebuilder:rbac:groups="",resources=pods;namespaces,verbs=list;watch
+// +kubebuilder:rbac:groups="",resources=nodes,verbs=get
 
 // MeshNodeStatus turns a preflight result (and the outcome of loading the
 // datapath, when it was tried) into the node's MeshNode status.
@@ -73,4 +75,38 @@ func WriteMeshNode(ctx context.Context, c rest.Interface, nodeName string, statu
 		}
 		return nil
 	})
+}
+
+// DetachOnExit decides, as the agent stops, whether the node's datapath goes
+// with it. Normally it stays (a restart or an upgrade must not drop
+// redirection). It goes when the node no longer carries
+// meshkeeper.dev/redirection=ebpf: the operator moved the node to the
+// iptables fallback, blocked it, or released it, and the DaemonSet is
+// removing this agent for good. A node that cannot be read (API server down)
+// keeps the datapath: wrongly detaching breaks redirection, wrongly keeping
+// it is repaired by the next agent or the cleanup phase.
+func DetachOnExit(node *corev1.Node, getErr error) (bool, string) {
+	switch {
+	case apierrors.IsNotFound(getErr):
+		return true, "the node is gone"
+	case getErr != nil:
+		return false, fmt.Sprintf("cannot read the node (%v): keeping the datapath", getErr)
+	}
+	label, ok := node.Labels[v1alpha1.LabelRedirection]
+	switch {
+	case !ok:
+		return true, "the node has no " + v1alpha1.LabelRedirection + " label any more"
+	case label != string(v1alpha1.NodeRedirectionEBPF):
+		return true, fmt.Sprintf("the node moved to %s=%s", v1alpha1.LabelRedirection, label)
+	}
+	return false, "the node still uses eBPF redirection: keeping the datapath for the next agent"
+}
+
+// GetNode reads a node through the agent's core client.
+func GetNode(ctx context.Context, c rest.Interface, name string) (*corev1.Node, error) {
+	n := &corev1.Node{}
+	if err := c.Get().Resource("nodes").Name(name).Do(ctx).Into(n); err != nil {
+		return nil, err
+	}
+	return n, nil
 }

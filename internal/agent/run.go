@@ -112,8 +112,27 @@ func Run(ctx context.Context, o RunOptions) error {
 		<-ctx.Done()
 		return nil
 	}
-	// SIGTERM: release handles, keep every pin and link.
-	defer dp.Close()
+	// SIGTERM: release handles and keep every pin and link, unless the node
+	// has left eBPF redirection (DetachOnExit).
+	defer func() {
+		_ = dp.Close()
+		if kube == nil {
+			return
+		}
+		readCtx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		node, err := GetNode(readCtx, kube.Core, o.NodeName)
+		detach, why := DetachOnExit(node, err)
+		if !detach {
+			log.Info("Stopping; datapath stays attached", "reason", why)
+			return
+		}
+		if err := Uninstall(o.PinPath); err != nil {
+			log.Error(err, "Removing the datapath on exit failed", "reason", why)
+			return
+		}
+		log.Info("Removed the datapath on exit", "reason", why, "pinPath", o.PinPath)
+	}()
 	// Loading parsed (and mapped) the kernel's BTF for CO-RE, several MiB
 	// the agent never needs again: let it go now rather than at some later GC.
 	releaseMemory()

@@ -96,7 +96,19 @@ spec:
 		Eventually(podNodes).WithContext(ctx).WithArguments("node-agent").WithTimeout(30 * time.Second).Should(ConsistOf("node-b", "node-c"))
 		Eventually(podNodes).WithContext(ctx).WithArguments("istio-cni").WithTimeout(30 * time.Second).Should(ConsistOf("node-a"))
 		Eventually(preflightMessage).WithContext(ctx).WithTimeout(30 * time.Second).ShouldNot(ContainSubstring("node-c"))
+		Expect(filepath.Join(pinPath, "links")).To(BeADirectory(), "the agent pinned its links")
+
+		By("a restart keeps the datapath; leaving eBPF redirection removes it as the agent stops")
 		agent.stop()
+		Expect(filepath.Join(pinPath, "links")).To(BeADirectory(), "stopping on an eBPF node detaches nothing")
+		agent = startAgent(ctx, agentBin, logDir, "agent-restarted.log", pinPath)
+		Eventually(meshNode).WithContext(ctx).WithTimeout(30 * time.Second).Should(Equal(release + " true "))
+		kubectl(ctx, "patch", "mesh", "default", "--type=merge", "-p", `{"spec":{"dataplane":{"redirection":"IPTables","kernelFallback":null}}}`)
+		Eventually(nodeLabel).WithContext(ctx).WithArguments("node-c").WithTimeout(30 * time.Second).Should(Equal("iptables"))
+		agent.stop()
+		Expect(pinPath).NotTo(BeAnExistingFile(), "an agent whose node left eBPF redirection removes its datapath")
+		kubectl(ctx, "patch", "mesh", "default", "--type=merge", "-p", `{"spec":{"dataplane":{"redirection":"EBPF","kernelFallback":"IPTables"}}}`)
+		Eventually(nodeLabel).WithContext(ctx).WithArguments("node-c").WithTimeout(30 * time.Second).Should(Equal("ebpf"))
 	})
 
 	It("keeps the old-kernel node out of the mesh with kernelFallback: Block, and says so", func(ctx SpecContext) {
