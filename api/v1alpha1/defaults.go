@@ -1,6 +1,10 @@
 package v1alpha1
 
-import "time"
+import (
+	"time"
+
+	"k8s.io/apimachinery/pkg/util/intstr"
+)
 
 // Defaults are applied when the spec is read, never written back, so GitOps
 // tools see exactly what was committed. These helpers are the one place the
@@ -57,4 +61,18 @@ func (n NamespaceRolloutSpec) EffectiveBake() time.Duration {
 		return DefaultBake
 	}
 	return n.Bake.Duration
+}
+
+// EffectiveMaxUnavailable is the node wave bound with its default (10%).
+func (n NodeRolloutSpec) EffectiveMaxUnavailable() intstr.IntOrString {
+	if n.MaxUnavailable == nil {
+		return intstr.FromString(DefaultMaxUnavailable)
+	}
+	return *n.MaxUnavailable
+}
+
+// EffectiveAutomatic is whether new patch releases are followed, with its
+// default (true).
+func (u UpgradeSpec) EffectiveAutomatic() bool {
+	return u.Automatic == nil || *u.Automatic
 }

@@ -1,0 +1,199 @@
+package plan
+
+import (
+	"fmt"
+	"regexp"
+	"strconv"
+	"strings"
+
+	meshv1 "github.com/meshkeeper/meshkeeper/api/v1alpha1"
+	"github.com/meshkeeper/meshkeeper/internal/bundle"
+)
+
+// minorVersion is the MAJOR.MINOR of a version; skew and hops are counted in
+// minors within one major.
+type minorVersion struct {
+	major, minor int
+	patch        bool // the version had a patch ("1.28.2", not "1.28")
+}
+
+var versionRE = regexp.MustCompile(`^(0|[1-9][0-9]{0,8})\.(0|[1-9][0-9]{0,8})(\.(0|[1-9][0-9]{0,8}))?$`)
+
+func parseMinor(s string) (minorVersion, error) {
+	m := versionRE.FindStringSubmatch(s)
+	if m == nil {
+		return minorVersion{}, fmt.Errorf(`%q is not a version: want a release like "1.28.2" or a minor like "1.28"`, s)
+	}
+	major, _ := strconv.Atoi(m[1])
+	minor, _ := strconv.Atoi(m[2])
+	return minorVersion{major: major, minor: minor, patch: m[3] != ""}, nil
+}
+
+func (v minorVersion) String() string { return fmt.Sprintf("%d.%d", v.major, v.minor) }
+
+// minorsAhead is how many minors a is ahead of b (negative when behind), and
+// false when they are of different majors: meshkeeper has no skew rules
+// across a major version.
+func minorsAhead(a, b minorVersion) (int, bool) {
+	if a.major != b.major {
+		return 0, false
+	}
+	return a.minor - b.minor, true
+}
+
+// revisionOf is the control-plane revision of a version, as
+// bundle.Bundle.Revision computes it ("1.28.2" → "1-28-2"), for versions that
+// may no longer be in the catalog (the one being retired).
+func revisionOf(version string) string {
+	return strings.ReplaceAll(version, ".", "-")
+}
+
+// CheckSkew checks a proposed state of the mesh against the control-plane
+// skew rule: the control plane (the newest istiod revision running) is never
+// more than one minor ahead of the node components (ztunnel, istio-cni and
+// the node agent), and the node components are never ahead of the control
+// plane that configures them. An empty version means the component is not
+// installed; node components without a control plane are refused too.
+func CheckSkew(controlPlane, nodeComponents string) error {
+	if nodeComponents == "" {
+		return nil
+	}
+	if controlPlane == "" {
+		return fmt.Errorf("node components (ztunnel, istio-cni, node agent) at %s would run without a control plane: install the control plane first", nodeComponents)
+	}
+	cp, err := parseMinor(controlPlane)
+	if err != nil {
+		return fmt.Errorf("control plane version: %w", err)
+	}
+	nodes, err := parseMinor(nodeComponents)
+	if err != nil {
+		return fmt.Errorf("node components version: %w", err)
+	}
+	ahead, ok := minorsAhead(cp, nodes)
+	switch {
+	case !ok:
+		return fmt.Errorf("control plane %s and node components %s are of different major versions: meshkeeper moves one minor at a time within a major and has no skew rules across majors", controlPlane, nodeComponents)
+	case ahead > 1:
+		return fmt.Errorf("control plane %s would be %d minors ahead of the node components (ztunnel, istio-cni, node agent) at %s: it may be at most one minor ahead; move the node components to %d.%d first",
+			controlPlane, ahead, nodeComponents, cp.major, cp.minor-1)
+	case ahead < 0:
+		return fmt.Errorf("node components (ztunnel, istio-cni, node agent) at %s would be ahead of the control plane at %s: upgrade the control plane first, then the node components",
+			nodeComponents, controlPlane)
+	}
+	return nil
+}
+
+// CheckSpireSkew checks a proposed state of SPIRE (SPIRE release versions,
+// not mesh versions): the server moves before the agents, so agents are never
+// newer than the server, and the server is at most one minor ahead of them.
+// An empty version means not installed; agents without a server are refused.
+func CheckSpireSkew(server, agents string) error {
+	if agents == "" {
+		return nil
+	}
+	if server == "" {
+		return fmt.Errorf("SPIRE agents %s would run without a SPIRE server: install the server first", agents)
+	}
+	s, err := parseMinor(server)
+	if err != nil {
+		return fmt.Errorf("SPIRE server version: %w", err)
+	}
+	a, err := parseMinor(agents)
+	if err != nil {
+		return fmt.Errorf("SPIRE agents version: %w", err)
+	}
+	ahead, ok := minorsAhead(s, a)
+	switch {
+	case !ok:
+		return fmt.Errorf("SPIRE server %s and agents %s are of different major versions: SPIRE agents may only be one minor behind the server", server, agents)
+	case ahead > 1:
+		return fmt.Errorf("SPIRE server %s would be %d minors ahead of the SPIRE agents at %s: SPIRE supports agents at most one minor behind the server; ship a bundle with an intermediate SPIRE release",
+			server, ahead, agents)
+	case ahead < 0:
+		return fmt.Errorf("SPIRE agents %s would be newer than the SPIRE server %s: upgrade the server first, then the agents", agents, server)
+	}
+	return nil
+}
+
+// resolveTarget is the bundle spec.version asks for. A minor follows its
+// newest patch in the catalog unless spec.upgrade.automatic is false and the
+// installed release is of that minor and still in the catalog: then the mesh
+// stays on the installed release until spec.version names another one.
+func resolveTarget(spec *meshv1.MeshSpec, installed string, cat *bundle.Catalog) (*bundle.Bundle, error) {
+	b, err := cat.Resolve(spec.Version)
+	if err != nil {
+		return nil, err
+	}
+	if spec.Upgrade.EffectiveAutomatic() || installed == "" {
+		return b, nil
+	}
+	want, err := parseMinor(spec.Version)
+	if err != nil || want.patch {
+		return b, nil
+	}
+	have, err := parseMinor(installed)
+	if err != nil || have.String() != want.String() {
+		return b, nil
+	}
+	if ib, err := cat.Resolve(installed); err == nil {
+		return ib, nil
+	}
+	return b, nil
+}
+
+// upgradePath is the bundles the mesh moves through from installed to
+// target, one minor at a time: the newest patch of every minor in between,
+// then target. Each bundle must accept the version before it (upgradeFrom).
+// Empty when installed is target.
+func upgradePath(installed string, target *bundle.Bundle, cat *bundle.Catalog) ([]*bundle.Bundle, error) {
+	if installed == target.Version {
+		return nil, nil
+	}
+	from, err := parseMinor(installed)
+	if err != nil || !from.patch {
+		return nil, fmt.Errorf("status.version.installed %q is not a release (want MAJOR.MINOR.PATCH, e.g. 1.27.3): the installed version cannot be planned from; it is written by meshkeeper, check that nothing else edits the Mesh status", installed)
+	}
+	to, _ := parseMinor(target.Version) // a catalog release always parses
+	ahead, ok := minorsAhead(to, from)
+	switch {
+	case !ok:
+		return nil, fmt.Errorf("spec.version %s: moving from installed %s crosses a major version, which meshkeeper does not plan; set spec.version to a %d.x release", target.Version, installed, from.major)
+	case ahead < 0 || (ahead == 0 && !target.CanUpgradeFrom(installed)):
+		return nil, fmt.Errorf("spec.version resolves to %s, older than installed %s: the planner only moves forward (bundles list the minors they upgrade from, never newer ones); set spec.version to %q to keep what runs",
+			target.Version, installed, installed)
+	}
+
+	var path []*bundle.Bundle
+	for m := from.minor + 1; m < to.minor; m++ {
+		minor := fmt.Sprintf("%d.%d", from.major, m)
+		b, err := cat.Resolve(minor)
+		if err != nil {
+			return nil, fmt.Errorf("no upgrade path from %s to %s: the catalog has no %s release and the mesh moves one minor at a time (known versions: %s); run a meshkeeper release whose catalog ships %s, or add a %s bundle under bundles/catalog/",
+				installed, target.Version, minor, strings.Join(cat.Versions(), ", "), minor, minor)
+		}
+		path = append(path, b)
+	}
+	path = append(path, target)
+
+	prev := installed
+	for _, b := range path {
+		if !b.CanUpgradeFrom(prev) {
+			pm, _ := parseMinor(prev)
+			return nil, fmt.Errorf("no upgrade path from %s to %s: bundle %s does not accept upgrades from %s (its upgradeFrom lists %s); set spec.version to a release reachable from %s, or add %q to upgradeFrom in bundles/catalog/%s.yaml once that upgrade is tested",
+				installed, target.Version, b.Version, pm, quoteList(b.UpgradeFrom), pm, pm.String(), b.Version)
+		}
+		prev = b.Version
+	}
+	return path, nil
+}
+
+func quoteList(s []string) string {
+	if len(s) == 0 {
+		return "nothing"
+	}
+	q := make([]string, len(s))
+	for i, v := range s {
+		q[i] = strconv.Quote(v)
+	}
+	return strings.Join(q, ", ")
+}
