@@ -8,52 +8,18 @@ import (
 	"fmt"
 	"io"
 	"os"
-	"strconv"
 	"strings"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/meshkeeper/meshkeeper/internal/kernel"
 )
 
 // MinKernel is the oldest kernel the eBPF redirection supports (cgroup
 // getsockopt hooks and netns cookies in sock_addr programs are older, but
-// 5.10 LTS is the oldest release tested). Bundles will carry their own minimum.
-var MinKernel = KernelVersion{5, 10, 0}
-
-// KernelVersion is a parsed kernel release.
-type KernelVersion struct{ Major, Minor, Patch int }
-
-func (v KernelVersion) String() string { return fmt.Sprintf("%d.%d.%d", v.Major, v.Minor, v.Patch) }
-
-// Less reports whether v is older than o.
-func (v KernelVersion) Less(o KernelVersion) bool {
-	if v.Major != o.Major {
-		return v.Major < o.Major
-	}
-	if v.Minor != o.Minor {
-		return v.Minor < o.Minor
-	}
-	return v.Patch < o.Patch
-}
-
-// ParseKernelRelease reads "6.1.0-28-amd64" or "5.4.0" as a version.
-func ParseKernelRelease(release string) (KernelVersion, error) {
-	var v KernelVersion
-	head, _, _ := strings.Cut(release, "-")
-	parts := strings.SplitN(head, ".", 3)
-	if len(parts) < 2 {
-		return v, fmt.Errorf("kernel release %q: want major.minor[.patch]", release)
-	}
-	nums := make([]int, 3)
-	for i, p := range parts {
-		digits := strings.TrimRightFunc(p, func(r rune) bool { return r < '0' || r > '9' })
-		n, err := strconv.Atoi(digits)
-		if err != nil {
-			return v, fmt.Errorf("kernel release %q: %w", release, err)
-		}
-		nums[i] = n
-	}
-	return KernelVersion{nums[0], nums[1], nums[2]}, nil
-}
+// 5.10 LTS is the oldest release tested). Bundles carry their own minimum,
+// which the operator applies to the kernel each node reports.
+var MinKernel = kernel.Version{Major: 5, Minor: 10}
 
 // Inputs are what preflight reads from the host.
 type Inputs struct {
@@ -84,7 +50,7 @@ func Evaluate(in Inputs) Result {
 	r.CgroupV2Path, r.BPFFS = scanMounts(in.MountInfo)
 	r.CgroupV2 = r.CgroupV2Path != ""
 	var reasons []string
-	if v, err := ParseKernelRelease(in.KernelRelease); err != nil {
+	if v, err := kernel.Parse(in.KernelRelease); err != nil {
 		reasons = append(reasons, err.Error())
 	} else if v.Less(MinKernel) {
 		reasons = append(reasons, fmt.Sprintf("kernel %s < %s required", v, MinKernel))
