@@ -1,0 +1,146 @@
+package analysis
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"math"
+	"net/http"
+	"strings"
+	"time"
+
+	"github.com/prometheus/client_golang/api"
+	promv1 "github.com/prometheus/client_golang/api/prometheus/v1"
+	"github.com/prometheus/common/model"
+)
+
+// Provider answers an SLO query with one number. Every error means there is
+// no answer to judge (unreachable, timed out, no data, more than one series,
+// NaN or ±Inf): the check is Inconclusive, never a pass.
+type Provider interface {
+	// Query evaluates the PromQL expression at the instant at. When the
+	// error wraps ErrNotFinite, the returned value is that NaN or ±Inf.
+	Query(ctx context.Context, promql string, at time.Time) (float64, error)
+}
+
+// The kinds of answer that are not one finite number. Provider errors wrap
+// one of these, or are errors of the transport or the server.
+var (
+	// ErrNoData: the query returned an empty vector.
+	ErrNoData = errors.New("no data")
+	// ErrNotOneSeries: the query returned more than one series.
+	ErrNotOneSeries = errors.New("not one series")
+	// ErrNotFinite: the value is NaN or ±Inf.
+	ErrNotFinite = errors.New("not a finite number")
+	// ErrNotANumber: the query returned a range vector, a string or a
+	// native histogram instead of a number.
+	ErrNotANumber = errors.New("not a number")
+)
+
+// ValueOf reduces a query result to the one finite number an SLO needs. An
+// empty vector, several series, a range vector, a string, a histogram, NaN
+// and ±Inf are errors saying which (wrapping ErrNoData, ErrNotOneSeries,
+// ErrNotANumber or ErrNotFinite). For NaN and ±Inf the value is returned too.
+func ValueOf(v model.Value) (float64, error) {
+	var f float64
+	switch v := v.(type) {
+	case nil:
+		return 0, fmt.Errorf("the query returned nothing: %w", ErrNoData)
+	case *model.Scalar:
+		f = float64(v.Value)
+	case model.Vector:
+		switch len(v) {
+		case 0:
+			return 0, fmt.Errorf("the query returned an empty vector (%w): no series match in the window", ErrNoData)
+		case 1:
+		default:
+			return 0, fmt.Errorf("the query returned %d series (%s, ...), an SLO needs one number (%w); aggregate them, e.g. with sum, min or max",
+				len(v), v[0].Metric, ErrNotOneSeries)
+		}
+		if v[0].Histogram != nil {
+			return 0, fmt.Errorf("the query returned a native histogram (%w); use histogram_quantile or histogram_avg", ErrNotANumber)
+		}
+		f = float64(v[0].Value)
+	case model.Matrix:
+		return 0, fmt.Errorf("the query returned a range vector (%w); an SLO needs an instant vector or a scalar", ErrNotANumber)
+	case *model.String:
+		return 0, fmt.Errorf("the query returned a string (%w)", ErrNotANumber)
+	default:
+		return 0, fmt.Errorf("the query returned a %s (%w)", v.Type(), ErrNotANumber)
+	}
+	switch {
+	case math.IsNaN(f):
+		return f, fmt.Errorf("the value is NaN (%w), e.g. 0/0 when there was no traffic in the window", ErrNotFinite)
+	case math.IsInf(f, 0):
+		return f, fmt.Errorf("the value is %s (%w), e.g. a division by zero", FormatValue(f), ErrNotFinite)
+	}
+	return f, nil
+}
+
+// DefaultQueryTimeout bounds each Prometheus query.
+const DefaultQueryTimeout = 10 * time.Second
+
+// PrometheusOptions configure NewPrometheus.
+type PrometheusOptions struct {
+	// Timeout bounds each query, on the client and (as the query's timeout
+	// parameter) on the server. Default DefaultQueryTimeout.
+	Timeout time.Duration
+	// RoundTripper carries the requests. Default: api.DefaultRoundTripper.
+	RoundTripper http.RoundTripper
+}
+
+// Prometheus is a Provider backed by a Prometheus server's HTTP API.
+type Prometheus struct {
+	address string
+	timeout time.Duration
+	api     promv1.API
+}
+
+// NewPrometheus returns a Provider querying the Prometheus at address, the
+// base URL (e.g. http://prometheus.monitoring:9090).
+func NewPrometheus(address string, opts PrometheusOptions) (*Prometheus, error) {
+	if address == "" {
+		return nil, errors.New("analysis: a Prometheus address is required, e.g. http://prometheus.monitoring:9090")
+	}
+	c, err := api.NewClient(api.Config{Address: address, RoundTripper: opts.RoundTripper})
+	if err != nil {
+		return nil, fmt.Errorf("analysis: Prometheus address %q: %w", address, err)
+	}
+	timeout := opts.Timeout
+	if timeout <= 0 {
+		timeout = DefaultQueryTimeout
+	}
+	return &Prometheus{address: strings.TrimRight(address, "/"), timeout: timeout, api: promv1.NewAPI(c)}, nil
+}
+
+// Address is the base URL queries go to.
+func (p *Prometheus) Address() string { return p.address }
+
+// Query runs an instant query at at, bounded by the per-query timeout.
+func (p *Prometheus) Query(ctx context.Context, promql string, at time.Time) (float64, error) {
+	ctx, cancel := context.WithTimeout(ctx, p.timeout)
+	defer cancel()
+	v, _, err := p.api.Query(ctx, promql, at, promv1.WithTimeout(p.timeout))
+	if err != nil {
+		return 0, p.describe(ctx, err)
+	}
+	return ValueOf(v)
+}
+
+// describe says why a query got no answer.
+func (p *Prometheus) describe(ctx context.Context, err error) error {
+	var perr *promv1.Error
+	switch {
+	case errors.As(err, &perr):
+		switch perr.Type {
+		case promv1.ErrBadData, promv1.ErrExec, promv1.ErrTimeout, promv1.ErrCanceled:
+			return fmt.Errorf("the query failed on Prometheus at %s: %w", p.address, err)
+		default:
+			return fmt.Errorf("bad answer from Prometheus at %s: %w", p.address, err)
+		}
+	case errors.Is(ctx.Err(), context.DeadlineExceeded):
+		return fmt.Errorf("no answer from Prometheus at %s within %s: %w", p.address, p.timeout, err)
+	default:
+		return fmt.Errorf("cannot reach Prometheus at %s: %w", p.address, err)
+	}
+}
