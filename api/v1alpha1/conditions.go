@@ -37,6 +37,16 @@ const (
 	ReasonDeleting = "Deleting"
 	// ReasonLabelConflict: a namespace's dataplane label is owned by someone else.
 	ReasonLabelConflict = "LabelConflict"
+	// ReasonRollingOut: a new version moves wave by wave; the message names
+	// the wave and what it waits for.
+	ReasonRollingOut = "RollingOut"
+	// ReasonRolledBack: an SLO broke during a rollout and everything went
+	// back to the previous version; the target is not retried until the spec
+	// changes.
+	ReasonRolledBack = "RolledBack"
+	// ReasonAnalysisInconclusive: the SLOs cannot be judged (Prometheus
+	// unreachable or without data) for too long; the rollout holds.
+	ReasonAnalysisInconclusive = "AnalysisInconclusive"
 	// ReasonKernelIneligible: some nodes cannot run eBPF redirection; the
 	// message names them and says why.
 	ReasonKernelIneligible = "KernelIneligible"

@@ -464,7 +464,46 @@ type RolloutStatus struct {
 	// Analysis holds the latest result per SLO.
 	// +optional
 	Analysis []AnalysisResult `json:"analysis,omitempty"`
+	// From is the version being replaced.
+	// +optional
+	From string `json:"from,omitempty"`
+	// To is the version this rollout moves to (one minor hop of a longer
+	// upgrade).
+	// +optional
+	To string `json:"to,omitempty"`
+	// StartedAt is when the rollout started.
+	// +optional
+	StartedAt *metav1.Time `json:"startedAt,omitempty"`
+	// WaveNamespaces are the namespaces of the current wave.
+	// +kubebuilder:validation:MaxItems=1024
+	// +optional
+	WaveNamespaces []string `json:"waveNamespaces,omitempty"`
+	// WaveStartedAt is when the current wave moved; the bake counts from it.
+	// +optional
+	WaveStartedAt *metav1.Time `json:"waveStartedAt,omitempty"`
+	// LastCheckAt is when the SLOs were last checked.
+	// +optional
+	LastCheckAt *metav1.Time `json:"lastCheckAt,omitempty"`
+	// FailedChecks counts consecutive failed checks of the current wave.
+	// +optional
+	FailedChecks int32 `json:"failedChecks,omitempty"`
+	// InconclusiveChecks counts consecutive inconclusive checks.
+	// +optional
+	InconclusiveChecks int32 `json:"inconclusiveChecks,omitempty"`
+	// Message says what the rollout waits for, or why it rolls back.
+	// +optional
+	Message string `json:"message,omitempty"`
 }
+
+// Rollout steps (status.rollout.step, the STEP column).
+const (
+	// RolloutStepNamespaces: namespaces move to the new revision wave by wave.
+	RolloutStepNamespaces = "Namespaces"
+	// RolloutStepRetire: every wave passed; the old revision is removed.
+	RolloutStepRetire = "Retire"
+	// RolloutStepRollingBack: an SLO broke; everything returns to From.
+	RolloutStepRollingBack = "RollingBack"
+)
 
 // AnalysisResult is one SLO check.
 type AnalysisResult struct {
@@ -515,6 +554,10 @@ type HistoryEntry struct {
 	StartedAt *metav1.Time `json:"startedAt,omitempty"`
 	// +optional
 	FinishedAt *metav1.Time `json:"finishedAt,omitempty"`
+	// Generation is the Mesh's metadata.generation when the rollout ended:
+	// a failed target is not tried again until the spec changes.
+	// +optional
+	Generation int64 `json:"generation,omitempty"`
 }
 
 // Mesh is the one object a platform team writes to run the mesh.

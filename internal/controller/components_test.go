@@ -36,6 +36,8 @@ func TestComponentsLifecycle(t *testing.T) {
 			Version:    "1.26",
 			Namespaces: meshv1.NamespacesSpec{Selector: &metav1.LabelSelector{MatchLabels: map[string]string{"cl-mesh": "on"}}},
 			Identity:   meshv1.IdentitySpec{Spire: &meshv1.SpireSpec{Enabled: true, TrustDomain: "example.org"}},
+			// No Prometheus and no bake: upgrades move their waves at once.
+			Rollout: meshv1.RolloutSpec{Namespaces: meshv1.NamespaceRolloutSpec{Bake: &metav1.Duration{}}},
 		},
 	}
 	g.Expect(k8s.Create(ctx, mesh)).To(Succeed())
@@ -117,7 +119,7 @@ func TestComponentsLifecycle(t *testing.T) {
 
 		updateMesh(g, func(m *meshv1.Mesh) { m.Spec.Dataplane.Mode = meshv1.ModeAmbient })
 		g.Eventually(func() []string { return componentNames(readyMesh()) }).Should(ContainElements("ztunnel", "node-agent", "istio-cni"))
-		g.Expect(labelsOf("cl-app")).To(And(HaveKeyWithValue(meshv1.LabelDataplaneMode, "ambient"), Not(HaveKey(meshv1.LabelRevision))))
+		g.Expect(labelsOf("cl-app")).To(And(HaveKeyWithValue(meshv1.LabelDataplaneMode, "ambient"), HaveKeyWithValue(meshv1.LabelRevision, "1-27-3")))
 		g.Expect(podNodes(g, "ztunnel")).To(HaveLen(3))
 	})
 

@@ -60,8 +60,22 @@ func (r *MeshReconciler) reconcileComponents(ctx context.Context, mesh *meshv1.M
 	}
 	var errs []error
 	obs.componentsReady = true
+	type item struct {
+		b    *bundle.Bundle
+		c    bundle.Component
+		name string // status name
+	}
+	items := make([]item, 0, len(wanted)+1)
 	for _, c := range wanted {
-		st := r.reconcileComponent(ctx, mesh, b, c, in, previous[string(c)], obs)
+		items = append(items, item{b, c, string(c)})
+	}
+	if from := obs.rollout.from; from != nil {
+		// The old revision keeps serving the namespaces not moved yet.
+		items = append(items, item{from, bundle.Istiod, "istiod-previous"})
+	}
+	for _, it := range items {
+		st := r.reconcileComponent(ctx, mesh, it.b, it.c, in, previous[it.name], obs)
+		st.status.Name = it.name
 		if st.err != nil {
 			errs = append(errs, st.err)
 		}

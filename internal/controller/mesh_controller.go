@@ -24,6 +24,7 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/recorder"
 
 	meshv1 "github.com/meshkeeper/meshkeeper/api/v1alpha1"
+	"github.com/meshkeeper/meshkeeper/internal/analysis"
 	"github.com/meshkeeper/meshkeeper/internal/bundle"
 	"github.com/meshkeeper/meshkeeper/internal/helm"
 )
@@ -39,6 +40,12 @@ type MeshReconciler struct {
 	Catalog *bundle.Catalog
 	// ComponentsNamespace is where the mesh components run (istio-system).
 	ComponentsNamespace string
+	// PrometheusAddress is where SLOs are checked when a Mesh does not say
+	// (spec.analysis.prometheus); empty: waves only bake.
+	PrometheusAddress string
+	// NewProvider makes the SLO provider for an address (tests); nil uses
+	// analysis.NewPrometheus.
+	NewProvider func(address string) (analysis.Provider, error)
 }
 
 // +kubebuilder:rbac:groups=meshkeeper.dev,resources=meshes,verbs=get;list;watch;update;patch
@@ -99,9 +106,13 @@ func (r *MeshReconciler) reconcileNormal(ctx context.Context, mesh *meshv1.Mesh,
 	}{
 		{"nodes", r.reconcileNodes},
 		{"components", r.reconcileComponents},
+		{"rollout", r.reconcileRollout},
 		{"namespaces", r.reconcileNamespaces},
 		{"retire", r.retireComponents},
+		{"conclude", r.concludeRollout},
 	}
+	r.resolveRollout(ctx, mesh, obs)
+	obs.rolloutResolved = true
 	for _, p := range phases {
 		if err := p.run(ctx, mesh, obs); err != nil {
 			if errors.Is(err, errWaiting) {
@@ -115,6 +126,8 @@ func (r *MeshReconciler) reconcileNormal(ctx context.Context, mesh *meshv1.Mesh,
 	switch {
 	case obs.applyErr != nil:
 		return ctrl.Result{RequeueAfter: jitter(10 * time.Second)}, nil
+	case obs.requeueAfter > 0 && !obs.converged():
+		return ctrl.Result{RequeueAfter: obs.requeueAfter}, nil
 	case !obs.converged():
 		return ctrl.Result{RequeueAfter: jitter(3 * time.Second)}, nil
 	}

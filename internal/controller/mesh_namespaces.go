@@ -26,11 +26,13 @@ import (
 // to another value is a conflict meshkeeper reports and does not force.
 
 // namespaceLabels is the set of labels a namespace in the mesh gets.
+// Both modes point the namespace at its control-plane revision, which is
+// how namespaces move between revisions during a rollout.
 func namespaceLabels(mesh *meshv1.Mesh, revision string) map[string]string {
 	if mesh.Spec.Dataplane.EffectiveMode() == meshv1.ModeSidecar {
 		return map[string]string{meshv1.LabelRevision: revision}
 	}
-	return map[string]string{meshv1.LabelDataplaneMode: "ambient"}
+	return map[string]string{meshv1.LabelDataplaneMode: "ambient", meshv1.LabelRevision: revision}
 }
 
 // reconcileNamespaces labels the selected namespaces and releases the labels
@@ -51,15 +53,19 @@ func (r *MeshReconciler) reconcileNamespaces(ctx context.Context, mesh *meshv1.M
 	if err := r.List(ctx, &namespaces); err != nil {
 		return fmt.Errorf("list namespaces: %w", err)
 	}
-	want := namespaceLabels(mesh, obs.bundle.Revision())
 	var errs []error
-	for i := range namespaces.Items {
-		ns := &namespaces.Items[i]
+	items := namespaces.Items
+	// Moving back, the newest waves go first.
+	if ro := obs.rollout.status; ro != nil && obs.rollout.moved == nil {
+		slices.Reverse(items)
+	}
+	for i := range items {
+		ns := &items[i]
 		switch {
 		case ns.DeletionTimestamp != nil:
 			continue
 		case selector.Matches(labels.Set(ns.Labels)):
-			conflict, err := r.applyNamespaceLabels(ctx, ns, want)
+			conflict, err := r.applyNamespaceLabels(ctx, ns, namespaceLabels(mesh, obs.namespaceRevision(ns.Name)))
 			if err != nil {
 				errs = append(errs, err)
 				continue

@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"slices"
 	"strings"
+	"time"
 
 	"k8s.io/apimachinery/pkg/api/meta"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -11,6 +12,9 @@ import (
 	meshv1 "github.com/meshkeeper/meshkeeper/api/v1alpha1"
 	"github.com/meshkeeper/meshkeeper/internal/bundle"
 )
+
+// maxHistory is how many finished rollouts status.history keeps.
+const maxHistory = 32
 
 // observation is what the phases of one reconcile saw and did; the status is
 // computed from it once, in the deferred patch.
@@ -35,12 +39,16 @@ type observation struct {
 	namespacesObserved bool
 	namespaces         int32
 	conflicts          []string
+
+	rolloutResolved bool
+	rollout         rolloutState
+	requeueAfter    time.Duration
 }
 
 // converged is true when every component is ready at the target, the
 // namespaces are enrolled and nothing old is left to retire.
 func (o *observation) converged() bool {
-	return o.applyErr == nil && o.componentsReady && o.namespacesObserved && o.retired
+	return o.applyErr == nil && o.componentsReady && o.namespacesObserved && o.retired && o.rollout.status == nil
 }
 
 // applyStatus writes everything the reconcile learned into mesh.status.
@@ -68,8 +76,17 @@ func applyStatus(mesh *meshv1.Mesh, obs *observation, reconcileErr error) {
 		slices.Sort(obs.conflicts)
 		st.Dataplane.Conflicts = obs.conflicts
 	}
-	if obs.converged() && reconcileErr == nil {
-		st.Version.Installed = obs.target
+	if obs.rolloutResolved {
+		st.Rollout = obs.rollout.status
+		if e := obs.rollout.ended; e != nil {
+			st.History = append(st.History, *e)
+			if over := len(st.History) - maxHistory; over > 0 {
+				st.History = st.History[over:]
+			}
+		}
+	}
+	if obs.converged() && reconcileErr == nil && obs.bundle != nil {
+		st.Version.Installed = obs.bundle.Version
 	}
 	setConditions(mesh, obs, reconcileErr)
 	if settled(obs, reconcileErr) {
@@ -128,8 +145,14 @@ func setConditions(mesh *meshv1.Mesh, obs *observation, reconcileErr error) {
 		set(meshv1.ConditionReady, metav1.ConditionFalse, meshv1.ReasonPaused, "spec.paused is true: nothing is executed; set paused: false to continue")
 		drop(meshv1.ConditionReconciling)
 		drop(meshv1.ConditionStalled)
+	case obs.rollout.status != nil && obs.componentsReady:
+		progressing(meshv1.ReasonRollingOut, rolloutMessage(obs.rollout.status))
 	case !obs.converged():
 		progressing(meshv1.ReasonProgressing, progressMessage(obs))
+	case obs.rollout.block != "":
+		set(meshv1.ConditionReady, metav1.ConditionFalse, meshv1.ReasonRolledBack, obs.rollout.block)
+		set(meshv1.ConditionStalled, metav1.ConditionTrue, meshv1.ReasonRolledBack, obs.rollout.block)
+		drop(meshv1.ConditionReconciling)
 	default:
 		set(meshv1.ConditionReady, metav1.ConditionTrue, meshv1.ReasonSucceeded, readyMessage(mesh, obs))
 		drop(meshv1.ConditionReconciling)
@@ -140,8 +163,21 @@ func setConditions(mesh *meshv1.Mesh, obs *observation, reconcileErr error) {
 		set(meshv1.ConditionDegraded, metav1.ConditionTrue, meshv1.ReasonLabelConflict,
 			fmt.Sprintf("meshkeeper leaves namespaces whose dataplane label another manager set: %s; remove that label to enroll them",
 				strings.Join(obs.conflicts, "; ")))
+	} else if obs.rollout.degraded && !obs.deleting {
+		set(meshv1.ConditionDegraded, metav1.ConditionTrue, meshv1.ReasonAnalysisInconclusive, obs.rollout.status.Message)
+	} else if obs.rollout.block != "" && !obs.deleting {
+		set(meshv1.ConditionDegraded, metav1.ConditionTrue, meshv1.ReasonRolledBack, obs.rollout.block)
 	} else if obs.namespacesObserved || obs.deleting {
 		drop(meshv1.ConditionDegraded)
+	}
+
+	switch e := obs.rollout.ended; {
+	case obs.rollout.block != "":
+		set(meshv1.ConditionRolledBack, metav1.ConditionTrue, meshv1.ReasonRolledBack, obs.rollout.block)
+	case e != nil && e.Outcome == meshv1.OutcomeRolledBack:
+		set(meshv1.ConditionRolledBack, metav1.ConditionTrue, meshv1.ReasonRolledBack, fmt.Sprintf("%s rolled back: %s", e.Version, e.Reason))
+	case e != nil:
+		set(meshv1.ConditionRolledBack, metav1.ConditionFalse, meshv1.ReasonSucceeded, e.Version+" rolled out")
 	}
 
 	switch {
@@ -155,6 +191,14 @@ func setConditions(mesh *meshv1.Mesh, obs *observation, reconcileErr error) {
 	case obs.nodesObserved || obs.deleting:
 		drop(meshv1.ConditionPreflightPassed)
 	}
+}
+
+// rolloutMessage says where a rollout is.
+func rolloutMessage(ro *meshv1.RolloutStatus) string {
+	if ro.Step == meshv1.RolloutStepRollingBack {
+		return fmt.Sprintf("Rolling %s back to %s: %s", ro.To, ro.From, ro.Message)
+	}
+	return fmt.Sprintf("Rolling out %s (from %s), %s %d/%d: %s", ro.To, ro.From, strings.ToLower(ro.Step), ro.Wave, ro.Waves, ro.Message)
 }
 
 // progressMessage says what the rollout waits for.

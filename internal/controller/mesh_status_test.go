@@ -110,7 +110,7 @@ func TestApplyStatusDataplane(t *testing.T) {
 func TestNamespaceLabels(t *testing.T) {
 	g := NewWithT(t)
 	g.Expect(namespaceLabels(&meshv1.Mesh{Spec: meshv1.MeshSpec{Version: "1.28.2"}}, "1-28-2")).
-		To(Equal(map[string]string{meshv1.LabelDataplaneMode: "ambient"}))
+		To(Equal(map[string]string{meshv1.LabelDataplaneMode: "ambient", meshv1.LabelRevision: "1-28-2"}))
 	g.Expect(namespaceLabels(&meshv1.Mesh{Spec: meshv1.MeshSpec{Version: "1.27.3", Dataplane: meshv1.DataplaneSpec{Mode: meshv1.ModeSidecar}}}, "1-27-3")).
 		To(Equal(map[string]string{meshv1.LabelRevision: "1-27-3"}))
 }

@@ -1,0 +1,333 @@
+package controller
+
+import (
+	"context"
+	"fmt"
+	"slices"
+	"strings"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/labels"
+	"sigs.k8s.io/controller-runtime/pkg/log"
+
+	meshv1 "github.com/meshkeeper/meshkeeper/api/v1alpha1"
+	"github.com/meshkeeper/meshkeeper/internal/analysis"
+	"github.com/meshkeeper/meshkeeper/internal/bundle"
+	"github.com/meshkeeper/meshkeeper/internal/plan"
+)
+
+// A version change on a running mesh is a canary rollout (ARCHITECTURE.md,
+// "How a change flows"):
+//
+//  1. the new control-plane revision is installed beside the old one
+//     (istiod-<to> and istiod-<from>); identity, CRDs and the node
+//     components move to the new bundle in place;
+//  2. namespaces move to the new revision (istio.io/rev) wave by wave: the
+//     canary namespaces first, then the cumulative percentages of the rest.
+//     Each wave bakes, then its SLOs are checked every interval: promote,
+//     keep baking, hold (inconclusive) or roll back;
+//  3. after the last wave the old revision is retired and the version is
+//     recorded as installed and Succeeded in status.history.
+//
+// A rollback moves every namespace back to the old revision (newest wave
+// first), returns the components to the old bundle, removes the new
+// revision and records the target as RolledBack; it is not tried again
+// until the spec changes. Everything the rollout knows lives in
+// status.rollout, so an operator restarted at any point carries on.
+
+// rolloutState is what one reconcile works out about the rollout.
+type rolloutState struct {
+	from   *bundle.Bundle        // the revision namespaces leave; nil when no rollout runs
+	status *meshv1.RolloutStatus // the status.rollout to write; nil when none
+	moved  map[string]bool       // namespaces on the new revision
+	ended  *meshv1.HistoryEntry  // set when the rollout finished this reconcile
+	block  string                // why the target is not rolled out (failed before)
+	// degraded: the analysis has been inconclusive for too long.
+	degraded bool
+	// rollingBack: the rollback started in this reconcile.
+	rollingBack bool
+}
+
+// namespaceRevision is the revision a namespace's istio.io/rev points at.
+func (o *observation) namespaceRevision(ns string) string {
+	if o.rollout.from != nil && !o.rollout.moved[ns] {
+		return o.rollout.from.Revision()
+	}
+	return o.bundle.Revision()
+}
+
+// resolveRollout decides, from the spec's target and status, which bundle the
+// components follow this reconcile and whether a rollout is running. It runs
+// right after the spec is resolved.
+func (r *MeshReconciler) resolveRollout(ctx context.Context, mesh *meshv1.Mesh, obs *observation) {
+	st := mesh.Status
+	installed := st.Version.Installed
+	if cur := st.Rollout; cur != nil && cur.From != "" {
+		from, errFrom := r.Catalog.Resolve(cur.From)
+		to, errTo := r.Catalog.Resolve(cur.To)
+		if errFrom == nil && errTo == nil {
+			obs.rollout.status = cur.DeepCopy()
+			if cur.Step == meshv1.RolloutStepNamespaces && obs.target == from.Version {
+				// spec.version set back to where the rollout started: abort.
+				obs.rollout.status.Step = meshv1.RolloutStepRollingBack
+				obs.rollout.status.Message = "spec.version set back to " + from.Version
+				r.event(mesh, corev1.EventTypeWarning, "RollingBack", "Rolling %s back to %s: spec.version set back", to.Version, from.Version)
+				obs.bundle = from
+				return
+			}
+			switch obs.rollout.status.Step {
+			case meshv1.RolloutStepRollingBack:
+				// Everything follows From; the new revision is retired.
+				obs.bundle = from
+				return
+			case meshv1.RolloutStepRetire:
+				// Every namespace is on To; the old revision is retired.
+				obs.bundle = to
+				return
+			}
+			obs.bundle, obs.rollout.from = to, from
+			return
+		}
+		log.FromContext(ctx).Info("Dropping a rollout whose versions left the catalog", "from", cur.From, "to", cur.To)
+	}
+	if e := failedTarget(mesh); e != nil && installed != "" {
+		if b, err := r.Catalog.Resolve(installed); err == nil {
+			obs.bundle = b
+			obs.rollout.block = blockMessage(e, installed)
+			return
+		}
+	}
+	if installed == "" || installed == obs.target {
+		return // a fresh install, or nothing to move: applied in place
+	}
+	from, err := r.Catalog.Resolve(installed)
+	if err != nil {
+		log.FromContext(ctx).Info("Installed version is not in the catalog; upgrading in place", "installed", installed)
+		return
+	}
+	// One minor at a time: the planner's first hop is this rollout's target.
+	to := obs.bundle
+	if p, err := plan.Compute(plan.Inputs{Spec: mesh.Spec, Installed: plan.InstalledFrom(st), Catalog: r.Catalog, Now: time.Now()}); err == nil && len(p.Hops) > 0 {
+		if b, err := r.Catalog.Resolve(p.Hops[0]); err == nil {
+			to = b
+		}
+	}
+	obs.bundle, obs.rollout.from = to, from
+	now := metav1.Now()
+	obs.rollout.status = &meshv1.RolloutStatus{Step: meshv1.RolloutStepNamespaces, From: from.Version, To: to.Version, StartedAt: &now}
+	r.event(mesh, corev1.EventTypeNormal, "RolloutStarted", "Rolling out %s (from %s): control plane side by side, then namespaces wave by wave", to.Version, from.Version)
+}
+
+// blockMessage says why a rolled-back target is not rolled out again and how
+// to go on.
+func blockMessage(e *meshv1.HistoryEntry, installed string) string {
+	return fmt.Sprintf("%s was rolled back (%s); it is not tried again until the spec changes: change spec.version to retry or to stay on %s",
+		e.Version, e.Reason, installed)
+}
+
+// failedTarget is the newest history entry when it is a rollback recorded at
+// the Mesh's current generation: the spec has not changed since, so nothing
+// is rolled out again (of a longer upgrade, neither the failed hop nor the
+// ones after it).
+func failedTarget(mesh *meshv1.Mesh) *meshv1.HistoryEntry {
+	h := mesh.Status.History
+	if len(h) == 0 {
+		return nil
+	}
+	e := h[len(h)-1]
+	if (e.Outcome == meshv1.OutcomeRolledBack || e.Outcome == meshv1.OutcomeFailed) && e.Generation == mesh.Generation {
+		return &e
+	}
+	return nil
+}
+
+// reconcileRollout advances the rollout by at most one wave decision. It
+// runs once the components are ready (the new revision serves) and before
+// the namespaces are labelled from obs.rollout.moved.
+func (r *MeshReconciler) reconcileRollout(ctx context.Context, mesh *meshv1.Mesh, obs *observation) error {
+	ro := obs.rollout.status
+	if ro == nil {
+		return nil
+	}
+	selected, err := r.selectedNamespaces(ctx, mesh)
+	if err != nil {
+		return err
+	}
+	waves := plan.NamespaceWaves(selected, mesh.Spec.Rollout.Namespaces)
+	ro.Waves = int32(len(waves))
+	obs.rollout.moved = map[string]bool{}
+	for i := 0; i < int(ro.Wave) && i < len(waves); i++ {
+		for _, ns := range waves[i] {
+			obs.rollout.moved[ns] = true
+		}
+	}
+	if ro.Step != meshv1.RolloutStepNamespaces {
+		return nil // RollingBack and Retire end in concludeRollout
+	}
+	if !obs.componentsReady {
+		ro.Message = "installing " + ro.To + " beside " + ro.From
+		return nil
+	}
+	now := time.Now()
+	if ro.Wave == 0 || ro.WaveStartedAt == nil {
+		return r.startWave(mesh, obs, waves, now)
+	}
+	settings := analysis.SettingsFor(mesh.Spec.Analysis)
+	if settings.Address == "" {
+		settings.Address = r.PrometheusAddress
+	}
+	if ro.LastCheckAt != nil && now.Sub(ro.LastCheckAt.Time) < settings.Interval {
+		obs.requeueAfter = settings.Interval - now.Sub(ro.LastCheckAt.Time)
+		return nil
+	}
+	bakeElapsed := now.Sub(ro.WaveStartedAt.Time) >= mesh.Spec.Rollout.Namespaces.EffectiveBake()
+	var d analysis.Decision
+	if settings.Address == "" {
+		// No Prometheus to ask: the waves only bake.
+		d = analysis.Decision{Action: analysis.ActionContinue, Reason: "no SLO gates (spec.analysis.prometheus is not set): baking only"}
+		if bakeElapsed {
+			d.Action = analysis.ActionPromote
+		}
+	} else {
+		provider, err := r.provider(settings.Address)
+		if err != nil {
+			return fmt.Errorf("spec.analysis.prometheus: %w", err)
+		}
+		data := analysis.NewQueryData(ro.WaveNamespaces, obs.bundle.Revision(), settings.Interval)
+		results := analysis.Evaluate(ctx, provider, settings.SLOs, data, now)
+		d = analysis.Decide(analysis.State{FailedChecks: ro.FailedChecks, InconclusiveChecks: ro.InconclusiveChecks},
+			analysis.Input{Wave: ro.Wave, Results: results, BakeElapsed: bakeElapsed}, settings.Policy())
+		ro.Analysis = analysis.AnalysisResults(results)
+		ro.FailedChecks, ro.InconclusiveChecks = d.State.FailedChecks, d.State.InconclusiveChecks
+		ro.LastCheckAt = &metav1.Time{Time: now}
+	}
+	obs.rollout.degraded = d.Degraded
+	ro.Message = d.Reason
+	log.FromContext(ctx).Info("Wave checked", "wave", ro.Wave, "action", d.Action, "reason", d.Reason)
+	switch d.Action {
+	case analysis.ActionRollback:
+		return r.startRollback(mesh, obs, d.Reason)
+	case analysis.ActionPromote:
+		if int(ro.Wave) >= len(waves) {
+			ro.Step, ro.Message = meshv1.RolloutStepRetire, "every wave passed; retiring "+ro.From
+			r.event(mesh, corev1.EventTypeNormal, "WavePromoted", "Wave %d/%d promoted: %s", ro.Wave, len(waves), d.Reason)
+			return nil
+		}
+		r.event(mesh, corev1.EventTypeNormal, "WavePromoted", "Wave %d/%d promoted: %s", ro.Wave, len(waves), d.Reason)
+		return r.startWave(mesh, obs, waves, now)
+	}
+	obs.requeueAfter = settings.Interval
+	return nil
+}
+
+// startWave moves the next wave's namespaces, if a maintenance window is
+// open (a wave in flight always finishes).
+func (r *MeshReconciler) startWave(mesh *meshv1.Mesh, obs *observation, waves [][]string, now time.Time) error {
+	ro := obs.rollout.status
+	if int(ro.Wave) >= len(waves) {
+		ro.Step = meshv1.RolloutStepRetire
+		return nil
+	}
+	open, next, err := plan.WindowOpen(mesh.Spec.Upgrade.Windows, now)
+	if err != nil {
+		return fmt.Errorf("spec.upgrade.windows: %w", err)
+	}
+	if !open {
+		ro.Message = fmt.Sprintf("waiting for a maintenance window to start wave %d/%d (next opens %s)", ro.Wave+1, len(waves), next.UTC().Format(time.RFC3339))
+		obs.requeueAfter = min(time.Until(next)+time.Second, time.Minute)
+		return nil
+	}
+	ro.Wave++
+	ro.WaveNamespaces = waves[ro.Wave-1]
+	ro.WaveStartedAt = &metav1.Time{Time: now}
+	ro.LastCheckAt, ro.FailedChecks, ro.InconclusiveChecks, ro.Analysis = nil, 0, 0, nil
+	ro.Message = fmt.Sprintf("wave %d/%d moved (%s); baking %s", ro.Wave, len(waves), strings.Join(ro.WaveNamespaces, ", "),
+		mesh.Spec.Rollout.Namespaces.EffectiveBake())
+	for _, ns := range ro.WaveNamespaces {
+		obs.rollout.moved[ns] = true
+	}
+	r.event(mesh, corev1.EventTypeNormal, "WaveStarted", "Wave %d/%d to %s: %s", ro.Wave, len(waves), ro.To, strings.Join(ro.WaveNamespaces, ", "))
+	// Check again once the bake is over (or at the first interval).
+	obs.requeueAfter = min(mesh.Spec.Rollout.Namespaces.EffectiveBake(), analysis.SettingsFor(mesh.Spec.Analysis).Interval)
+	return nil
+}
+
+// startRollback turns the rollout around: from this reconcile on every
+// component and namespace follows From again.
+func (r *MeshReconciler) startRollback(mesh *meshv1.Mesh, obs *observation, reason string) error {
+	ro := obs.rollout.status
+	ro.Step, ro.Message = meshv1.RolloutStepRollingBack, reason
+	r.event(mesh, corev1.EventTypeWarning, "RollingBack", "Rolling %s back to %s: %s", ro.To, ro.From, reason)
+	// The namespaces move back in this reconcile already (newest wave
+	// first); the components follow From from the next one.
+	obs.rollout.moved = nil
+	obs.rollout.rollingBack = true
+	return nil
+}
+
+// concludeRollout ends a rollback or a retirement once the components are
+// ready and the releases not wanted any more are gone. It is the last phase.
+func (r *MeshReconciler) concludeRollout(_ context.Context, mesh *meshv1.Mesh, obs *observation) error {
+	ro := obs.rollout.status
+	// A step entered in this reconcile still had the old revision wanted:
+	// it concludes in the next one.
+	if ro == nil || ro.Step == meshv1.RolloutStepNamespaces || obs.rollout.rollingBack || obs.rollout.from != nil {
+		return nil
+	}
+	if !obs.componentsReady || !obs.retired || !obs.namespacesObserved {
+		return nil
+	}
+	if ro.Step == meshv1.RolloutStepRollingBack {
+		r.finishRollout(mesh, obs, meshv1.OutcomeRolledBack, ro.Message)
+		return nil
+	}
+	r.finishRollout(mesh, obs, meshv1.OutcomeSucceeded, "")
+	return nil
+}
+
+// finishRollout ends the rollout and records it in status.history.
+func (r *MeshReconciler) finishRollout(mesh *meshv1.Mesh, obs *observation, outcome meshv1.Outcome, reason string) {
+	ro := obs.rollout.status
+	now := metav1.Now()
+	e := &meshv1.HistoryEntry{Version: ro.To, Mode: mesh.Spec.Dataplane.EffectiveMode(), Outcome: outcome, Reason: reason,
+		FinishedAt: &now, Generation: mesh.Generation}
+	e.StartedAt = ro.StartedAt
+	obs.rollout.ended = e
+	obs.rollout.status = nil
+	if outcome == meshv1.OutcomeRolledBack {
+		obs.rollout.block = blockMessage(e, ro.From)
+		r.event(mesh, corev1.EventTypeWarning, "RolledBack", "%s rolled back to %s: %s", ro.To, ro.From, reason)
+		return
+	}
+	r.event(mesh, corev1.EventTypeNormal, "RolloutSucceeded", "%s rolled out to every namespace; %s retired", ro.To, ro.From)
+}
+
+// selectedNamespaces are the names of the namespaces the Mesh selects, sorted.
+func (r *MeshReconciler) selectedNamespaces(ctx context.Context, mesh *meshv1.Mesh) ([]string, error) {
+	selector, err := selectorOf(mesh)
+	if err != nil {
+		return nil, fmt.Errorf("spec.namespaces.selector: %w", err)
+	}
+	var list corev1.NamespaceList
+	if err := r.List(ctx, &list); err != nil {
+		return nil, fmt.Errorf("list namespaces: %w", err)
+	}
+	var names []string
+	for _, ns := range list.Items {
+		if ns.DeletionTimestamp == nil && selector.Matches(labels.Set(ns.Labels)) {
+			names = append(names, ns.Name)
+		}
+	}
+	slices.Sort(names)
+	return names, nil
+}
+
+// provider is the analysis provider for a Prometheus address.
+func (r *MeshReconciler) provider(address string) (analysis.Provider, error) {
+	if r.NewProvider != nil {
+		return r.NewProvider(address)
+	}
+	return analysis.NewPrometheus(address, analysis.PrometheusOptions{})
+}
