@@ -13,6 +13,7 @@ import (
 // Default values of optional fields.
 const (
 	DefaultBake           = 5 * time.Minute
+	DefaultRetireAfter    = time.Minute
 	DefaultInterval       = 30 * time.Second
 	DefaultFailureLimit   = int32(2)
 	DefaultMaxUnavailable = "10%"
@@ -75,4 +76,12 @@ func (n NodeRolloutSpec) EffectiveMaxUnavailable() intstr.IntOrString {
 // default (true).
 func (u UpgradeSpec) EffectiveAutomatic() bool {
 	return u.Automatic == nil || *u.Automatic
+}
+
+// EffectiveRetireAfter is the retirement grace period with its default (1m).
+func (r RolloutSpec) EffectiveRetireAfter() time.Duration {
+	if r.RetireAfter == nil {
+		return DefaultRetireAfter
+	}
+	return r.RetireAfter.Duration
 }

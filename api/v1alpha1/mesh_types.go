@@ -176,6 +176,13 @@ type RolloutSpec struct {
 	// Namespaces configures namespace waves.
 	// +optional
 	Namespaces NamespaceRolloutSpec `json:"namespaces,omitempty"`
+
+	// RetireAfter is how long the old control-plane revision keeps running
+	// after the last wave passed, before it is uninstalled (default 1m).
+	// +kubebuilder:validation:Type=string
+	// +kubebuilder:validation:Pattern=`^([0-9]+(\.[0-9]+)?(ns|us|ms|s|m|h))+$`
+	// +optional
+	RetireAfter *metav1.Duration `json:"retireAfter,omitempty"`
 }
 
 // NodeRolloutSpec configures node waves.

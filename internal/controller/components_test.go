@@ -37,7 +37,7 @@ func TestComponentsLifecycle(t *testing.T) {
 			Namespaces: meshv1.NamespacesSpec{Selector: &metav1.LabelSelector{MatchLabels: map[string]string{"cl-mesh": "on"}}},
 			Identity:   meshv1.IdentitySpec{Spire: &meshv1.SpireSpec{Enabled: true, TrustDomain: "example.org"}},
 			// No Prometheus and no bake: upgrades move their waves at once.
-			Rollout: meshv1.RolloutSpec{Namespaces: meshv1.NamespaceRolloutSpec{Bake: &metav1.Duration{}}},
+			Rollout: meshv1.RolloutSpec{Namespaces: meshv1.NamespaceRolloutSpec{Bake: &metav1.Duration{}}, RetireAfter: &metav1.Duration{}},
 		},
 	}
 	g.Expect(k8s.Create(ctx, mesh)).To(Succeed())

@@ -96,6 +96,7 @@ func (r *MeshReconciler) reconcileNormal(ctx context.Context, mesh *meshv1.Mesh,
 	if err := r.reconcileSpec(ctx, mesh, obs); err != nil {
 		return ctrl.Result{}, err
 	}
+	r.computePlan(ctx, mesh, obs)
 	if mesh.Spec.Paused {
 		obs.paused = true
 		return ctrl.Result{}, nil

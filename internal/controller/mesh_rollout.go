@@ -83,8 +83,14 @@ func (r *MeshReconciler) resolveRollout(ctx context.Context, mesh *meshv1.Mesh, 
 				obs.bundle = from
 				return
 			case meshv1.RolloutStepRetire:
-				// Every namespace is on To; the old revision is retired.
+				// Every namespace is on To; the old revision keeps running
+				// for the grace period, then it is retired.
 				obs.bundle = to
+				grace := mesh.Spec.Rollout.EffectiveRetireAfter()
+				if since := time.Since(cur.WaveStartedAt.Time); cur.WaveStartedAt != nil && since < grace {
+					obs.rollout.from = from
+					obs.requeueAfter = grace - since
+				}
 				return
 			}
 			obs.bundle, obs.rollout.from = to, from
@@ -109,8 +115,8 @@ func (r *MeshReconciler) resolveRollout(ctx context.Context, mesh *meshv1.Mesh, 
 	}
 	// One minor at a time: the planner's first hop is this rollout's target.
 	to := obs.bundle
-	if p, err := plan.Compute(plan.Inputs{Spec: mesh.Spec, Installed: plan.InstalledFrom(st), Catalog: r.Catalog, Now: time.Now()}); err == nil && len(p.Hops) > 0 {
-		if b, err := r.Catalog.Resolve(p.Hops[0]); err == nil {
+	if len(obs.hops) > 0 {
+		if b, err := r.Catalog.Resolve(obs.hops[0]); err == nil {
 			to = b
 		}
 	}
@@ -211,8 +217,8 @@ func (r *MeshReconciler) reconcileRollout(ctx context.Context, mesh *meshv1.Mesh
 		return r.startRollback(mesh, obs, d.Reason)
 	case analysis.ActionPromote:
 		if int(ro.Wave) >= len(waves) {
-			ro.Step, ro.Message = meshv1.RolloutStepRetire, "every wave passed; retiring "+ro.From
 			r.event(mesh, corev1.EventTypeNormal, "WavePromoted", "Wave %d/%d promoted: %s", ro.Wave, len(waves), d.Reason)
+			r.startRetire(mesh, obs, now)
 			return nil
 		}
 		r.event(mesh, corev1.EventTypeNormal, "WavePromoted", "Wave %d/%d promoted: %s", ro.Wave, len(waves), d.Reason)
@@ -227,7 +233,7 @@ func (r *MeshReconciler) reconcileRollout(ctx context.Context, mesh *meshv1.Mesh
 func (r *MeshReconciler) startWave(mesh *meshv1.Mesh, obs *observation, waves [][]string, now time.Time) error {
 	ro := obs.rollout.status
 	if int(ro.Wave) >= len(waves) {
-		ro.Step = meshv1.RolloutStepRetire
+		r.startRetire(mesh, obs, now)
 		return nil
 	}
 	open, next, err := plan.WindowOpen(mesh.Spec.Upgrade.Windows, now)
@@ -250,8 +256,18 @@ func (r *MeshReconciler) startWave(mesh *meshv1.Mesh, obs *observation, waves []
 	}
 	r.event(mesh, corev1.EventTypeNormal, "WaveStarted", "Wave %d/%d to %s: %s", ro.Wave, len(waves), ro.To, strings.Join(ro.WaveNamespaces, ", "))
 	// Check again once the bake is over (or at the first interval).
-	obs.requeueAfter = min(mesh.Spec.Rollout.Namespaces.EffectiveBake(), analysis.SettingsFor(mesh.Spec.Analysis).Interval)
+	obs.requeueAfter = max(min(mesh.Spec.Rollout.Namespaces.EffectiveBake(), analysis.SettingsFor(mesh.Spec.Analysis).Interval), 100*time.Millisecond)
 	return nil
+}
+
+// startRetire ends the waves: every namespace is on To. The old revision is
+// uninstalled once spec.rollout.retireAfter has passed.
+func (r *MeshReconciler) startRetire(mesh *meshv1.Mesh, obs *observation, now time.Time) {
+	ro := obs.rollout.status
+	grace := mesh.Spec.Rollout.EffectiveRetireAfter()
+	ro.Step, ro.WaveStartedAt, ro.WaveNamespaces = meshv1.RolloutStepRetire, &metav1.Time{Time: now}, nil
+	ro.Message = fmt.Sprintf("every wave passed; %s is retired after %s", ro.From, grace)
+	obs.requeueAfter = max(grace, 100*time.Millisecond)
 }
 
 // startRollback turns the rollout around: from this reconcile on every

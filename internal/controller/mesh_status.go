@@ -43,6 +43,10 @@ type observation struct {
 	rolloutResolved bool
 	rollout         rolloutState
 	requeueAfter    time.Duration
+
+	planned bool
+	plan    []meshv1.PlanStep
+	hops    []string
 }
 
 // converged is true when every component is ready at the target, the
@@ -75,6 +79,9 @@ func applyStatus(mesh *meshv1.Mesh, obs *observation, reconcileErr error) {
 		st.Dataplane.Namespaces = obs.namespaces
 		slices.Sort(obs.conflicts)
 		st.Dataplane.Conflicts = obs.conflicts
+	}
+	if obs.planned {
+		st.Plan = planStates(obs.plan, obs)
 	}
 	if obs.rolloutResolved {
 		st.Rollout = obs.rollout.status

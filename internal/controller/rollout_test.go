@@ -48,7 +48,7 @@ func TestCanaryRollouts(t *testing.T) {
 			Namespaces: meshv1.NamespacesSpec{Selector: &metav1.LabelSelector{MatchLabels: map[string]string{"ro-mesh": "on"}}},
 			Rollout: meshv1.RolloutSpec{Namespaces: meshv1.NamespaceRolloutSpec{
 				Canary: []string{"ro-canary"}, Waves: []string{"50%", "100%"}, Bake: &metav1.Duration{Duration: time.Second},
-			}},
+			}, RetireAfter: &metav1.Duration{Duration: 2 * time.Second}},
 			Analysis: &meshv1.AnalysisSpec{
 				Prometheus:   &meshv1.PrometheusSpec{Address: srv.URL},
 				Interval:     &interval,
@@ -162,4 +162,34 @@ func lastHistory() meshv1.HistoryEntry {
 		return meshv1.HistoryEntry{}
 	}
 	return m.Status.History[len(m.Status.History)-1]
+}
+
+// TestPausedPublishesThePlan: spec.paused is a dry run a reviewer can read
+// in status.plan; nothing is installed or labelled until it is unpaused.
+func TestPausedPublishesThePlan(t *testing.T) {
+	g := NewWithT(t)
+	ctx := context.Background()
+	mkNS(g, "pp-app", map[string]string{"pp-mesh": "on"})
+	mesh := &meshv1.Mesh{
+		ObjectMeta: metav1.ObjectMeta{Name: "default"},
+		Spec: meshv1.MeshSpec{
+			Version:    "1.27",
+			Paused:     true,
+			Namespaces: meshv1.NamespacesSpec{Selector: &metav1.LabelSelector{MatchLabels: map[string]string{"pp-mesh": "on"}}},
+		},
+	}
+	g.Expect(k8s.Create(ctx, mesh)).To(Succeed())
+	t.Cleanup(func() { deleteMeshAndWait(t) })
+
+	g.Eventually(func() []meshv1.PlanStep { return getMesh().Status.Plan }).Should(ContainElements(
+		And(HaveField("Action", "InstallControlPlane"), HaveField("Target", "1.27.3"), HaveField("State", meshv1.StepPending)),
+		And(HaveField("Action", "MoveNamespaces"), HaveField("State", meshv1.StepPending), HaveField("Message", ContainSubstring("1 namespace"))),
+	))
+	g.Expect(meta.FindStatusCondition(getMesh().Status.Conditions, meshv1.ConditionReady)).To(HaveField("Reason", meshv1.ReasonPaused))
+	g.Consistently(releaseNames).WithTimeout(2*time.Second).Should(BeEmpty(), "paused: nothing is installed")
+	g.Expect(labelsOf("pp-app")).NotTo(HaveKey(meshv1.LabelRevision))
+
+	updateMesh(g, func(m *meshv1.Mesh) { m.Spec.Paused = false })
+	g.Eventually(meshReady).ShouldNot(BeNil())
+	g.Expect(labelsOf("pp-app")).To(HaveKeyWithValue(meshv1.LabelRevision, "1-27-3"))
 }
