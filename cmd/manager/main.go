@@ -44,6 +44,7 @@ type options struct {
 	webhookHosts           string
 	componentsNamespace    string
 	bundlesDir             string
+	prometheusAddress      string
 }
 
 func main() {
@@ -60,6 +61,7 @@ func main() {
 	flag.StringVar(&o.webhookHosts, "webhook-hosts", "meshkeeper-webhook.meshkeeper-system.svc,meshkeeper-webhook.meshkeeper-system.svc.cluster.local", "Comma-separated DNS names and IPs the serving certificate covers.")
 	flag.StringVar(&o.componentsNamespace, "components-namespace", "istio-system", "Namespace the mesh components are installed in.")
 	flag.StringVar(&o.bundlesDir, "bundles-dir", "", "Load bundles from this directory instead of the embedded catalog (development).")
+	flag.StringVar(&o.prometheusAddress, "prometheus-address", "", "Prometheus base URL for SLO analysis when a Mesh sets no spec.analysis.prometheus; empty: such rollouts only bake.")
 	zapOpts := zap.Options{Development: false}
 	zapOpts.BindFlags(flag.CommandLine)
 	flag.Parse()
@@ -145,6 +147,7 @@ func run(ctx context.Context, o options) error {
 		Helm:                helmClient,
 		Catalog:             catalog,
 		ComponentsNamespace: o.componentsNamespace,
+		PrometheusAddress:   o.prometheusAddress,
 	}).SetupWithManager(mgr); err != nil {
 		return fmt.Errorf("set up mesh controller: %w", err)
 	}
