@@ -3,15 +3,11 @@ package webhooks
 import (
 	"fmt"
 	"strings"
-	"time"
 
-	"github.com/robfig/cron/v3"
 	"k8s.io/apimachinery/pkg/util/validation/field"
-)
 
-// cronParser is the standard 5-field cron: minute hour day-of-month month
-// day-of-week, no seconds and no descriptors (@daily), evaluated in UTC.
-var cronParser = cron.NewParser(cron.Minute | cron.Hour | cron.Dom | cron.Month | cron.Dow)
+	"github.com/meshkeeper/meshkeeper/internal/plan"
+)
 
 var cronFields = [5]struct{ name, allowed string }{
 	{"minute", "0-59"},
@@ -22,10 +18,6 @@ var cronFields = [5]struct{ name, allowed string }{
 }
 
 const cronExample = `use "minute hour day-of-month month day-of-week" in UTC, e.g. "0 2 * * 6" (02:00 every Saturday)`
-
-// cronEpoch is a fixed time to ask a schedule for its next run, so the
-// answer does not depend on the clock.
-var cronEpoch = time.Date(2000, time.January, 1, 0, 0, 0, 0, time.UTC)
 
 func validateCron(spec string, p *field.Path) field.ErrorList {
 	if strings.TrimSpace(spec) == "" {
@@ -48,24 +40,14 @@ func validateCron(spec string, p *field.Path) field.ErrorList {
 		}
 		return field.ErrorList{field.Invalid(p, spec, detail)}
 	}
-	sched, err := parseCron(spec)
+	sched, err := plan.ParseCron(spec)
 	if err != nil {
 		return field.ErrorList{field.Invalid(p, spec, describeCronError(fields, err))}
 	}
-	if next := sched.Next(cronEpoch); next.IsZero() {
+	if plan.CronNeverFires(sched) {
 		return field.ErrorList{field.Invalid(p, spec, "never fires (the day-of-month does not exist in the chosen months, e.g. 30 2 for 30 February); "+cronExample)}
 	}
 	return nil
-}
-
-// parseCron parses with the standard parser and never panics.
-func parseCron(spec string) (s cron.Schedule, err error) {
-	defer func() {
-		if r := recover(); r != nil {
-			s, err = nil, fmt.Errorf("cannot parse: %v", r)
-		}
-	}()
-	return cronParser.Parse(spec)
 }
 
 // describeCronError names every field that does not parse on its own (every
@@ -75,7 +57,7 @@ func describeCronError(fields []string, whole error) string {
 	for i, f := range fields {
 		probe := []string{"*", "*", "*", "*", "*"}
 		probe[i] = f
-		if _, err := parseCron(strings.Join(probe, " ")); err != nil {
+		if _, err := plan.ParseCron(strings.Join(probe, " ")); err != nil {
 			bad = append(bad, fmt.Sprintf("%s field %q is invalid (%v), allowed are %s with *, ',', '-' and '/'",
 				cronFields[i].name, f, err, cronFields[i].allowed))
 		}

@@ -10,8 +10,9 @@ import (
 	meshv1 "github.com/meshkeeper/meshkeeper/api/v1alpha1"
 )
 
-// cronParser is the standard 5-field cron the admission webhook accepts:
-// minute hour day-of-month month day-of-week, no seconds, no descriptors.
+// cronParser is the standard 5-field cron: minute hour day-of-month month
+// day-of-week, no seconds, no descriptors (@daily), evaluated in UTC. The
+// admission webhook parses windows with ParseCron too.
 var cronParser = cron.NewParser(cron.Minute | cron.Hour | cron.Dom | cron.Month | cron.Dow)
 
 // maxWindow is the longest window admission accepts (one week).
@@ -19,8 +20,13 @@ const maxWindow = 168 * time.Hour
 
 const cronHow = `use "minute hour day-of-month month day-of-week" in UTC, e.g. "0 2 * * 6" (02:00 every Saturday)`
 
-// cronEpoch is a fixed time to ask whether a schedule ever fires.
+// cronEpoch is a fixed time to ask whether a schedule ever fires, so the
+// answer does not depend on the clock.
 var cronEpoch = time.Date(2000, time.January, 1, 0, 0, 0, 0, time.UTC)
+
+// CronNeverFires reports whether a schedule has no next run at all (e.g.
+// "0 0 30 2 *": 30 February).
+func CronNeverFires(s cron.Schedule) bool { return s.Next(cronEpoch).IsZero() }
 
 // WindowOpen says whether a wave may start at now. A window opens at each of
 // its cron times (UTC) and stays open for its duration, closing at the end
@@ -84,18 +90,18 @@ func parseWindow(i int, w meshv1.MaintenanceWindow) (cron.Schedule, error) {
 	if strings.HasPrefix(spec, "TZ=") || strings.HasPrefix(spec, "CRON_TZ=") {
 		return nil, fmt.Errorf("%s.cron %q: windows are always in UTC and take no time zone; remove the TZ= prefix and convert the time to UTC", field, w.Cron)
 	}
-	sched, err := parseCron(spec)
+	sched, err := ParseCron(spec)
 	if err != nil {
 		return nil, fmt.Errorf("%s.cron %q: %v; %s", field, w.Cron, err, cronHow)
 	}
-	if sched.Next(cronEpoch).IsZero() {
+	if CronNeverFires(sched) {
 		return nil, fmt.Errorf("%s.cron %q: never fires (the day does not exist in the chosen months, e.g. 30 2 for 30 February); %s", field, w.Cron, cronHow)
 	}
 	return sched, nil
 }
 
-// parseCron parses with the standard parser and never panics.
-func parseCron(spec string) (s cron.Schedule, err error) {
+// ParseCron parses a 5-field cron and never panics.
+func ParseCron(spec string) (s cron.Schedule, err error) {
 	defer func() {
 		if r := recover(); r != nil {
 			s, err = nil, fmt.Errorf("cannot parse: %v", r)
