@@ -46,6 +46,15 @@ type MeshReconciler struct {
 	// NewProvider makes the SLO provider for an address (tests); nil uses
 	// analysis.NewPrometheus.
 	NewProvider func(address string) (analysis.Provider, error)
+	// APIReader reads Meshes uncached; SetupWithManager sets the manager's.
+	APIReader client.Reader
+}
+
+func (r *MeshReconciler) reader() client.Reader {
+	if r.APIReader != nil {
+		return r.APIReader
+	}
+	return r.Client
 }
 
 // +kubebuilder:rbac:groups=meshkeeper.dev,resources=meshes,verbs=get;list;watch;update;patch
@@ -62,8 +71,11 @@ type MeshReconciler struct {
 // Reconcile reads like a table of contents: get, finalizer, deferred status
 // patch, then the delete path or the normal phases.
 func (r *MeshReconciler) Reconcile(ctx context.Context, req ctrl.Request) (result ctrl.Result, retErr error) {
+	// Read past the cache: status.rollout is the rollout's memory, and a
+	// reconcile triggered by its own writes must not decide from a copy
+	// older than them.
 	mesh := &meshv1.Mesh{}
-	if err := r.Get(ctx, req.NamespacedName, mesh); err != nil {
+	if err := r.reader().Get(ctx, req.NamespacedName, mesh); err != nil {
 		return ctrl.Result{}, client.IgnoreNotFound(err)
 	}
 	ctx = log.IntoContext(ctx, log.FromContext(ctx).WithValues("mesh", klog.KObj(mesh)))
@@ -80,6 +92,12 @@ func (r *MeshReconciler) Reconcile(ctx context.Context, req ctrl.Request) (resul
 	obs := &observation{}
 	defer func() {
 		retErr = r.patchStatus(ctx, base, mesh, obs, retErr)
+		if apierrors.IsConflict(retErr) {
+			// The Mesh changed while this reconcile ran: decide again on the
+			// fresh object, soon, without logging an error.
+			log.FromContext(ctx).V(1).Info("Mesh changed during the reconcile; reconciling again")
+			result, retErr = ctrl.Result{RequeueAfter: 200 * time.Millisecond}, nil
+		}
 		if retErr != nil {
 			result = ctrl.Result{} // an error requeues with backoff; a result would be ignored
 		}
@@ -170,7 +188,9 @@ func (r *MeshReconciler) patchStatus(ctx context.Context, base, mesh *meshv1.Mes
 	}
 	prevReady := readyStatus(base)
 	applyStatus(mesh, obs, reconcileErr)
-	if err := r.Status().Patch(ctx, mesh, client.MergeFrom(base)); err != nil && !apierrors.IsNotFound(err) {
+	// Optimistic lock: a status computed from a Mesh that changed meanwhile
+	// is refused (409) and the reconcile runs again on the fresh object.
+	if err := r.Status().Patch(ctx, mesh, client.MergeFromWithOptions(base, client.MergeFromWithOptimisticLock{})); err != nil && !apierrors.IsNotFound(err) {
 		if reconcileErr == nil {
 			return fmt.Errorf("patch status: %w", err)
 		}
@@ -195,6 +215,9 @@ func (r *MeshReconciler) recordTransition(mesh *meshv1.Mesh, prev string) {
 
 // SetupWithManager watches Meshes and the namespaces they select.
 func (r *MeshReconciler) SetupWithManager(mgr ctrl.Manager) error {
+	if r.APIReader == nil {
+		r.APIReader = mgr.GetAPIReader()
+	}
 	return ctrl.NewControllerManagedBy(mgr).
 		For(&meshv1.Mesh{}, builder.WithPredicates(predicate.Or(
 			predicate.GenerationChangedPredicate{},

@@ -51,8 +51,14 @@ type observation struct {
 
 // converged is true when every component is ready at the target, the
 // namespaces are enrolled and nothing old is left to retire.
+//
+// It also needs the target itself to run: the end of an intermediate hop of
+// a longer upgrade (1.27.3 on the way to 1.28.2) is not convergence. A
+// target that was rolled back is the exception: the installed bundle is
+// then what is meant to run.
 func (o *observation) converged() bool {
-	return o.applyErr == nil && o.componentsReady && o.namespacesObserved && o.retired && o.rollout.status == nil
+	atTarget := o.bundle == nil || o.bundle.Version == o.target || o.rollout.block != ""
+	return o.applyErr == nil && o.componentsReady && o.namespacesObserved && o.retired && o.rollout.status == nil && atTarget
 }
 
 // applyStatus writes everything the reconcile learned into mesh.status.
@@ -92,7 +98,9 @@ func applyStatus(mesh *meshv1.Mesh, obs *observation, reconcileErr error) {
 			}
 		}
 	}
-	if obs.converged() && reconcileErr == nil && obs.bundle != nil {
+	if reconcileErr == nil && obs.bundle != nil && obs.rollout.status == nil && obs.componentsReady && obs.retired && obs.namespacesObserved {
+		// What runs everywhere: the target, a finished hop, or the version
+		// a rollback returned to.
 		st.Version.Installed = obs.bundle.Version
 	}
 	setConditions(mesh, obs, reconcileErr)
@@ -225,6 +233,8 @@ func progressMessage(obs *observation) string {
 		return fmt.Sprintf("Installing %s: waiting for %s", obs.target, strings.Join(waiting, "; "))
 	case !obs.namespacesObserved:
 		return "Enrolling namespaces"
+	case obs.bundle != nil && obs.target != "" && obs.bundle.Version != obs.target && obs.rollout.block == "":
+		return fmt.Sprintf("%s rolled out on the way to %s; starting the next hop", obs.bundle.Version, obs.target)
 	default:
 		return "Removing releases the spec no longer needs"
 	}
