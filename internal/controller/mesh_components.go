@@ -67,7 +67,11 @@ func (r *MeshReconciler) reconcileComponents(ctx context.Context, mesh *meshv1.M
 	}
 	items := make([]item, 0, len(wanted)+1)
 	for _, c := range wanted {
-		items = append(items, item{b, c, string(c)})
+		cb := b
+		if obs.rollout.holdComponents && c != bundle.Istiod && c != bundle.CRDs {
+			cb = obs.rollout.from // outside a window only the new control plane is installed
+		}
+		items = append(items, item{cb, c, string(c)})
 	}
 	if from := obs.rollout.from; from != nil {
 		// The old revision keeps serving the namespaces not moved yet.

@@ -44,6 +44,10 @@ type rolloutState struct {
 	moved  map[string]bool       // namespaces on the new revision
 	ended  *meshv1.HistoryEntry  // set when the rollout finished this reconcile
 	block  string                // why the target is not rolled out (failed before)
+	// holdComponents: no wave has started and no maintenance window is open:
+	// the new control plane is installed beside the old one, but identity and
+	// the node components stay on From until a window opens.
+	holdComponents bool
 	// degraded: the analysis has been inconclusive for too long.
 	degraded bool
 	// rollingBack: the rollback started in this reconcile.
@@ -94,6 +98,7 @@ func (r *MeshReconciler) resolveRollout(ctx context.Context, mesh *meshv1.Mesh, 
 				return
 			}
 			obs.bundle, obs.rollout.from = to, from
+			obs.rollout.holdComponents = cur.Wave == 0 && !windowOpen(mesh)
 			return
 		}
 		log.FromContext(ctx).Info("Dropping a rollout whose versions left the catalog", "from", cur.From, "to", cur.To)
@@ -121,6 +126,7 @@ func (r *MeshReconciler) resolveRollout(ctx context.Context, mesh *meshv1.Mesh, 
 		}
 	}
 	obs.bundle, obs.rollout.from = to, from
+	obs.rollout.holdComponents = !windowOpen(mesh)
 	now := metav1.Now()
 	obs.rollout.status = &meshv1.RolloutStatus{Step: meshv1.RolloutStepNamespaces, From: from.Version, To: to.Version, StartedAt: &now}
 	r.event(mesh, corev1.EventTypeNormal, "RolloutStarted", "Rolling out %s (from %s): control plane side by side, then namespaces wave by wave", to.Version, from.Version)
@@ -131,6 +137,13 @@ func (r *MeshReconciler) resolveRollout(ctx context.Context, mesh *meshv1.Mesh, 
 func blockMessage(e *meshv1.HistoryEntry, installed string) string {
 	return fmt.Sprintf("%s was rolled back (%s); it is not tried again until the spec changes: change spec.version to retry or to stay on %s",
 		e.Version, e.Reason, installed)
+}
+
+// windowOpen says whether a maintenance window is open now (no windows:
+// always). A bad window counts as closed; admission refuses those.
+func windowOpen(mesh *meshv1.Mesh) bool {
+	open, _, err := plan.WindowOpen(mesh.Spec.Upgrade.Windows, time.Now())
+	return err == nil && open
 }
 
 // failedTarget is the newest history entry when it is a rollback recorded at

@@ -134,7 +134,7 @@ func TestMaintenanceWindowHoldsWaves(t *testing.T) {
 		}
 	})
 
-	t.Run("outside the window the new revision is installed but no wave starts", func(t *testing.T) {
+	t.Run("outside the window the new revision is installed, nothing else moves and no wave starts", func(t *testing.T) {
 		g := NewWithT(t)
 		updateMesh(g, func(m *meshv1.Mesh) { m.Spec.Version = "1.27" })
 		g.Eventually(func() string {
@@ -145,7 +145,11 @@ func TestMaintenanceWindowHoldsWaves(t *testing.T) {
 		}).Should(And(ContainSubstring("maintenance window"), ContainSubstring(opens.Format(time.RFC3339))),
 			"the status says what the rollout waits for and when the window opens")
 		g.Expect(releaseNames(g)).To(ContainElements("istiod-1-26-4", "istiod-1-27-3"), "the new control plane runs beside the old one")
-		g.Expect(componentsByName(getMesh())).To(HaveKeyWithValue("istiod", And(HaveField("Version", "1.27.3"), HaveField("Ready", true))))
+		g.Expect(componentsByName(getMesh())).To(And(
+			HaveKeyWithValue("istiod", And(HaveField("Version", "1.27.3"), HaveField("Ready", true))),
+			HaveKeyWithValue("ztunnel", HaveField("Version", "1.26.4")),
+			HaveKeyWithValue("node-agent", HaveField("Version", "1.26.4"))),
+			"outside a window the node components stay where they are")
 
 		held := func() error {
 			m := getMesh()
