@@ -157,7 +157,8 @@ func TestMeasureSLOBreachToRollback(t *testing.T) {
 
 	updateMesh(g, func(m *meshv1.Mesh) { m.Spec.Version = "1.27" })
 	g.Eventually(labelsOf).WithArguments("mb-canary").Should(HaveKeyWithValue(meshv1.LabelRevision, "1-27-3"))
-	g.Expect(getMesh().Status.Rollout).To(HaveField("Wave", BeEquivalentTo(1)))
+	// The labels are written during the reconcile, its status at the end.
+	g.Eventually(func() *meshv1.RolloutStatus { return getMesh().Status.Rollout }).Should(HaveField("Wave", BeEquivalentTo(1)))
 
 	// The canary's SLO exactly as meshkeeper asks it.
 	query := strings.ReplaceAll(rolloutSLO, "{{ .Namespaces }}", "mb-canary")
