@@ -56,8 +56,10 @@ func (r *MeshReconciler) reconcileNamespaces(ctx context.Context, mesh *meshv1.M
 	var errs []error
 	items := namespaces.Items
 	// Moving back, the newest waves go first.
-	if ro := obs.rollout.status; ro != nil && obs.rollout.moved == nil {
-		slices.Reverse(items)
+	if obs.rollout.moved == nil && obs.rollout.waveOf != nil {
+		slices.SortStableFunc(items, func(a, b corev1.Namespace) int {
+			return obs.rollout.waveOf[b.Name] - obs.rollout.waveOf[a.Name]
+		})
 	}
 	for i := range items {
 		ns := &items[i]

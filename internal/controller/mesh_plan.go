@@ -16,7 +16,7 @@ import (
 // status.plan, so that anyone (and spec.paused: a dry run) can read what
 // meshkeeper will do; its first hop is the next rollout's target.
 func (r *MeshReconciler) computePlan(ctx context.Context, mesh *meshv1.Mesh, obs *observation) {
-	names, err := r.selectedNamespaces(ctx, mesh)
+	names, err := r.selectedNamespaces(ctx, mesh, obs)
 	if err != nil {
 		return
 	}

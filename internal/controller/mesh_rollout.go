@@ -42,6 +42,7 @@ type rolloutState struct {
 	from   *bundle.Bundle        // the revision namespaces leave; nil when no rollout runs
 	status *meshv1.RolloutStatus // the status.rollout to write; nil when none
 	moved  map[string]bool       // namespaces on the new revision
+	waveOf map[string]int        // a namespace's wave (from 0): moving back goes newest first
 	ended  *meshv1.HistoryEntry  // set when the rollout finished this reconcile
 	block  string                // why the target is not rolled out (failed before)
 	// holdComponents: no wave has started and no maintenance window is open:
@@ -170,16 +171,19 @@ func (r *MeshReconciler) reconcileRollout(ctx context.Context, mesh *meshv1.Mesh
 	if ro == nil {
 		return nil
 	}
-	selected, err := r.selectedNamespaces(ctx, mesh)
+	selected, err := r.selectedNamespaces(ctx, mesh, obs)
 	if err != nil {
 		return err
 	}
 	waves := plan.NamespaceWaves(selected, mesh.Spec.Rollout.Namespaces)
 	ro.Waves = int32(len(waves))
-	obs.rollout.moved = map[string]bool{}
-	for i := 0; i < int(ro.Wave) && i < len(waves); i++ {
-		for _, ns := range waves[i] {
-			obs.rollout.moved[ns] = true
+	obs.rollout.moved, obs.rollout.waveOf = map[string]bool{}, map[string]int{}
+	for i, wave := range waves {
+		for _, ns := range wave {
+			obs.rollout.waveOf[ns] = i
+			if i < int(ro.Wave) {
+				obs.rollout.moved[ns] = true
+			}
 		}
 	}
 	if ro.Step != meshv1.RolloutStepNamespaces {
@@ -229,13 +233,8 @@ func (r *MeshReconciler) reconcileRollout(ctx context.Context, mesh *meshv1.Mesh
 	case analysis.ActionRollback:
 		return r.startRollback(mesh, obs, d.Reason)
 	case analysis.ActionPromote:
-		if int(ro.Wave) >= len(waves) {
-			r.event(mesh, corev1.EventTypeNormal, "WavePromoted", "Wave %d/%d promoted: %s", ro.Wave, len(waves), d.Reason)
-			r.startRetire(mesh, obs, now)
-			return nil
-		}
 		r.event(mesh, corev1.EventTypeNormal, "WavePromoted", "Wave %d/%d promoted: %s", ro.Wave, len(waves), d.Reason)
-		return r.startWave(mesh, obs, waves, now)
+		return r.startWave(mesh, obs, waves, now) // after the last wave: retire
 	}
 	obs.requeueAfter = settings.Interval
 	return nil
@@ -333,8 +332,12 @@ func (r *MeshReconciler) finishRollout(mesh *meshv1.Mesh, obs *observation, outc
 	r.event(mesh, corev1.EventTypeNormal, "RolloutSucceeded", "%s rolled out to every namespace; %s retired", ro.To, ro.From)
 }
 
-// selectedNamespaces are the names of the namespaces the Mesh selects, sorted.
-func (r *MeshReconciler) selectedNamespaces(ctx context.Context, mesh *meshv1.Mesh) ([]string, error) {
+// selectedNamespaces are the names of the namespaces the Mesh selects,
+// sorted; listed once per reconcile.
+func (r *MeshReconciler) selectedNamespaces(ctx context.Context, mesh *meshv1.Mesh, obs *observation) ([]string, error) {
+	if obs.selected != nil {
+		return obs.selected, nil
+	}
 	selector, err := selectorOf(mesh)
 	if err != nil {
 		return nil, fmt.Errorf("spec.namespaces.selector: %w", err)
@@ -350,7 +353,8 @@ func (r *MeshReconciler) selectedNamespaces(ctx context.Context, mesh *meshv1.Me
 		}
 	}
 	slices.Sort(names)
-	return names, nil
+	obs.selected = append([]string{}, names...) // non-nil even when empty
+	return obs.selected, nil
 }
 
 // provider is the analysis provider for a Prometheus address.

@@ -47,6 +47,10 @@ type observation struct {
 	planned bool
 	plan    []meshv1.PlanStep
 	hops    []string
+
+	// selected caches the names of the namespaces the Mesh selects, read
+	// once per reconcile (see selectedNamespaces).
+	selected []string
 }
 
 // converged is true when every component is ready at the target, the
@@ -58,7 +62,13 @@ type observation struct {
 // then what is meant to run.
 func (o *observation) converged() bool {
 	atTarget := o.bundle == nil || o.bundle.Version == o.target || o.rollout.block != ""
-	return o.applyErr == nil && o.componentsReady && o.namespacesObserved && o.retired && o.rollout.status == nil && atTarget
+	return o.settled() && atTarget
+}
+
+// settled is true when the bundle the components follow runs everywhere:
+// ready, namespaces enrolled, nothing left to retire, no rollout in flight.
+func (o *observation) settled() bool {
+	return o.applyErr == nil && o.componentsReady && o.namespacesObserved && o.retired && o.rollout.status == nil
 }
 
 // applyStatus writes everything the reconcile learned into mesh.status.
@@ -98,7 +108,7 @@ func applyStatus(mesh *meshv1.Mesh, obs *observation, reconcileErr error) {
 			}
 		}
 	}
-	if reconcileErr == nil && obs.bundle != nil && obs.rollout.status == nil && obs.componentsReady && obs.retired && obs.namespacesObserved {
+	if reconcileErr == nil && obs.bundle != nil && obs.settled() {
 		// What runs everywhere: the target, a finished hop, or the version
 		// a rollback returned to.
 		st.Version.Installed = obs.bundle.Version
