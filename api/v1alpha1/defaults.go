@@ -13,6 +13,7 @@ import (
 // Default values of optional fields.
 const (
 	DefaultBake           = 5 * time.Minute
+	DefaultNodeBake       = time.Minute
 	DefaultRetireAfter    = time.Minute
 	DefaultInterval       = 30 * time.Second
 	DefaultFailureLimit   = int32(2)
@@ -70,6 +71,14 @@ func (n NodeRolloutSpec) EffectiveMaxUnavailable() intstr.IntOrString {
 		return intstr.FromString(DefaultMaxUnavailable)
 	}
 	return *n.MaxUnavailable
+}
+
+// EffectiveBake is the canary node wave's bake time with its default (1m).
+func (n NodeRolloutSpec) EffectiveBake() time.Duration {
+	if n.Bake == nil {
+		return DefaultNodeBake
+	}
+	return n.Bake.Duration
 }
 
 // EffectiveAutomatic is whether new patch releases are followed, with its

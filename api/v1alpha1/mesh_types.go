@@ -197,6 +197,14 @@ type NodeRolloutSpec struct {
 	// +kubebuilder:validation:XValidation:rule="type(self) == int ? self >= 1 : self.matches('^([1-9][0-9]?|100)%$')",message="spec.rollout.nodes.maxUnavailable must be a count of at least 1 or a percentage from 1% to 100%, e.g. 10%"
 	// +optional
 	MaxUnavailable *intstr.IntOrString `json:"maxUnavailable,omitempty"`
+
+	// Bake is the minimum soak of the canary node wave before analysis may
+	// pass (default 1m). Later node waves move on as soon as their pods are
+	// ready and a check passes.
+	// +kubebuilder:validation:Type=string
+	// +kubebuilder:validation:Pattern=`^([0-9]+(\.[0-9]+)?(ns|us|ms|s|m|h))+$`
+	// +optional
+	Bake *metav1.Duration `json:"bake,omitempty"`
 }
 
 // NamespaceRolloutSpec configures namespace waves.
@@ -459,10 +467,12 @@ const (
 
 // RolloutStatus is the rollout in flight.
 type RolloutStatus struct {
-	// Step is the plan step being executed, e.g. Namespaces.
+	// Step is the plan step being executed: Nodes, Namespaces, Retire or
+	// RollingBack.
 	// +optional
 	Step string `json:"step,omitempty"`
-	// Wave is the current wave, from 1.
+	// Wave is the current wave of the step (node waves in Nodes, namespace
+	// waves in Namespaces), from 1.
 	// +optional
 	Wave int32 `json:"wave,omitempty"`
 	// Waves is the number of waves of this step.
@@ -485,6 +495,10 @@ type RolloutStatus struct {
 	// +kubebuilder:validation:MaxItems=1024
 	// +optional
 	WaveNamespaces []string `json:"waveNamespaces,omitempty"`
+	// WaveNodes are the nodes of the current node wave.
+	// +kubebuilder:validation:MaxItems=1024
+	// +optional
+	WaveNodes []string `json:"waveNodes,omitempty"`
 	// WaveStartedAt is when the current wave moved; the bake counts from it.
 	// +optional
 	WaveStartedAt *metav1.Time `json:"waveStartedAt,omitempty"`
@@ -504,6 +518,9 @@ type RolloutStatus struct {
 
 // Rollout steps (status.rollout.step, the STEP column).
 const (
+	// RolloutStepNodes: the node components move to the new bundle node by
+	// node, wave by wave (the canary nodes first).
+	RolloutStepNodes = "Nodes"
 	// RolloutStepNamespaces: namespaces move to the new revision wave by wave.
 	RolloutStepNamespaces = "Namespaces"
 	// RolloutStepRetire: every wave passed; the old revision is removed.

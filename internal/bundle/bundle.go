@@ -33,6 +33,14 @@ const (
 // chart for each.
 var AllComponents = []Component{CRDs, SpireServer, SpireAgent, Istiod, Ztunnel, NodeAgent, CNI}
 
+// OnNodes says c is a node component: a DaemonSet carrying traffic on every
+// node (ztunnel, the node agent, istio-cni), moved node wave by node wave in
+// a rollout. SPIRE's agent is identity, not a node component: it follows
+// the SPIRE server.
+func (c Component) OnNodes() bool {
+	return c == Ztunnel || c == NodeAgent || c == CNI
+}
+
 // Image names a bundle's manifest must set under images:.
 const (
 	ImagePilot       = "pilot"

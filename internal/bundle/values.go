@@ -33,6 +33,10 @@ type Inputs struct {
 	// DaemonSet to be ready before uninstalling the node-agent release
 	// (bundles/README.md, "Removing the node agent").
 	NodeAgentCleanup bool
+	// NodeWaves makes the node components' DaemonSets OnDelete: the
+	// operator replaces their pods node wave by node wave (the Nodes step
+	// of a rollout). False keeps the native rolling update.
+	NodeWaves bool
 	// Overrides are merged last into a component's values, for development
 	// and tests (e.g. spire-server persistence.enabled=false on a cluster
 	// without a storage class).
@@ -92,8 +96,10 @@ func (b *Bundle) Values(c Component, in Inputs) map[string]any {
 	case Ztunnel:
 		v["namespace"] = in.Namespace
 		v["maxUnavailable"] = maxUnavailable(in.MaxUnavailable)
+		v["nodeWaves"] = in.NodeWaves
 	case CNI:
 		v["maxUnavailable"] = maxUnavailable(in.MaxUnavailable)
+		v["nodeWaves"] = in.NodeWaves
 		v["nodeSelector"] = map[string]any{meshv1.LabelRedirection: string(meshv1.NodeRedirectionIPTables)}
 	case NodeAgent:
 		v["maxUnavailable"] = maxUnavailable(in.MaxUnavailable)
@@ -104,6 +110,7 @@ func (b *Bundle) Values(c Component, in Inputs) map[string]any {
 			v["nodeSelector"] = map[string]any{"kubernetes.io/os": "linux"}
 		}
 		v["cleanup"] = in.NodeAgentCleanup
+		v["nodeWaves"] = in.NodeWaves
 	case SpireServer:
 		ttl := or(in.SVIDTTL, defaultSVIDTTL)
 		v["spireVersion"] = b.SpireVersion

@@ -82,12 +82,21 @@ func TestValues(t *testing.T) {
 			"images":         map[string]any{"ztunnel": "docker.io/istio/ztunnel:1.28.2"},
 			"namespace":      "istio-system",
 			"maxUnavailable": "10%",
+			"nodeWaves":      false,
+		}},
+		{name: "ztunnel during node waves", c: bundle.Ztunnel, in: bundle.Inputs{Namespace: "istio-system", NodeWaves: true}, want: map[string]any{
+			"revision": "1-28-2", "version": "1.28.2",
+			"images":         map[string]any{"ztunnel": "docker.io/istio/ztunnel:1.28.2"},
+			"namespace":      "istio-system",
+			"maxUnavailable": "10%",
+			"nodeWaves":      true,
 		}},
 		{name: "istio-cni only on iptables nodes", c: bundle.CNI, in: ambient, want: map[string]any{
 			"revision": "1-28-2", "version": "1.28.2",
 			"images":         map[string]any{"installCNI": "docker.io/istio/install-cni:1.28.2"},
 			"maxUnavailable": "10%",
 			"nodeSelector":   map[string]any{"meshkeeper.dev/redirection": "iptables"},
+			"nodeWaves":      false,
 		}},
 		{name: "node-agent only on ebpf nodes, count maxUnavailable", c: bundle.NodeAgent, in: spire, want: map[string]any{
 			"revision": "1-28-2", "version": "1.28.2",
@@ -95,6 +104,7 @@ func TestValues(t *testing.T) {
 			"maxUnavailable": 2,
 			"nodeSelector":   map[string]any{"meshkeeper.dev/redirection": "ebpf"},
 			"cleanup":        false,
+			"nodeWaves":      false,
 		}},
 		{name: "node-agent cleanup phase", c: bundle.NodeAgent, in: bundle.Inputs{NodeAgentCleanup: true}, want: map[string]any{
 			"revision": "1-28-2", "version": "1.28.2",
@@ -102,6 +112,7 @@ func TestValues(t *testing.T) {
 			"maxUnavailable": "10%",
 			"nodeSelector":   map[string]any{"kubernetes.io/os": "linux"}, // every node, whatever its label now
 			"cleanup":        true,
+			"nodeWaves":      false,
 		}},
 		{name: "spire-server defaults", c: bundle.SpireServer, in: ambient, want: map[string]any{
 			"revision": "1-28-2", "version": "1.28.2", "spireVersion": "1.13.3",

@@ -226,6 +226,12 @@ func (c *Client) Ready(ctx context.Context, name string) (bool, string, error) {
 		if err != nil {
 			return false, "", fmt.Errorf("ready %s: get %s: %w", name, m.key(), err)
 		}
+		if ok, msg, handled := onDeleteDaemonSetReady(live); handled {
+			if !ok {
+				notReady = append(notReady, fmt.Sprintf("%s: %s", m.key(), msg))
+			}
+			continue
+		}
 		st, err := status.Compute(live)
 		if err != nil {
 			return false, "", fmt.Errorf("ready %s: status of %s: %w", name, m.key(), err)
@@ -242,4 +248,33 @@ func (c *Client) Ready(ctx context.Context, name string) (bool, string, error) {
 	default:
 		return false, fmt.Sprintf("%s (and %d more not ready)", notReady[0], len(notReady)-1), nil
 	}
+}
+
+// onDeleteDaemonSetReady judges a DaemonSet with the OnDelete update
+// strategy, which kstatus would report InProgress until every pod runs the
+// newest template. Under OnDelete the caller replaces pods itself (node
+// waves), so which template a pod runs is the caller's business: the
+// DaemonSet is ready once the controller has seen its spec and a pod is
+// available on every node that should run one. handled is false for any
+// other object.
+func onDeleteDaemonSetReady(u *unstructured.Unstructured) (ok bool, msg string, handled bool) {
+	if u.GroupVersionKind().GroupKind().String() != "DaemonSet.apps" {
+		return false, "", false
+	}
+	if t, _, _ := unstructured.NestedString(u.Object, "spec", "updateStrategy", "type"); t != "OnDelete" {
+		return false, "", false
+	}
+	num := func(field string) int64 {
+		n, _, _ := unstructured.NestedInt64(u.Object, "status", field)
+		return n
+	}
+	switch desired := num("desiredNumberScheduled"); {
+	case num("observedGeneration") < u.GetGeneration():
+		return false, "OnDelete: the DaemonSet controller has not seen the latest spec yet", true
+	case num("numberAvailable") < desired:
+		return false, fmt.Sprintf("OnDelete: %d of %d pods available", num("numberAvailable"), desired), true
+	case num("currentNumberScheduled") < desired:
+		return false, fmt.Sprintf("OnDelete: %d of %d pods scheduled", num("currentNumberScheduled"), desired), true
+	}
+	return true, "", true
 }

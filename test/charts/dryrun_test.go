@@ -71,6 +71,8 @@ func TestEveryBundleIsAcceptedByTheAPIServer(t *testing.T) {
 		{Mode: "Ambient", Redirection: "EBPF", Namespace: ns, TrustDomain: "example.org", SVIDTTL: "12h0m0s", MaxUnavailable: "10%"},
 		{Mode: "Ambient", Redirection: "IPTables", Namespace: ns, TrustDomain: "example.org"},
 		{Mode: "Sidecar", Namespace: ns, TrustDomain: "example.org"},
+		// During node waves the node components' DaemonSets are OnDelete.
+		{Mode: "Ambient", Redirection: "EBPF", Namespace: ns, NodeWaves: true},
 	}
 	for _, v := range catalog.Versions() {
 		b, err := catalog.Resolve(v)
@@ -78,8 +80,12 @@ func TestEveryBundleIsAcceptedByTheAPIServer(t *testing.T) {
 		for _, in := range modes {
 			// The CRDs must exist for the other charts' custom resources.
 			installCRDs(g, b, in)
+			variant := in.Mode + "-" + in.Redirection
+			if in.NodeWaves {
+				variant += "-nodewaves"
+			}
 			for _, c := range bundle.Components(in.Mode, in.Redirection, true) {
-				t.Run(fmt.Sprintf("%s/%s-%s/%s", v, in.Mode, in.Redirection, c), func(t *testing.T) {
+				t.Run(fmt.Sprintf("%s/%s/%s", v, variant, c), func(t *testing.T) {
 					g := NewWithT(t)
 					objs := render(g, b, c, in)
 					g.Expect(objs).NotTo(BeEmpty())
