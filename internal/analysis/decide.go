@@ -57,6 +57,8 @@ const (
 type Input struct {
 	// Wave is the wave number (from 1) for messages; 0 leaves it out.
 	Wave int32
+	// NodeWave says Wave counts node waves ("in node wave 2").
+	NodeWave bool
 	// Results of this check, one per SLO.
 	Results []Result
 	// BakeElapsed says the wave has soaked for at least the bake time.
@@ -96,7 +98,10 @@ func Decide(prev State, in Input, p Policy) Decision {
 		inconclusiveLimit = DefaultInconclusiveLimit
 	}
 	where := ""
-	if in.Wave > 0 {
+	switch {
+	case in.Wave > 0 && in.NodeWave:
+		where = fmt.Sprintf(" in node wave %d", in.Wave)
+	case in.Wave > 0:
 		where = fmt.Sprintf(" in wave %d", in.Wave)
 	}
 	var failed, inconclusive, passed []string

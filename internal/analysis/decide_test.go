@@ -30,6 +30,7 @@ func TestDecide(t *testing.T) {
 		results  []analysis.Result
 		baked    bool
 		policy   *analysis.Policy // default: FailureLimit 2, InconclusiveLimit 5
+		nodeWave bool
 		action   analysis.Action
 		degraded bool
 		verdict  meshv1.Verdict
@@ -79,6 +80,8 @@ func TestDecide(t *testing.T) {
 			action: analysis.ActionPromote, verdict: meshv1.VerdictPass},
 		{name: "no results are inconclusive", results: nil, baked: true,
 			action: analysis.ActionHold, verdict: meshv1.VerdictInconclusive, next: analysis.State{InconclusiveChecks: 1}, reason: "no SLO was checked in wave 1: holding the wave (inconclusive check 1 of 5 before Degraded)"},
+		{name: "a node wave says so in the reason", results: []analysis.Result{fail}, policy: &analysis.Policy{FailureLimit: 0}, nodeWave: true,
+			action: analysis.ActionRollback, verdict: meshv1.VerdictFail, next: analysis.State{FailedChecks: 1}, reason: "l4-success 0.93 < 0.99 in node wave 1"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			g := NewWithT(t)
@@ -86,7 +89,7 @@ func TestDecide(t *testing.T) {
 			if tc.policy != nil {
 				p = *tc.policy
 			}
-			d := analysis.Decide(tc.prev, analysis.Input{Wave: 1, Results: tc.results, BakeElapsed: tc.baked}, p)
+			d := analysis.Decide(tc.prev, analysis.Input{Wave: 1, NodeWave: tc.nodeWave, Results: tc.results, BakeElapsed: tc.baked}, p)
 			g.Expect(d.Action).To(Equal(tc.action), d.Reason)
 			g.Expect(d.Degraded).To(Equal(tc.degraded))
 			g.Expect(d.Verdict).To(Equal(tc.verdict))

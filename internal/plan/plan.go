@@ -239,15 +239,11 @@ func (c config) components() []bundle.Component {
 func (c config) nodeComponents() []bundle.Component {
 	var out []bundle.Component
 	for _, comp := range c.components() {
-		if isNodeComponent(comp) {
+		if comp.OnNodes() {
 			out = append(out, comp)
 		}
 	}
 	return out
-}
-
-func isNodeComponent(c bundle.Component) bool {
-	return c == bundle.Ztunnel || c == bundle.NodeAgent || c == bundle.CNI
 }
 
 func (c config) String() string {
@@ -350,7 +346,7 @@ var errNoCatalog = errors.New("plan: Inputs.Catalog is nil; pass the catalog spe
 type builder struct {
 	in      *Inputs
 	nsWaves [][]string
-	nodes   *nodeWaves // computed on first use: Sidecar plans need no nodes
+	nodes   *NodeSplit // computed on first use: Sidecar plans need no nodes
 	steps   []Step
 }
 
@@ -369,9 +365,9 @@ func windowed(a Action) bool {
 	return true
 }
 
-func (b *builder) nodeWaves() (*nodeWaves, error) {
+func (b *builder) nodeWaves() (*NodeSplit, error) {
 	if b.nodes == nil {
-		nw, err := splitNodes(b.in.Nodes, b.in.Spec.Rollout.Nodes)
+		nw, err := SplitNodes(b.in.Nodes, b.in.Spec.Rollout.Nodes)
 		if err != nil {
 			return nil, err
 		}
@@ -420,7 +416,7 @@ func (b *builder) rollout(from string, to *bundle.Bundle, cfg config) error {
 		comps := cfg.nodeComponents()
 		s := Step{
 			Action: ActionUpgradeNodeComponents, Target: to.Version, Version: to.Version, From: from, Revision: rev,
-			Components: comps, NodeWaves: nw.waves,
+			Components: comps, NodeWaves: nw.Waves,
 			Message: fmt.Sprintf("Upgrade %s to %s %s", joinComponents(comps), to.Version, nw.describe()),
 		}
 		if install {
@@ -502,7 +498,7 @@ func (b *builder) reconfigure(to *bundle.Bundle, have, want config) (bool, error
 		comps := want.nodeComponents()
 		b.add(Step{
 			Action: ActionInstallNodeComponents, Target: v, Version: v, From: v, Revision: rev,
-			Components: comps, NodeWaves: nw.waves,
+			Components: comps, NodeWaves: nw.Waves,
 			Message: fmt.Sprintf("Install %s at %s (%s redirection) %s", joinComponents(comps), v, want.redirection, nw.describe()),
 		})
 		b.switchNamespaces(to, want, "label them istio.io/dataplane-mode=ambient and restart their workloads to drop the sidecars")
@@ -522,7 +518,7 @@ func (b *builder) reconfigure(to *bundle.Bundle, have, want config) (bool, error
 		comps := union(have.nodeComponents(), want.nodeComponents())
 		b.add(Step{
 			Action: ActionSwitchRedirection, Target: v, Version: v, From: v, Revision: rev,
-			Components: comps, NodeWaves: nw.waves,
+			Components: comps, NodeWaves: nw.Waves,
 			Message: fmt.Sprintf("Switch redirection %s → %s %s; %s", have.redirection, want.redirection, nw.describe(), redirectionNote(want.redirection)),
 		})
 	}
@@ -571,21 +567,21 @@ func spireMessage(c bundle.Component, from, to string) string {
 	return fmt.Sprintf("Upgrade %s %s → %s", what, from, to)
 }
 
-func (nw *nodeWaves) describe() string {
+func (nw *NodeSplit) describe() string {
 	nodes := 0
-	for _, w := range nw.waves {
+	for _, w := range nw.Waves {
 		nodes += len(w)
 	}
 	switch {
 	case nodes == 0:
 		return "(no nodes yet)"
-	case nw.canary && len(nw.waves) == 1:
+	case nw.Canary && len(nw.Waves) == 1:
 		return fmt.Sprintf("in 1 node wave: the canary nodes (%d)", nodes)
-	case nw.canary:
+	case nw.Canary:
 		return fmt.Sprintf("in %d node waves over %d nodes: the canary nodes (%d) first, then at most %d at a time",
-			len(nw.waves), nodes, len(nw.waves[0]), nw.batch)
+			len(nw.Waves), nodes, len(nw.Waves[0]), nw.Batch)
 	}
-	return fmt.Sprintf("in %d node %s over %d nodes, at most %d at a time", len(nw.waves), plural(len(nw.waves), "wave", "waves"), nodes, nw.batch)
+	return fmt.Sprintf("in %d node %s over %d nodes, at most %d at a time", len(nw.Waves), plural(len(nw.Waves), "wave", "waves"), nodes, nw.Batch)
 }
 
 func (b *builder) describeNamespaceWaves() string {

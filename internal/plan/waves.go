@@ -83,21 +83,26 @@ func parsePercent(s string) (int, bool) {
 // least one node; default 10%). Nodes are sorted by name in every wave. No
 // canary selector, or one that selects no node, means no canary wave.
 func NodeWaves(nodes []NodeInfo, spec meshv1.NodeRolloutSpec) ([][]string, error) {
-	nw, err := splitNodes(nodes, spec)
+	nw, err := SplitNodes(nodes, spec)
 	if err != nil {
 		return nil, err
 	}
-	return nw.waves, nil
+	return nw.Waves, nil
 }
 
-// nodeWaves are node waves with what describes them.
-type nodeWaves struct {
-	waves  [][]string
-	canary bool // waves[0] is the canary wave
-	batch  int  // the size of every later wave but the last
+// NodeSplit is the node waves (NodeWaves) with what describes them.
+type NodeSplit struct {
+	// Waves are the node names of each wave.
+	Waves [][]string
+	// Canary: Waves[0] is the canary wave.
+	Canary bool
+	// Batch is the size of every later wave but the last, and the most
+	// nodes whose node components are replaced at once.
+	Batch int
 }
 
-func splitNodes(nodes []NodeInfo, spec meshv1.NodeRolloutSpec) (*nodeWaves, error) {
+// SplitNodes computes the node waves and their batch size (see NodeWaves).
+func SplitNodes(nodes []NodeInfo, spec meshv1.NodeRolloutSpec) (*NodeSplit, error) {
 	var canary labels.Selector
 	if spec.Canary != nil {
 		if len(spec.Canary.MatchLabels) == 0 && len(spec.Canary.MatchExpressions) == 0 {
@@ -124,13 +129,13 @@ func splitNodes(nodes []NodeInfo, spec meshv1.NodeRolloutSpec) (*nodeWaves, erro
 			rest = append(rest, n.Name)
 		}
 	}
-	nw := &nodeWaves{batch: batch}
+	nw := &NodeSplit{Batch: batch}
 	if len(first) > 0 {
-		nw.waves, nw.canary = append(nw.waves, first), true
+		nw.Waves, nw.Canary = append(nw.Waves, first), true
 	}
 	for len(rest) > 0 {
 		n := min(batch, len(rest))
-		nw.waves = append(nw.waves, rest[:n:n])
+		nw.Waves = append(nw.Waves, rest[:n:n])
 		rest = rest[n:]
 	}
 	return nw, nil
