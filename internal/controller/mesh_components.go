@@ -53,6 +53,7 @@ func spireEnabled(mesh *meshv1.Mesh) bool {
 func (r *MeshReconciler) reconcileComponents(ctx context.Context, mesh *meshv1.Mesh, obs *observation) error {
 	b := obs.bundle
 	in := inputsFor(mesh, r.ComponentsNamespace)
+	in.NodeWaves = obs.rollout.nodeWaves
 	wanted := bundle.Components(in.Mode, in.Redirection, spireEnabled(mesh))
 	previous := map[string]meshv1.ComponentStatus{}
 	for _, c := range mesh.Status.Components {

@@ -83,9 +83,9 @@ func summarizeNodes(ds []nodeDecision) (meshv1.NodeCounts, []string) {
 // reconcileNodes labels every node meshkeeper.dev/redirection=ebpf|iptables|blocked;
 // the node agent and istio-cni DaemonSets select nodes by that label.
 func (r *MeshReconciler) reconcileNodes(ctx context.Context, mesh *meshv1.Mesh, obs *observation) error {
-	var nodes corev1.NodeList
-	if err := r.List(ctx, &nodes); err != nil {
-		return fmt.Errorf("list nodes: %w", err)
+	nodes, err := r.clusterNodes(ctx, obs)
+	if err != nil {
+		return err
 	}
 	var reports meshv1.MeshNodeList
 	if err := r.List(ctx, &reports); err != nil {
@@ -100,9 +100,9 @@ func (r *MeshReconciler) reconcileNodes(ctx context.Context, mesh *meshv1.Mesh, 
 		return fmt.Errorf("bundle %s minKernel: %w", obs.bundle.Version, err)
 	}
 	var errs []error
-	decisions := make([]nodeDecision, 0, len(nodes.Items))
-	for i := range nodes.Items {
-		n := &nodes.Items[i]
+	decisions := make([]nodeDecision, 0, len(nodes))
+	for i := range nodes {
+		n := &nodes[i]
 		d := decideNode(n, byName[n.Name], mesh.Spec.Dataplane, minKernel)
 		decisions = append(decisions, d)
 		if err := r.applyNodeLabel(ctx, n, d.redirection); err != nil {

@@ -6,7 +6,6 @@ import (
 	"slices"
 	"time"
 
-	corev1 "k8s.io/api/core/v1"
 
 	meshv1 "github.com/meshkeeper/meshkeeper/api/v1alpha1"
 	"github.com/meshkeeper/meshkeeper/internal/plan"
@@ -20,18 +19,14 @@ func (r *MeshReconciler) computePlan(ctx context.Context, mesh *meshv1.Mesh, obs
 	if err != nil {
 		return
 	}
-	var nodes corev1.NodeList
-	if err := r.List(ctx, &nodes); err != nil {
+	nodes, err := r.clusterNodes(ctx, obs)
+	if err != nil {
 		return
-	}
-	infos := make([]plan.NodeInfo, 0, len(nodes.Items))
-	for _, n := range nodes.Items {
-		infos = append(infos, plan.NodeInfo{Name: n.Name, Labels: n.Labels})
 	}
 	p, err := plan.Compute(plan.Inputs{
 		Spec: mesh.Spec, Generation: mesh.Generation, ObservedGeneration: mesh.Status.ObservedGeneration,
 		Installed: plan.InstalledFrom(mesh.Status), History: mesh.Status.History,
-		Namespaces: names, Nodes: infos, Catalog: r.Catalog, Now: time.Now(),
+		Namespaces: names, Nodes: nodeInfos(nodes), Catalog: r.Catalog, Now: time.Now(),
 	})
 	obs.planned = true
 	if err != nil {
@@ -40,11 +35,6 @@ func (r *MeshReconciler) computePlan(ctx context.Context, mesh *meshv1.Mesh, obs
 	}
 	obs.hops = p.Hops
 	obs.plan = p.Status()
-	for i := range obs.plan {
-		if s := p.Steps[i]; s.Action == plan.ActionUpgradeNodeComponents || s.Action == plan.ActionInstallNodeComponents {
-			obs.plan[i].Message = "In place, ahead of the namespace waves (node waves are planned but not executed yet): " + obs.plan[i].Message
-		}
-	}
 }
 
 // planStates marks the published steps with what this reconcile saw: the
@@ -61,6 +51,20 @@ func planStates(steps []meshv1.PlanStep, obs *observation) []meshv1.PlanStep {
 			continue
 		}
 		switch s.Action {
+		case string(plan.ActionUpgradeNodeComponents):
+			switch {
+			case ro == nil:
+				if st := defaultState(obs); st != "" {
+					s.State = st
+				}
+			case ro.Step == meshv1.RolloutStepRollingBack:
+				s.State, s.Message = meshv1.StepFailed, fmt.Sprintf("rolling back: %s", ro.Message)
+			case ro.Step == meshv1.RolloutStepNodes && ro.Wave > 0:
+				s.State, s.Message = meshv1.StepRunning, fmt.Sprintf("%s; now %s", s.Message, ro.Message)
+			case ro.Step == meshv1.RolloutStepNodes:
+			default:
+				s.State = meshv1.StepDone
+			}
 		case string(plan.ActionMoveNamespaces):
 			switch {
 			case ro == nil:
@@ -68,7 +72,7 @@ func planStates(steps []meshv1.PlanStep, obs *observation) []meshv1.PlanStep {
 				s.State, s.Message = meshv1.StepFailed, fmt.Sprintf("rolling back: %s", ro.Message)
 			case ro.Step == meshv1.RolloutStepRetire:
 				s.State = meshv1.StepDone
-			case obs.componentsReady:
+			case ro.Step == meshv1.RolloutStepNamespaces && obs.componentsReady:
 				s.State = meshv1.StepRunning
 			}
 		case string(plan.ActionRetireControlPlane):
@@ -76,11 +80,8 @@ func planStates(steps []meshv1.PlanStep, obs *observation) []meshv1.PlanStep {
 				s.State = meshv1.StepRunning
 			}
 		default:
-			switch {
-			case obs.componentsReady && (ro != nil || obs.converged()):
-				s.State = meshv1.StepDone
-			case obs.bundle != nil:
-				s.State = meshv1.StepRunning
+			if st := defaultState(obs); st != "" {
+				s.State = st
 			}
 		}
 		if ro != nil && s.Target != ro.To && s.Target != ro.From {
@@ -89,4 +90,17 @@ func planStates(steps []meshv1.PlanStep, obs *observation) []meshv1.PlanStep {
 		}
 	}
 	return out
+}
+
+// defaultState is the state of a step that runs as one piece: Done once the
+// components are ready (in a rollout, or converged), Running while they
+// are applied, "" (unchanged) before that.
+func defaultState(obs *observation) meshv1.StepState {
+	switch {
+	case obs.componentsReady && (obs.rollout.status != nil || obs.converged()):
+		return meshv1.StepDone
+	case obs.bundle != nil:
+		return meshv1.StepRunning
+	}
+	return ""
 }

@@ -22,20 +22,24 @@ import (
 // "How a change flows"):
 //
 //  1. the new control-plane revision is installed beside the old one
-//     (istiod-<to> and istiod-<from>); identity, CRDs and the node
-//     components move to the new bundle in place;
-//  2. namespaces move to the new revision (istio.io/rev) wave by wave: the
-//     canary namespaces first, then the cumulative percentages of the rest.
-//     Each wave bakes, then its SLOs are checked every interval: promote,
-//     keep baking, hold (inconclusive) or roll back;
-//  3. after the last wave the old revision is retired and the version is
-//     recorded as installed and Succeeded in status.history.
+//     (istiod-<to> and istiod-<from>); identity and the CRDs move to the
+//     new bundle in place;
+//  2. Nodes: the node components move to the new bundle node by node, the
+//     canary nodes first, then batches of maxUnavailable (mesh_nodewaves.go);
+//  3. Namespaces: namespaces move to the new revision (istio.io/rev) wave by
+//     wave: the canary namespaces first, then the cumulative percentages of
+//     the rest.
+//     Every wave, node or namespace, bakes, then its SLOs are checked every
+//     interval: promote, keep baking, hold (inconclusive) or roll back;
+//  4. Retire: after the last wave the old revision is retired and the
+//     version is recorded as installed and Succeeded in status.history.
 //
 // A rollback moves every namespace back to the old revision (newest wave
-// first), returns the components to the old bundle, removes the new
-// revision and records the target as RolledBack; it is not tried again
-// until the spec changes. Everything the rollout knows lives in
-// status.rollout, so an operator restarted at any point carries on.
+// first), returns the components to the old bundle (the nodes that moved,
+// and only those, get their old pods back), removes the new revision and
+// records the target as RolledBack; it is not tried again until the spec
+// changes. Everything the rollout knows lives in status.rollout, so an
+// operator restarted at any point carries on.
 
 // rolloutState is what one reconcile works out about the rollout.
 type rolloutState struct {
@@ -49,6 +53,9 @@ type rolloutState struct {
 	// the new control plane is installed beside the old one, but identity and
 	// the node components stay on From until a window opens.
 	holdComponents bool
+	// nodeWaves: the Nodes step runs; the node components' DaemonSets are
+	// OnDelete and meshkeeper replaces their pods wave by wave.
+	nodeWaves bool
 	// degraded: the analysis has been inconclusive for too long.
 	degraded bool
 	// rollingBack: the rollback started in this reconcile.
@@ -74,7 +81,7 @@ func (r *MeshReconciler) resolveRollout(ctx context.Context, mesh *meshv1.Mesh, 
 		to, errTo := r.Catalog.Resolve(cur.To)
 		if errFrom == nil && errTo == nil {
 			obs.rollout.status = cur.DeepCopy()
-			if cur.Step == meshv1.RolloutStepNamespaces && obs.target == from.Version {
+			if (cur.Step == meshv1.RolloutStepNodes || cur.Step == meshv1.RolloutStepNamespaces) && obs.target == from.Version {
 				// spec.version set back to where the rollout started: abort.
 				obs.rollout.status.Step = meshv1.RolloutStepRollingBack
 				obs.rollout.status.Message = "spec.version set back to " + from.Version
@@ -99,7 +106,8 @@ func (r *MeshReconciler) resolveRollout(ctx context.Context, mesh *meshv1.Mesh, 
 				return
 			}
 			obs.bundle, obs.rollout.from = to, from
-			obs.rollout.holdComponents = cur.Wave == 0 && !windowOpen(mesh)
+			obs.rollout.holdComponents = r.holdComponents(mesh, cur)
+			obs.rollout.nodeWaves = cur.Step == meshv1.RolloutStepNodes && !obs.rollout.holdComponents
 			return
 		}
 		log.FromContext(ctx).Info("Dropping a rollout whose versions left the catalog", "from", cur.From, "to", cur.To)
@@ -127,10 +135,25 @@ func (r *MeshReconciler) resolveRollout(ctx context.Context, mesh *meshv1.Mesh, 
 		}
 	}
 	obs.bundle, obs.rollout.from = to, from
-	obs.rollout.holdComponents = !windowOpen(mesh)
 	now := metav1.Now()
 	obs.rollout.status = &meshv1.RolloutStatus{Step: meshv1.RolloutStepNamespaces, From: from.Version, To: to.Version, StartedAt: &now}
-	r.event(mesh, corev1.EventTypeNormal, "RolloutStarted", "Rolling out %s (from %s): control plane side by side, then namespaces wave by wave", to.Version, from.Version)
+	how := "control plane side by side, then namespaces wave by wave"
+	if hasNodeComponents(mesh) {
+		obs.rollout.status.Step = meshv1.RolloutStepNodes
+		how = "control plane side by side, then nodes and namespaces wave by wave"
+	}
+	obs.rollout.holdComponents = r.holdComponents(mesh, obs.rollout.status)
+	obs.rollout.nodeWaves = obs.rollout.status.Step == meshv1.RolloutStepNodes && !obs.rollout.holdComponents
+	r.event(mesh, corev1.EventTypeNormal, "RolloutStarted", "Rolling out %s (from %s): %s", to.Version, from.Version, how)
+}
+
+// holdComponents says whether identity and the node components stay on From:
+// before the first wave of a rollout, outside a maintenance window (only the
+// new control plane is installed then). Once the node waves are over, the
+// node components have moved and are never held back.
+func (r *MeshReconciler) holdComponents(mesh *meshv1.Mesh, ro *meshv1.RolloutStatus) bool {
+	first := ro.Step == meshv1.RolloutStepNodes || (ro.Step == meshv1.RolloutStepNamespaces && !hasNodeComponents(mesh))
+	return first && ro.Wave == 0 && !windowOpen(mesh)
 }
 
 // blockMessage says why a rolled-back target is not rolled out again and how
@@ -176,19 +199,30 @@ func (r *MeshReconciler) reconcileRollout(ctx context.Context, mesh *meshv1.Mesh
 		return err
 	}
 	waves := plan.NamespaceWaves(selected, mesh.Spec.Rollout.Namespaces)
-	ro.Waves = int32(len(waves))
+	movedWaves := 0 // namespace waves on the new revision
+	switch ro.Step {
+	case meshv1.RolloutStepNamespaces:
+		movedWaves = int(ro.Wave)
+	case meshv1.RolloutStepRetire:
+		movedWaves = len(waves)
+	}
 	obs.rollout.moved, obs.rollout.waveOf = map[string]bool{}, map[string]int{}
 	for i, wave := range waves {
 		for _, ns := range wave {
 			obs.rollout.waveOf[ns] = i
-			if i < int(ro.Wave) {
+			if i < movedWaves {
 				obs.rollout.moved[ns] = true
 			}
 		}
 	}
-	if ro.Step != meshv1.RolloutStepNamespaces {
+	switch ro.Step {
+	case meshv1.RolloutStepNodes:
+		return r.reconcileNodeWaves(ctx, mesh, obs, waves)
+	case meshv1.RolloutStepNamespaces:
+	default:
 		return nil // RollingBack and Retire end in concludeRollout
 	}
+	ro.Waves = int32(len(waves))
 	if !obs.componentsReady {
 		ro.Message = "installing " + ro.To + " beside " + ro.From
 		return nil
@@ -197,38 +231,10 @@ func (r *MeshReconciler) reconcileRollout(ctx context.Context, mesh *meshv1.Mesh
 	if ro.Wave == 0 || ro.WaveStartedAt == nil {
 		return r.startWave(mesh, obs, waves, now)
 	}
-	settings := analysis.SettingsFor(mesh.Spec.Analysis)
-	if settings.Address == "" {
-		settings.Address = r.PrometheusAddress
+	d, checked, err := r.checkWave(ctx, mesh, obs, ro.WaveNamespaces, mesh.Spec.Rollout.Namespaces.EffectiveBake(), false, now)
+	if err != nil || !checked {
+		return err
 	}
-	if ro.LastCheckAt != nil && now.Sub(ro.LastCheckAt.Time) < settings.Interval {
-		obs.requeueAfter = settings.Interval - now.Sub(ro.LastCheckAt.Time)
-		return nil
-	}
-	bakeElapsed := now.Sub(ro.WaveStartedAt.Time) >= mesh.Spec.Rollout.Namespaces.EffectiveBake()
-	var d analysis.Decision
-	if settings.Address == "" {
-		// No Prometheus to ask: the waves only bake.
-		d = analysis.Decision{Action: analysis.ActionContinue, Reason: "no SLO gates (spec.analysis.prometheus is not set): baking only"}
-		if bakeElapsed {
-			d.Action = analysis.ActionPromote
-		}
-	} else {
-		provider, err := r.provider(settings.Address)
-		if err != nil {
-			return fmt.Errorf("spec.analysis.prometheus: %w", err)
-		}
-		data := analysis.NewQueryData(ro.WaveNamespaces, obs.bundle.Revision(), settings.Interval)
-		results := analysis.Evaluate(ctx, provider, settings.SLOs, data, now)
-		d = analysis.Decide(analysis.State{FailedChecks: ro.FailedChecks, InconclusiveChecks: ro.InconclusiveChecks},
-			analysis.Input{Wave: ro.Wave, Results: results, BakeElapsed: bakeElapsed}, settings.Policy())
-		ro.Analysis = analysis.AnalysisResults(results)
-		ro.FailedChecks, ro.InconclusiveChecks = d.State.FailedChecks, d.State.InconclusiveChecks
-		ro.LastCheckAt = &metav1.Time{Time: now}
-	}
-	obs.rollout.degraded = d.Degraded
-	ro.Message = d.Reason
-	log.FromContext(ctx).Info("Wave checked", "wave", ro.Wave, "action", d.Action, "reason", d.Reason)
 	switch d.Action {
 	case analysis.ActionRollback:
 		return r.startRollback(mesh, obs, d.Reason)
@@ -236,39 +242,95 @@ func (r *MeshReconciler) reconcileRollout(ctx context.Context, mesh *meshv1.Mesh
 		r.event(mesh, corev1.EventTypeNormal, "WavePromoted", "Wave %d/%d promoted: %s", ro.Wave, len(waves), d.Reason)
 		return r.startWave(mesh, obs, waves, now) // after the last wave: retire
 	}
-	obs.requeueAfter = settings.Interval
 	return nil
 }
 
+// checkWave judges the current wave (node or namespace) once an analysis
+// interval has passed since the last check: the SLOs are evaluated for
+// namespaces and the wave may promote once it has baked for bake. checked
+// is false when it is not time yet; the reconcile is then requeued for it.
+// Without a Prometheus to ask, or no namespace to judge, a wave only bakes.
+func (r *MeshReconciler) checkWave(ctx context.Context, mesh *meshv1.Mesh, obs *observation, namespaces []string,
+	bake time.Duration, nodeWave bool, now time.Time) (d analysis.Decision, checked bool, err error) {
+	ro := obs.rollout.status
+	settings := analysis.SettingsFor(mesh.Spec.Analysis)
+	if settings.Address == "" {
+		settings.Address = r.PrometheusAddress
+	}
+	if ro.LastCheckAt != nil && now.Sub(ro.LastCheckAt.Time) < settings.Interval {
+		obs.requeueAfter = settings.Interval - now.Sub(ro.LastCheckAt.Time)
+		return d, false, nil
+	}
+	bakeElapsed := now.Sub(ro.WaveStartedAt.Time) >= bake
+	switch {
+	case settings.Address == "" || len(namespaces) == 0:
+		d = analysis.Decision{Action: analysis.ActionContinue, Reason: "no SLO gates (spec.analysis.prometheus is not set): baking only"}
+		if settings.Address != "" {
+			d.Reason = "no namespace is in the mesh, so no traffic to judge: baking only"
+		}
+		if bakeElapsed {
+			d.Action = analysis.ActionPromote
+		} else {
+			// Look again when the bake is over.
+			obs.requeueAfter = max(min(bake-now.Sub(ro.WaveStartedAt.Time), settings.Interval), 100*time.Millisecond)
+		}
+	default:
+		provider, err := r.provider(settings.Address)
+		if err != nil {
+			return d, false, fmt.Errorf("spec.analysis.prometheus: %w", err)
+		}
+		data := analysis.NewQueryData(namespaces, obs.bundle.Revision(), settings.Interval)
+		results := analysis.Evaluate(ctx, provider, settings.SLOs, data, now)
+		d = analysis.Decide(analysis.State{FailedChecks: ro.FailedChecks, InconclusiveChecks: ro.InconclusiveChecks},
+			analysis.Input{Wave: ro.Wave, NodeWave: nodeWave, Results: results, BakeElapsed: bakeElapsed}, settings.Policy())
+		ro.Analysis = analysis.AnalysisResults(results)
+		ro.FailedChecks, ro.InconclusiveChecks = d.State.FailedChecks, d.State.InconclusiveChecks
+		ro.LastCheckAt = &metav1.Time{Time: now}
+		obs.requeueAfter = settings.Interval
+	}
+	obs.rollout.degraded = d.Degraded
+	ro.Message = d.Reason
+	log.FromContext(ctx).Info("Wave checked", "step", ro.Step, "wave", ro.Wave, "action", d.Action, "reason", d.Reason)
+	return d, true, nil
+}
+
+// windowForWave says whether a wave may start now: inside a maintenance
+// window (a wave in flight always finishes). Outside one, the rollout says
+// when the next opens and looks again then.
+func (r *MeshReconciler) windowForWave(mesh *meshv1.Mesh, obs *observation, wave string, now time.Time) (bool, error) {
+	open, next, err := plan.WindowOpen(mesh.Spec.Upgrade.Windows, now)
+	if err != nil {
+		return false, fmt.Errorf("spec.upgrade.windows: %w", err)
+	}
+	if !open {
+		obs.rollout.status.Message = fmt.Sprintf("waiting for a maintenance window to start %s (next opens %s)", wave, next.UTC().Format(time.RFC3339))
+		obs.requeueAfter = min(time.Until(next)+time.Second, time.Minute)
+	}
+	return open, nil
+}
+
 // startWave moves the next wave's namespaces, if a maintenance window is
-// open (a wave in flight always finishes).
+// open.
 func (r *MeshReconciler) startWave(mesh *meshv1.Mesh, obs *observation, waves [][]string, now time.Time) error {
 	ro := obs.rollout.status
 	if int(ro.Wave) >= len(waves) {
 		r.startRetire(mesh, obs, now)
 		return nil
 	}
-	open, next, err := plan.WindowOpen(mesh.Spec.Upgrade.Windows, now)
-	if err != nil {
-		return fmt.Errorf("spec.upgrade.windows: %w", err)
-	}
-	if !open {
-		ro.Message = fmt.Sprintf("waiting for a maintenance window to start wave %d/%d (next opens %s)", ro.Wave+1, len(waves), next.UTC().Format(time.RFC3339))
-		obs.requeueAfter = min(time.Until(next)+time.Second, time.Minute)
-		return nil
+	if open, err := r.windowForWave(mesh, obs, fmt.Sprintf("wave %d/%d", ro.Wave+1, len(waves)), now); err != nil || !open {
+		return err
 	}
 	ro.Wave++
 	ro.WaveNamespaces = waves[ro.Wave-1]
 	ro.WaveStartedAt = &metav1.Time{Time: now}
-	ro.LastCheckAt, ro.FailedChecks, ro.InconclusiveChecks, ro.Analysis = nil, 0, 0, nil
+	resetChecks(ro)
 	ro.Message = fmt.Sprintf("wave %d/%d moved (%s); baking %s", ro.Wave, len(waves), strings.Join(ro.WaveNamespaces, ", "),
 		mesh.Spec.Rollout.Namespaces.EffectiveBake())
-	for _, ns := range ro.WaveNamespaces {
-		obs.rollout.moved[ns] = true
-	}
 	r.event(mesh, corev1.EventTypeNormal, "WaveStarted", "Wave %d/%d to %s: %s", ro.Wave, len(waves), ro.To, strings.Join(ro.WaveNamespaces, ", "))
-	// Check again once the bake is over (or at the first interval).
-	obs.requeueAfter = max(min(mesh.Spec.Rollout.Namespaces.EffectiveBake(), analysis.SettingsFor(mesh.Spec.Analysis).Interval), 100*time.Millisecond)
+	// Record first, act next: the namespaces move in the next reconcile,
+	// from the status this one writes. A status write refused as a conflict
+	// then leaves nothing moved that the status does not show.
+	obs.requeueAfter = 100 * time.Millisecond
 	return nil
 }
 
@@ -288,10 +350,10 @@ func (r *MeshReconciler) startRollback(mesh *meshv1.Mesh, obs *observation, reas
 	ro := obs.rollout.status
 	ro.Step, ro.Message = meshv1.RolloutStepRollingBack, reason
 	r.event(mesh, corev1.EventTypeWarning, "RollingBack", "Rolling %s back to %s: %s", ro.To, ro.From, reason)
-	// The namespaces move back in this reconcile already (newest wave
-	// first); the components follow From from the next one.
-	obs.rollout.moved = nil
+	// Record first, act next: from the next reconcile on, the namespaces
+	// (newest wave first) and the components follow From.
 	obs.rollout.rollingBack = true
+	obs.requeueAfter = 100 * time.Millisecond
 	return nil
 }
 

@@ -6,6 +6,7 @@ import (
 	"strings"
 	"time"
 
+	corev1 "k8s.io/api/core/v1"
 	"k8s.io/apimachinery/pkg/api/meta"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
@@ -51,6 +52,9 @@ type observation struct {
 	// selected caches the names of the namespaces the Mesh selects, read
 	// once per reconcile (see selectedNamespaces).
 	selected []string
+	// nodeList caches the cluster's nodes, read once per reconcile (see
+	// clusterNodes).
+	nodeList []corev1.Node
 }
 
 // converged is true when every component is ready at the target, the

@@ -134,7 +134,7 @@ func TestMaintenanceWindowHoldsWaves(t *testing.T) {
 		}
 	})
 
-	t.Run("outside the window the new revision is installed, nothing else moves and no wave starts", func(t *testing.T) {
+	t.Run("outside the window the new revision is installed, nothing else moves and no node or namespace wave starts", func(t *testing.T) {
 		g := NewWithT(t)
 		updateMesh(g, func(m *meshv1.Mesh) { m.Spec.Version = "1.27" })
 		g.Eventually(func() string {
@@ -154,7 +154,7 @@ func TestMaintenanceWindowHoldsWaves(t *testing.T) {
 		held := func() error {
 			m := getMesh()
 			ro := m.Status.Rollout
-			if ro == nil || ro.Wave != 0 || ro.Step != meshv1.RolloutStepNamespaces {
+			if ro == nil || ro.Wave != 0 || ro.Step != meshv1.RolloutStepNodes {
 				return fmt.Errorf("rollout %+v", ro)
 			}
 			for _, ns := range namespaces {
@@ -168,7 +168,8 @@ func TestMaintenanceWindowHoldsWaves(t *testing.T) {
 			"no wave starts and no namespace moves while every window is closed")
 		g.Expect(readyCondition(getMesh())).To(And(HaveField("Status", metav1.ConditionFalse),
 			HaveField("Message", ContainSubstring("maintenance window"))))
-		g.Expect(eventReasonsFor(g, getMesh().UID)).To(And(ContainElement("RolloutStarted"), Not(ContainElement("WaveStarted"))))
+		g.Expect(eventReasonsFor(g, getMesh().UID)).To(And(ContainElement("RolloutStarted"),
+			Not(ContainElement("NodeWaveStarted")), Not(ContainElement("WaveStarted"))))
 	})
 
 	t.Run("without windows the rollout completes", func(t *testing.T) {
