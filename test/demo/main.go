@@ -1,8 +1,12 @@
 // Command demo runs meshkeeper's main job on a local cluster: it starts etcd,
 // kube-apiserver, kube-controller-manager, kube-scheduler and three kwok fake
-// nodes (all built from pinned modules), runs the operator, applies the sample
-// Mesh and streams `kubectl get mesh` until it is Ready. Then it waits for
-// Ctrl-C (or exits at once with --exit-when-ready).
+// nodes (all built from pinned modules), a real Prometheus on 127.0.0.1
+// scraping a stand-in workload, and the operator. It applies the sample Mesh
+// (made quick: version 1.26, seconds of bake) and streams `kubectl get mesh`
+// until it is Ready; then an upgrade to 1.27 whose canary namespace breaks
+// its SLO is rolled back by itself, and an upgrade to 1.28 goes through
+// 1.27, node waves then namespace waves. Then it waits for Ctrl-C (or exits
+// with --exit-when-done; --install-only stops after the install).
 package main
 
 import (
@@ -23,15 +27,16 @@ import (
 func main() {
 	managerBin := flag.String("manager", "bin/manager", "manager binary")
 	binDir := flag.String("cluster-bins", "bin/cluster", "directory of the cluster binaries")
-	exitWhenReady := flag.Bool("exit-when-ready", false, "stop everything once the Mesh is Ready")
+	exitWhenDone := flag.Bool("exit-when-done", false, "stop everything at the end instead of waiting for Ctrl-C")
+	installOnly := flag.Bool("install-only", false, "skip the rollouts: stop after the Mesh is Ready")
 	flag.Parse()
-	if err := run(*managerBin, *binDir, *exitWhenReady); err != nil {
+	if err := run(*managerBin, *binDir, *exitWhenDone, *installOnly); err != nil {
 		fmt.Fprintln(os.Stderr, "demo:", err)
 		os.Exit(1)
 	}
 }
 
-func run(managerBin, binDir string, exitWhenReady bool) error {
+func run(managerBin, binDir string, exitWhenDone, installOnly bool) error {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
 	root, err := cluster.RepoRoot()
@@ -78,11 +83,28 @@ func run(managerBin, binDir string, exitWhenReady bool) error {
 	}
 	defer func() { _ = m.Stop() }()
 
-	step("Applying config/samples (namespaces shop, shop-staging, legacy and Mesh default)")
-	if out, stderr, err := c.Kubectl(ctx, "apply", "-k", filepath.Join(root, "config", "samples")); err != nil {
-		return fmt.Errorf("apply samples: %w: %s", err, stderr)
+	tb := &demoTB{dir: workDir}
+	defer tb.close()
+	s, err := startSLOs(ctx, tb)
+	if err != nil {
+		return err
+	}
+	if s != nil {
+		step("Prometheus %s scraping a stand-in workload (meshkeeper_agent_connections_total for shop and shop-staging)", s.srv.URL)
+	}
+	step("Applying config/samples/namespaces.yaml (shop, shop-staging with mesh=on; legacy without)")
+	if out, stderr, err := c.Kubectl(ctx, "apply", "-f", filepath.Join(root, "config", "samples", "namespaces.yaml")); err != nil {
+		return fmt.Errorf("apply namespaces: %w: %s", err, stderr)
 	} else {
 		fmt.Print(indent(out))
+	}
+	mesh, changes, err := demoMesh(root, s)
+	if err != nil {
+		return err
+	}
+	step("Applying config/samples/mesh.yaml with demo settings: %s", changes)
+	if err := applyMesh(ctx, c, workDir, mesh); err != nil {
+		return err
 	}
 
 	step("Watching kubectl get mesh until Ready")
@@ -116,7 +138,13 @@ func run(managerBin, binDir string, exitWhenReady bool) error {
 			fmt.Printf("--- %s\n%s", view.what, indent(out))
 		}
 	}
-	if exitWhenReady {
+	if !installOnly {
+		if err := rollouts(ctx, c, s, step); err != nil {
+			return err
+		}
+		step("Done, %s after start", time.Since(start).Round(time.Millisecond))
+	}
+	if exitWhenDone {
 		return nil
 	}
 	fmt.Printf(`
@@ -125,6 +153,7 @@ Poke at it from another terminal:
     export PATH=%s:$PATH
     kubectl get mesh                          # MODE, INSTALLED, TARGET, READY, STEP
     kubectl describe mesh default             # conditions and events
+    kubectl get mesh default -o yaml          # status.plan, status.rollout, status.history
     kubectl label ns legacy mesh=on           # meshkeeper enrolls it
     kubectl label ns shop mesh-               # meshkeeper removes only its own label
     kubectl apply -f test/e2e/testdata/invalid/waves-decreasing.yaml   # refused, naming the field

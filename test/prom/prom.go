@@ -22,7 +22,6 @@ import (
 	"strings"
 	"sync"
 	"syscall"
-	"testing"
 	"time"
 
 	"github.com/prometheus/client_golang/api"
@@ -58,11 +57,15 @@ func Binary() string {
 	return DefaultBinary
 }
 
-// TB is the part of testing.TB SkipIfUnavailable uses.
+// TB is the part of testing.TB the harness uses; a *testing.T is one, and
+// so is a program's own adapter (make demo runs Prometheus too).
 type TB interface {
 	Helper()
 	Skipf(format string, args ...any)
 	Fatalf(format string, args ...any)
+	Errorf(format string, args ...any)
+	Cleanup(func())
+	TempDir() string
 }
 
 // SkipIfUnavailable skips the test when the Prometheus binary is missing,
@@ -109,7 +112,7 @@ type Server struct {
 // /-/ready. The TSDB lives in a temporary directory; the server is stopped
 // when the test ends (or earlier with Stop). Without the binary the test
 // is skipped (see SkipIfUnavailable).
-func Start(ctx context.Context, t testing.TB, targets ...string) (*Server, error) {
+func Start(ctx context.Context, t TB, targets ...string) (*Server, error) {
 	t.Helper()
 	for _, target := range targets {
 		if err := checkLoopback(target); err != nil {

@@ -9,7 +9,6 @@ import (
 	"net/http"
 	"slices"
 	"sync"
-	"testing"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -67,7 +66,7 @@ var connectionsDesc = prometheus.NewDesc(ConnectionsMetric,
 	[]string{"namespace", "pod", "result"}, nil)
 
 // NewWorkload starts a workload; it stops when the test ends.
-func NewWorkload(t testing.TB) *Workload {
+func NewWorkload(t TB) *Workload {
 	t.Helper()
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
