@@ -6,7 +6,6 @@ import (
 	"slices"
 	"time"
 
-
 	meshv1 "github.com/meshkeeper/meshkeeper/api/v1alpha1"
 	"github.com/meshkeeper/meshkeeper/internal/plan"
 )
