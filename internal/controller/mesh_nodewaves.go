@@ -15,7 +15,6 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/log"
 
 	meshv1 "github.com/meshkeeper/meshkeeper/api/v1alpha1"
-	"github.com/meshkeeper/meshkeeper/internal/analysis"
 	"github.com/meshkeeper/meshkeeper/internal/bundle"
 	"github.com/meshkeeper/meshkeeper/internal/plan"
 )
@@ -100,13 +99,12 @@ func (r *MeshReconciler) reconcileNodeWaves(ctx context.Context, mesh *meshv1.Me
 		return err
 	}
 	ro.Waves = int32(len(split.Waves))
-	if !obs.componentsReady {
-		ro.Message = "installing " + ro.To + " beside " + ro.From
-		return nil
-	}
-	now := time.Now()
 	if ro.Wave == 0 || ro.WaveStartedAt == nil {
-		return r.startNodeWave(mesh, obs, split.Waves, nsWaves, now)
+		if !obs.componentsReady {
+			ro.Message = fmt.Sprintf("installing %s beside %s: waiting for %s", ro.To, ro.From, obs.waitingFor())
+			return nil
+		}
+		return r.startNodeWave(mesh, obs, split.Waves, nsWaves, time.Now())
 	}
 	moved := map[string]bool{}
 	for _, wave := range split.Waves[:min(int(ro.Wave), len(split.Waves))] {
@@ -118,8 +116,12 @@ func (r *MeshReconciler) reconcileNodeWaves(ctx context.Context, mesh *meshv1.Me
 	if err != nil {
 		return err
 	}
-	if !progress.done {
-		ro.Message = fmt.Sprintf("node wave %d/%d (%s): %s", ro.Wave, ro.Waves, strings.Join(ro.WaveNodes, ", "), progress.message(ro.To))
+	if !progress.done || !obs.componentsReady {
+		msg := progress.message(ro.To)
+		if progress.done {
+			msg = "waiting for " + obs.waitingFor()
+		}
+		ro.Message = fmt.Sprintf("node wave %d/%d (%s): %s", ro.Wave, ro.Waves, strings.Join(ro.WaveNodes, ", "), msg)
 		obs.requeueAfter = nodeWaveRequeue
 		return nil
 	}
@@ -132,18 +134,9 @@ func (r *MeshReconciler) reconcileNodeWaves(ctx context.Context, mesh *meshv1.Me
 	if err != nil {
 		return err
 	}
-	d, checked, err := r.checkWave(ctx, mesh, obs, selected, bake, true, now)
-	if err != nil || !checked {
-		return err
-	}
-	switch d.Action {
-	case analysis.ActionRollback:
-		return r.startRollback(mesh, obs, d.Reason)
-	case analysis.ActionPromote:
-		r.event(mesh, corev1.EventTypeNormal, "NodeWavePromoted", "Node wave %d/%d promoted: %s", ro.Wave, ro.Waves, d.Reason)
+	return r.judgeWave(ctx, mesh, obs, selected, bake, true, func(now time.Time) error {
 		return r.startNodeWave(mesh, obs, split.Waves, nsWaves, now)
-	}
-	return nil
+	})
 }
 
 // startNodeWave starts the next node wave inside a maintenance window; after

@@ -224,32 +224,47 @@ func (r *MeshReconciler) reconcileRollout(ctx context.Context, mesh *meshv1.Mesh
 	}
 	ro.Waves = int32(len(waves))
 	if !obs.componentsReady {
-		ro.Message = "installing " + ro.To + " beside " + ro.From
+		ro.Message = fmt.Sprintf("installing %s beside %s: waiting for %s", ro.To, ro.From, obs.waitingFor())
 		return nil
 	}
-	now := time.Now()
 	if ro.Wave == 0 || ro.WaveStartedAt == nil {
-		return r.startWave(mesh, obs, waves, now)
+		return r.startWave(mesh, obs, waves, time.Now())
 	}
-	d, checked, err := r.checkWave(ctx, mesh, obs, ro.WaveNamespaces, mesh.Spec.Rollout.Namespaces.EffectiveBake(), false, now)
+	return r.judgeWave(ctx, mesh, obs, ro.WaveNamespaces, mesh.Spec.Rollout.Namespaces.EffectiveBake(), false, func(now time.Time) error {
+		return r.startWave(mesh, obs, waves, now) // after the last wave: retire
+	})
+}
+
+// judgeWave judges the current wave (node or namespace) and acts on the
+// verdict: roll back, or start what comes after the wave (next). The SLOs
+// are evaluated for namespaces once an analysis interval has passed since
+// the last check (until then the reconcile is requeued for it), and the
+// wave may be promoted once it has baked for bake. Without a Prometheus to
+// ask, or no namespace to judge, a wave only bakes.
+func (r *MeshReconciler) judgeWave(ctx context.Context, mesh *meshv1.Mesh, obs *observation, namespaces []string,
+	bake time.Duration, nodeWave bool, next func(now time.Time) error) error {
+	now := time.Now()
+	d, checked, err := r.checkWave(ctx, mesh, obs, namespaces, bake, nodeWave, now)
 	if err != nil || !checked {
 		return err
 	}
+	ro := obs.rollout.status
 	switch d.Action {
 	case analysis.ActionRollback:
 		return r.startRollback(mesh, obs, d.Reason)
 	case analysis.ActionPromote:
-		r.event(mesh, corev1.EventTypeNormal, "WavePromoted", "Wave %d/%d promoted: %s", ro.Wave, len(waves), d.Reason)
-		return r.startWave(mesh, obs, waves, now) // after the last wave: retire
+		reason, what := "WavePromoted", "Wave"
+		if nodeWave {
+			reason, what = "NodeWavePromoted", "Node wave"
+		}
+		r.event(mesh, corev1.EventTypeNormal, reason, "%s %d/%d promoted: %s", what, ro.Wave, ro.Waves, d.Reason)
+		return next(now)
 	}
 	return nil
 }
 
-// checkWave judges the current wave (node or namespace) once an analysis
-// interval has passed since the last check: the SLOs are evaluated for
-// namespaces and the wave may promote once it has baked for bake. checked
-// is false when it is not time yet; the reconcile is then requeued for it.
-// Without a Prometheus to ask, or no namespace to judge, a wave only bakes.
+// checkWave runs one check of the current wave when it is time (checked
+// false otherwise) and records it in status.rollout.
 func (r *MeshReconciler) checkWave(ctx context.Context, mesh *meshv1.Mesh, obs *observation, namespaces []string,
 	bake time.Duration, nodeWave bool, now time.Time) (d analysis.Decision, checked bool, err error) {
 	ro := obs.rollout.status

@@ -230,10 +230,11 @@ func rolloutMessage(ro *meshv1.RolloutStatus) string {
 	return fmt.Sprintf("Rolling out %s (from %s), %s %d/%d: %s", ro.To, ro.From, strings.ToLower(ro.Step), ro.Wave, ro.Waves, ro.Message)
 }
 
-// progressMessage says what the rollout waits for.
-func progressMessage(obs *observation) string {
+// waitingFor lists the components that are not ready and why, e.g.
+// "ztunnel: OnDelete: 2 of 3 pods available"; "" when all are.
+func (o *observation) waitingFor() string {
 	var waiting []string
-	for _, c := range obs.components {
+	for _, c := range o.components {
 		if !c.Ready {
 			msg := c.Message
 			if msg == "" {
@@ -242,9 +243,14 @@ func progressMessage(obs *observation) string {
 			waiting = append(waiting, fmt.Sprintf("%s: %s", c.Name, msg))
 		}
 	}
-	switch {
-	case len(waiting) > 0:
-		return fmt.Sprintf("Installing %s: waiting for %s", obs.target, strings.Join(waiting, "; "))
+	return strings.Join(waiting, "; ")
+}
+
+// progressMessage says what the rollout waits for.
+func progressMessage(obs *observation) string {
+	switch waiting := obs.waitingFor(); {
+	case waiting != "":
+		return fmt.Sprintf("Installing %s: waiting for %s", obs.target, waiting)
 	case !obs.namespacesObserved:
 		return "Enrolling namespaces"
 	case obs.bundle != nil && obs.target != "" && obs.bundle.Version != obs.target && obs.rollout.block == "":
