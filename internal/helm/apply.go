@@ -101,6 +101,15 @@ func releaseLabels(chartDigest, valDigest string) map[string]string {
 	return map[string]string{labelChartDigest: chartDigest, labelValuesDigest: valDigest}
 }
 
+// serverValidatesWrites turns off Helm's client-side schema check of the
+// manifest. Every write is a server-side apply with fieldValidation=Strict,
+// so the API server refuses an unknown or malformed field anyway (and
+// test/charts dry-runs every bundle against it). The client-side check
+// downloads and parses the cluster's whole OpenAPI document on every install
+// and twice on every upgrade: 2.2 s of the operator's 9.6 s CPU in the
+// 20-node canary upgrade (TestMeasureCanaryUpgrade50Namespaces, pprof).
+const serverValidatesWrites = true
+
 func (c *Client) install(ctx context.Context, cfg *action.Configuration, r Release, ch *chartv2.Chart, chartDigest, valDigest string) (*Status, error) {
 	log := c.log.WithValues("release", r.Name, "namespace", r.Namespace)
 	if err := c.ensureNamespace(ctx, r.Namespace); err != nil {
@@ -111,6 +120,7 @@ func (c *Client) install(ctx context.Context, cfg *action.Configuration, r Relea
 	in.Namespace = r.Namespace
 	in.ServerSideApply = true
 	in.ForceConflicts = true
+	in.DisableOpenAPIValidation = serverValidatesWrites
 	in.Timeout = r.timeout()
 	in.WaitStrategy, in.WaitOptions = r.wait(ctx)
 	in.Labels = releaseLabels(chartDigest, valDigest)
@@ -140,6 +150,7 @@ func (c *Client) upgrade(ctx context.Context, cfg *action.Configuration, r Relea
 	up.Namespace = r.Namespace
 	up.ServerSideApply = "true"
 	up.ForceConflicts = true
+	up.DisableOpenAPIValidation = serverValidatesWrites
 	// Without ResetValues, Helm reuses the previous values when the new
 	// ones are empty.
 	up.ResetValues = true

@@ -68,6 +68,11 @@ type Client struct {
 	handler          slog.Handler
 
 	locks sync.Map // release name -> *sync.Mutex
+	// verified remembers, per release object, the revision and
+	// resourceVersion at which Repair last found (or made) it free of drift:
+	// an object still at that resourceVersion, for the same revision, is
+	// unchanged and needs no dry run. One entry per object: it stays small.
+	verified sync.Map // "<release>/<object key>" -> "<revision>/<resourceVersion>"
 }
 
 // New returns a Client talking to the cluster of cfg and storing releases in

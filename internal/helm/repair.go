@@ -68,6 +68,8 @@ func (c *Client) Repair(ctx context.Context, name string) (RepairResult, error) 
 	for _, m := range objs {
 		setHelmMetadata(m.obj, rel.Name, rel.Namespace)
 		ri := c.resourceClient(m)
+		key := name + "/" + m.key()
+		at := func(o *unstructured.Unstructured) string { return fmt.Sprintf("%d/%s", rel.Version, o.GetResourceVersion()) }
 		live, err := ri.Get(ctx, m.obj.GetName(), metav1.GetOptions{})
 		switch {
 		case apierrors.IsNotFound(err):
@@ -78,10 +80,12 @@ func (c *Client) Repair(ctx context.Context, name string) (RepairResult, error) 
 				}
 				nsChecked = true
 			}
-			if _, err := c.apply(ctx, ri, m.obj, false); err != nil {
+			created, err := c.apply(ctx, ri, m.obj, false)
+			if err != nil {
 				errs = append(errs, fmt.Errorf("re-create %s: %w", m.key(), err))
 				continue
 			}
+			c.verified.Store(key, at(created))
 			log.Info("Repaired missing object", "object", m.key())
 			res.Repaired = append(res.Repaired, m.key())
 			continue
@@ -94,20 +98,26 @@ func (c *Client) Repair(ctx context.Context, name string) (RepairResult, error) 
 			res.Ignored = append(res.Ignored, m.key())
 			continue
 		}
+		if v, ok := c.verified.Load(key); ok && v == at(live) {
+			continue // unchanged since it was last found free of drift
+		}
 		dry, err := c.apply(ctx, ri, m.obj, true)
 		if err != nil {
 			errs = append(errs, fmt.Errorf("dry-run apply %s: %w", m.key(), err))
 			continue
 		}
 		if diff := drift(live, dry); diff == "" {
+			c.verified.Store(key, at(live))
 			continue
 		} else {
 			log.V(1).Info("Object drifted", "object", m.key(), "fields", diff)
 		}
-		if _, err := c.apply(ctx, ri, m.obj, false); err != nil {
+		applied, err := c.apply(ctx, ri, m.obj, false)
+		if err != nil {
 			errs = append(errs, fmt.Errorf("re-apply %s: %w", m.key(), err))
 			continue
 		}
+		c.verified.Store(key, at(applied))
 		log.Info("Repaired drifted object", "object", m.key())
 		res.Repaired = append(res.Repaired, m.key())
 	}
