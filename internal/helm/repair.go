@@ -63,13 +63,16 @@ func (c *Client) Repair(ctx context.Context, name string) (RepairResult, error) 
 	}
 	log := c.log.WithValues("release", name, "revision", rel.Version)
 
+	// at is what c.verified remembers of an object found free of drift.
+	at := func(o *unstructured.Unstructured) string {
+		return fmt.Sprintf("%d/%s", rel.Version, o.GetResourceVersion())
+	}
 	var errs []error
 	nsChecked := false
 	for _, m := range objs {
 		setHelmMetadata(m.obj, rel.Name, rel.Namespace)
 		ri := c.resourceClient(m)
 		key := name + "/" + m.key()
-		at := func(o *unstructured.Unstructured) string { return fmt.Sprintf("%d/%s", rel.Version, o.GetResourceVersion()) }
 		live, err := ri.Get(ctx, m.obj.GetName(), metav1.GetOptions{})
 		switch {
 		case apierrors.IsNotFound(err):
