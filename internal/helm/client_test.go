@@ -370,7 +370,9 @@ func TestRepair(t *testing.T) {
 	}
 
 	// Drift: a deleted DaemonSet, an edited ConfigMap, an edited ConfigMap
-	// its owner asked meshkeeper to leave alone.
+	// its owner asked meshkeeper to leave alone. (The Repair above
+	// remembered every object as checked at its resourceVersion; an edit
+	// changes it, so the edited objects are checked again.)
 	agent := &appsv1.DaemonSet{ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: name + "-agent"}}
 	if err := kc.Client.Delete(ctx, agent); err != nil {
 		t.Fatal(err)
@@ -404,6 +406,9 @@ func TestRepair(t *testing.T) {
 	}
 	if g := settingsGreeting(t, ctx, ns, name); g != "hello" {
 		t.Errorf("settings greeting %q after repair, want hello", g)
+	}
+	if res, err := c.Repair(ctx, name); err != nil || len(res.Repaired) != 0 {
+		t.Errorf("Repair right after a repair = %+v, %v; want nothing repaired", res, err)
 	}
 	var tun corev1.ConfigMap
 	if err := kc.Client.Get(ctx, client.ObjectKey{Namespace: ns, Name: name + "-tunables"}, &tun); err != nil {
