@@ -142,12 +142,7 @@ func TestMeasureSLOBreachToRollback(t *testing.T) {
 				// the breach comes.
 				Canary: []string{"mb-canary"}, Waves: []string{"100%"}, Bake: &metav1.Duration{Duration: time.Minute},
 			}, RetireAfter: &metav1.Duration{}},
-			Analysis: &meshv1.AnalysisSpec{
-				Prometheus:   &meshv1.PrometheusSpec{Address: srv.URL},
-				Interval:     &metav1.Duration{Duration: interval},
-				FailureLimit: ptr(int32(0)),
-				SLOs:         []meshv1.SLO{{Name: "l4-success", Query: rolloutSLO, Min: ptr("0.99")}},
-			},
+			Analysis: sloGate(srv.URL, interval, "0.99"),
 		},
 	}
 	g.Expect(k8s.Create(ctx, mesh)).To(Succeed())

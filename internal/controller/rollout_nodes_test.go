@@ -38,7 +38,6 @@ func TestNodeWaves(t *testing.T) {
 	srv, err := prom.Start(ctx, t, workload.Addr)
 	g.Expect(err).NotTo(HaveOccurred())
 
-	interval := metav1.Duration{Duration: 5 * time.Second}
 	one := intstr.FromInt32(1)
 	mesh := &meshv1.Mesh{
 		ObjectMeta: metav1.ObjectMeta{Name: "default"},
@@ -54,12 +53,7 @@ func TestNodeWaves(t *testing.T) {
 				Namespaces:  meshv1.NamespaceRolloutSpec{Bake: &metav1.Duration{}},
 				RetireAfter: &metav1.Duration{},
 			},
-			Analysis: &meshv1.AnalysisSpec{
-				Prometheus:   &meshv1.PrometheusSpec{Address: srv.URL},
-				Interval:     &interval,
-				FailureLimit: ptr(int32(0)),
-				SLOs:         []meshv1.SLO{{Name: "l4-success", Query: rolloutSLO, Min: ptr("0.99")}},
-			},
+			Analysis: sloGate(srv.URL, 5*time.Second, "0.99"),
 		},
 	}
 	g.Expect(k8s.Create(ctx, mesh)).To(Succeed())

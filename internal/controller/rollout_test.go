@@ -20,6 +20,17 @@ import (
 const rolloutSLO = `sum(rate(meshkeeper_agent_connections_total{namespace=~"{{ .Namespaces }}",result="ok"}[5s])) / ` +
 	`sum(rate(meshkeeper_agent_connections_total{namespace=~"{{ .Namespaces }}"}[5s]))`
 
+// sloGate is the tests' analysis: rolloutSLO against the Prometheus at
+// address every interval, at least min, rolling back on the first failure.
+func sloGate(address string, interval time.Duration, min string) *meshv1.AnalysisSpec {
+	return &meshv1.AnalysisSpec{
+		Prometheus:   &meshv1.PrometheusSpec{Address: address},
+		Interval:     &metav1.Duration{Duration: interval},
+		FailureLimit: ptr(int32(0)),
+		SLOs:         []meshv1.SLO{{Name: "l4-success", Query: rolloutSLO, Min: ptr(min)}},
+	}
+}
+
 // TestCanaryRollouts drives one Mesh through the rollouts a platform team
 // lives with, judged by a real Prometheus scraping a workload whose success
 // ratio per namespace the test sets: an SLO breach in the canary wave rolls
@@ -41,7 +52,6 @@ func TestCanaryRollouts(t *testing.T) {
 	srv, err := prom.Start(ctx, t, workload.Addr)
 	g.Expect(err).NotTo(HaveOccurred())
 
-	interval := metav1.Duration{Duration: 5 * time.Second}
 	mesh := &meshv1.Mesh{
 		ObjectMeta: metav1.ObjectMeta{Name: "default"},
 		Spec: meshv1.MeshSpec{
@@ -50,14 +60,9 @@ func TestCanaryRollouts(t *testing.T) {
 			Rollout: meshv1.RolloutSpec{Namespaces: meshv1.NamespaceRolloutSpec{
 				Canary: []string{"ro-canary"}, Waves: []string{"50%", "100%"}, Bake: &metav1.Duration{Duration: time.Second},
 			}, RetireAfter: &metav1.Duration{Duration: 2 * time.Second}},
-			Analysis: &meshv1.AnalysisSpec{
-				Prometheus:   &meshv1.PrometheusSpec{Address: srv.URL},
-				Interval:     &interval,
-				FailureLimit: ptr(int32(0)),
-				// 0.95: the canary namespace at 0.9 fails its own wave, but the
-				// node waves, judged over every namespace (0.98), pass.
-				SLOs: []meshv1.SLO{{Name: "l4-success", Query: rolloutSLO, Min: ptr("0.95")}},
-			},
+			// 0.95: the canary namespace at 0.9 fails its own wave, but the
+			// node waves, judged over every namespace (0.98), pass.
+			Analysis: sloGate(srv.URL, 5*time.Second, "0.95"),
 		},
 	}
 	g.Expect(k8s.Create(ctx, mesh)).To(Succeed())
