@@ -16,6 +16,12 @@ complete() {
 	for b in "${bins[@]}"; do [[ -x "$cache/$b" ]] || return 1; done
 }
 
+# Several checkouts (worktrees, a demo beside a test run) may ask at once:
+# one builds, the others wait for it instead of building the same thing.
+mkdir -p "$(dirname "$cache")"
+exec 9>"$(dirname "$cache")/.lock"
+flock 9
+
 if ! complete; then
 	echo "Building cluster binaries into $cache (cold build: ~14 min on 2 cores)..." >&2
 	tmp="$cache.tmp.$$"
