@@ -31,20 +31,66 @@ const (
 
 var captureAddr = fmt.Sprintf("127.0.0.1:%d", capturePort)
 
-// TestRedirectInNetns is the datapath end to end on this kernel: a client in
-// an enrolled namespace reaches the capture proxy instead of the service,
-// the proxy learns the service address through SO_ORIGINAL_DST, the client
-// still sees the service as its peer, a client in another namespace and
-// the host are untouched, and the outcomes are counted.
+// TestRedirectInNetns is the datapath end to end on this kernel, on an
+// idle kernel and on a node where kubelet and kube-proxy rules make
+// conntrack active (see nodeEnv). It asserts what the datapath guarantees:
+// a client in an enrolled namespace reaches the capture proxy instead of the
+// service's server, the proxy learns the service address (the true original
+// destination, not conntrack's view of the redirected connection), the
+// client still sees the service as its peer; a client in a namespace that is
+// not enrolled reaches the server directly and never the proxy; the host's
+// own connections keep their peer and original destination; and the
+// outcomes are counted.
 func TestRedirectInNetns(t *testing.T) {
 	requirePrivileged(t)
-	g := NewWithT(t)
-	enrolledNS, otherNS := newTestNetns(t), newTestNetns(t)
+	for _, env := range nodeEnvs {
+		t.Run(env.name, func(t *testing.T) { testRedirectInNetns(t, env) })
+	}
+}
 
-	// Before any program is loaded: the service address has no route.
+func testRedirectInNetns(t *testing.T, env nodeEnv) {
+	g := NewWithT(t)
+	env.setUp(t)
+	enrolledNS, otherNS := newTestNetns(t), newTestNetns(t)
+	enrolledServer, otherServer := env.addService(t, enrolledNS), env.addService(t, otherNS)
+
+	// The environment is what it says: in a kube node conntrack answers
+	// SO_ORIGINAL_DST for plain connections in the host's namespace and the
+	// pod's; the pod namespaces of an idle kernel have no rule. (The host
+	// of an idle run is not asserted: a kubelet may run on this machine.)
+	var active bool
+	var err error
+	if env.kube {
+		active, err = conntrackActive()
+		g.Expect(err).NotTo(HaveOccurred())
+		g.Expect(active).To(BeTrue(), "conntrack in the host's network namespace")
+	}
+	g.Expect(enrolledNS.Do(func() { active, err = conntrackActive() })).To(Succeed())
+	g.Expect(err).NotTo(HaveOccurred())
+	g.Expect(active).To(Equal(env.kube), "conntrack in the pod's network namespace")
+
+	// dialService connects to the service from ns and says who answered:
+	// "server", or the proxy's "orig <original destination>". The client's
+	// peer is the service either way.
+	dialService := func(ns *testNetns) (string, error) {
+		c, err := dialIn(ns, "tcp4", serviceAddr, 2*time.Second)
+		if err != nil {
+			return "", err
+		}
+		defer c.Close()
+		sa, err := peerName(c)
+		if err != nil {
+			return "", err
+		}
+		if peer := sockaddrString(sa); peer != serviceAddr {
+			return "", fmt.Errorf("peer %s, want the service %s", peer, serviceAddr)
+		}
+		return readReply(c)
+	}
+
+	// Before any program is loaded: the service's server answers.
 	for _, ns := range []*testNetns{enrolledNS, otherNS} {
-		_, err := dialIn(ns, "tcp4", serviceAddr, time.Second)
-		g.Expect(err).To(MatchError(unix.ENETUNREACH), "without the datapath %s must be unreachable in %s", serviceAddr, ns.Name)
+		g.Expect(dialService(ns)).To(Equal("server"), "without the datapath the server answers in %s", ns.Name)
 	}
 
 	dp, _ := loadTestDatapath(t, capturePort)
@@ -55,9 +101,8 @@ func TestRedirectInNetns(t *testing.T) {
 	reg := NewRegistry(collector)
 	pod := PodRef{Namespace: "shop", Name: "client-a", UID: "0b0e4f7e-2d8c-4bf4-9a51-0d3a6b2f1e11"}
 
-	// Loaded but not enrolled yet: still no route.
-	_, err = dialIn(enrolledNS, "tcp4", serviceAddr, time.Second)
-	g.Expect(err).To(MatchError(unix.ENETUNREACH), "a namespace that is not enrolled must not be redirected")
+	// Loaded but not enrolled yet: still the server.
+	g.Expect(dialService(enrolledNS)).To(Equal("server"), "a namespace that is not enrolled must not be redirected")
 
 	g.Expect(enroller.EnrollPath(pod, enrolledNS.Path)).To(Succeed())
 	g.Expect(metricValue(t, reg, "meshkeeper_agent_connections_total", "result", "refused")).To(Equal(0.0), "series exist at 0 once enrolled")
@@ -65,6 +110,7 @@ func TestRedirectInNetns(t *testing.T) {
 	// The non-enrolled namespace gets a listener on the capture port too,
 	// so that a wrongful redirect there would succeed instead of failing.
 	otherProxy := startStandInProxy(t, otherNS, captureAddr)
+	enrolledAtServer, otherAtServer := enrolledServer.Accepted(), otherServer.Accepted()
 
 	const okDials = 20
 	for i := range okDials {
@@ -77,6 +123,8 @@ func TestRedirectInNetns(t *testing.T) {
 		g.Expect(readReply(c)).To(Equal("orig "+serviceAddr), "the proxy must read the original destination with SO_ORIGINAL_DST")
 		c.Close()
 	}
+	g.Expect(proxy.Accepted()).To(Equal(okDials), "every connection of the enrolled pod reaches the proxy")
+	g.Expect(enrolledServer.Accepted()).To(Equal(enrolledAtServer), "no connection of the enrolled pod reaches the server around the proxy")
 
 	// A dual-stack (AF_INET6) socket connecting to the v4-mapped address.
 	var mappedPeer, mappedReply string
@@ -86,27 +134,41 @@ func TestRedirectInNetns(t *testing.T) {
 	g.Expect(mappedPeer).To(Equal("[::ffff:10.96.0.10]:80"))
 	g.Expect(mappedReply).To(Equal("orig " + serviceAddr))
 
-	// Not enrolled: not redirected.
-	_, err = dialIn(otherNS, "tcp4", serviceAddr, time.Second)
-	g.Expect(err).To(MatchError(unix.ENETUNREACH), "a namespace that is not enrolled must not be redirected")
+	// Not enrolled: straight to the server, never the proxy.
+	for range 3 {
+		g.Expect(dialService(otherNS)).To(Equal("server"), "a namespace that is not enrolled must not be redirected")
+	}
+	g.Expect(otherServer.Accepted()).To(Equal(otherAtServer + 3))
 	g.Expect(otherProxy.Accepted()).To(BeZero())
 
 	// The host's own loopback traffic is untouched: a direct connection
-	// keeps its peer, and SO_ORIGINAL_DST is not answered for it.
+	// keeps its peer, and the datapath answers no SO_ORIGINAL_DST for it.
+	// Where conntrack is active the kernel answers it, with the address
+	// the connection really went to.
 	hostProxy := startStandInProxy(t, nil, "127.0.0.1:0")
-	hc, err := net.DialTimeout("tcp4", hostProxy.ln.Addr().String(), time.Second)
+	hostAddr := hostProxy.ln.Addr().String()
+	hc, err := net.DialTimeout("tcp4", hostAddr, time.Second)
 	g.Expect(err).NotTo(HaveOccurred())
-	g.Expect(hc.RemoteAddr().String()).To(Equal(hostProxy.ln.Addr().String()))
-	g.Expect(readReply(hc)).To(HavePrefix("error "), "SO_ORIGINAL_DST must not be answered for a connection that was not redirected")
+	g.Expect(hc.RemoteAddr().String()).To(Equal(hostAddr))
+	hostReply, err := readReply(hc)
+	g.Expect(err).NotTo(HaveOccurred())
+	if env.kube {
+		g.Expect(hostReply).To(Equal("orig "+hostAddr), "conntrack's answer for a connection that was not redirected: where it went")
+	} else {
+		g.Expect(hostReply).To(Or(HavePrefix("error "), Equal("orig "+hostAddr)),
+			"for a connection that was not redirected SO_ORIGINAL_DST is not answered, or (conntrack) names where it went")
+	}
 	hc.Close()
 
 	// Refused: a loopback port nobody listens on (loopback is never redirected)...
 	_, err = dialIn(enrolledNS, "tcp4", "127.0.0.1:1", time.Second)
 	g.Expect(err).To(MatchError(unix.ECONNREFUSED))
-	// ...and the service while the proxy is down.
+	// ...and the service while the proxy is down: the connection fails
+	// rather than leave the mesh for the server.
 	proxy.Close()
 	_, err = dialIn(enrolledNS, "tcp4", serviceAddr, time.Second)
 	g.Expect(err).To(MatchError(unix.ECONNREFUSED), "redirected to a capture port nobody listens on")
+	g.Expect(enrolledServer.Accepted()).To(Equal(enrolledAtServer), "with the proxy down, the enrolled pod must not reach the server")
 
 	// Timeout: a SYN routed into lo for an address nobody has (dropped),
 	// from a socket with the proxy's bypass mark (never redirected).
@@ -140,8 +202,7 @@ func TestRedirectInNetns(t *testing.T) {
 
 	enroller.Forget(pod.UID)
 	g.Expect(dp.EnrolledNetns()).To(BeEmpty())
-	_, err = dialIn(enrolledNS, "tcp4", serviceAddr, time.Second)
-	g.Expect(err).To(MatchError(unix.ENETUNREACH), "an unenrolled namespace is no longer redirected")
+	g.Expect(dialService(enrolledNS)).To(Equal("server"), "an unenrolled namespace is no longer redirected")
 }
 
 // dialV4Mapped connects an AF_INET6 socket to the v4-mapped form of addr

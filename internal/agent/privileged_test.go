@@ -85,6 +85,7 @@ func sweepStaleTestState() {
 			}
 		}
 	}
+	sweepHostRules(stale)
 	if entries, err := os.ReadDir("/run/netns"); err == nil {
 		for _, e := range entries {
 			if strings.HasPrefix(e.Name(), testPinPrefix) && stale(e.Name()) {
