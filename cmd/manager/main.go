@@ -45,6 +45,7 @@ type options struct {
 	componentsNamespace    string
 	bundlesDir             string
 	prometheusAddress      string
+	notEnrolledGrace       time.Duration
 }
 
 func main() {
@@ -63,6 +64,7 @@ func main() {
 	flag.StringVar(&o.bundlesDir, "bundles-dir", "", "Load bundles from this directory instead of the embedded catalog (development).")
 	flag.StringVar(&o.prometheusAddress, "prometheus-address", "", "Prometheus base URL for SLO analysis when a Mesh sets no spec.analysis.prometheus; empty: such rollouts only bake.")
 	zapOpts := zap.Options{Development: false}
+	flag.DurationVar(&o.notEnrolledGrace, "pod-enrolment-grace", controller.DefaultNotEnrolledGrace, "How long a node agent may leave a pod it should redirect unenrolled before the Mesh is Degraded (PodsNotEnrolled).")
 	zapOpts.BindFlags(flag.CommandLine)
 	flag.Parse()
 	ctrl.SetLogger(zap.New(zap.UseFlagOptions(&zapOpts)))
@@ -148,6 +150,7 @@ func run(ctx context.Context, o options) error {
 		Catalog:             catalog,
 		ComponentsNamespace: o.componentsNamespace,
 		PrometheusAddress:   o.prometheusAddress,
+		NotEnrolledGrace:    o.notEnrolledGrace,
 	}).SetupWithManager(mgr); err != nil {
 		return fmt.Errorf("set up mesh controller: %w", err)
 	}

@@ -13,6 +13,7 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	"k8s.io/klog/v2"
+	"k8s.io/utils/clock"
 	ctrl "sigs.k8s.io/controller-runtime"
 	"sigs.k8s.io/controller-runtime/pkg/builder"
 	"sigs.k8s.io/controller-runtime/pkg/client"
@@ -48,6 +49,26 @@ type MeshReconciler struct {
 	NewProvider func(address string) (analysis.Provider, error)
 	// APIReader reads Meshes uncached; SetupWithManager sets the manager's.
 	APIReader client.Reader
+	// NotEnrolledGrace is how long a node agent may leave a wanted pod
+	// unenrolled before the Mesh is Degraded (PodsNotEnrolled); 0 is
+	// DefaultNotEnrolledGrace.
+	NotEnrolledGrace time.Duration
+	// Clock tells the time for that grace period; nil is the real clock.
+	Clock clock.PassiveClock
+}
+
+func (r *MeshReconciler) now() time.Time {
+	if r.Clock != nil {
+		return r.Clock.Now()
+	}
+	return time.Now()
+}
+
+func (r *MeshReconciler) notEnrolledGrace() time.Duration {
+	if r.NotEnrolledGrace > 0 {
+		return r.NotEnrolledGrace
+	}
+	return DefaultNotEnrolledGrace
 }
 
 func (r *MeshReconciler) reader() client.Reader {
@@ -149,6 +170,10 @@ func (r *MeshReconciler) reconcileNormal(ctx context.Context, mesh *meshv1.Mesh,
 		return ctrl.Result{RequeueAfter: obs.requeueAfter}, nil
 	case !obs.converged():
 		return ctrl.Result{RequeueAfter: jitter(3 * time.Second)}, nil
+	case obs.enrolmentRecheck > 0:
+		// A pod still within its enrolment grace period: look again when
+		// it ends (no MeshNode change would wake this Mesh then).
+		return ctrl.Result{RequeueAfter: obs.enrolmentRecheck + 100*time.Millisecond}, nil
 	}
 	return ctrl.Result{}, nil
 }

@@ -101,6 +101,7 @@ func (r *MeshReconciler) reconcileNodes(ctx context.Context, mesh *meshv1.Mesh, 
 	}
 	var errs []error
 	decisions := make([]nodeDecision, 0, len(nodes))
+	var enrolments []nodeEnrolment
 	for i := range nodes {
 		n := &nodes[i]
 		d := decideNode(n, byName[n.Name], mesh.Spec.Dataplane, minKernel)
@@ -108,8 +109,13 @@ func (r *MeshReconciler) reconcileNodes(ctx context.Context, mesh *meshv1.Mesh, 
 		if err := r.applyNodeLabel(ctx, n, d.redirection); err != nil {
 			errs = append(errs, err)
 		}
+		if report := byName[n.Name]; d.redirection == meshv1.NodeRedirectionEBPF && report != nil {
+			enrolments = append(enrolments, nodeEnrolment{node: n.Name, report: report.Status.Enrolment})
+		}
 	}
 	obs.nodes, obs.failingNodes = summarizeNodes(decisions)
+	obs.notEnrolledGrace = r.notEnrolledGrace()
+	obs.notEnrolled, obs.enrolmentRecheck = podsNotEnrolled(enrolments, r.now(), obs.notEnrolledGrace)
 	obs.nodesObserved = true
 	return errors.Join(errs...)
 }

@@ -30,6 +30,12 @@ type observation struct {
 	nodesObserved bool
 	nodes         meshv1.NodeCounts
 	failingNodes  []string
+	// notEnrolled describes the eBPF nodes with pods left unenrolled past
+	// the grace period; enrolmentRecheck is when the next waiting pod's
+	// grace period ends.
+	notEnrolled      []string
+	notEnrolledGrace time.Duration
+	enrolmentRecheck time.Duration
 
 	components      []meshv1.ComponentStatus
 	componentsReady bool
@@ -188,7 +194,10 @@ func setConditions(mesh *meshv1.Mesh, obs *observation, reconcileErr error) {
 		drop(meshv1.ConditionStalled)
 	}
 
-	if len(obs.conflicts) > 0 && !obs.deleting {
+	if len(obs.notEnrolled) > 0 && !obs.deleting {
+		// Traffic leaving the mesh unseen comes first.
+		set(meshv1.ConditionDegraded, metav1.ConditionTrue, meshv1.ReasonPodsNotEnrolled, notEnrolledMessage(obs.notEnrolled, obs.notEnrolledGrace))
+	} else if len(obs.conflicts) > 0 && !obs.deleting {
 		set(meshv1.ConditionDegraded, metav1.ConditionTrue, meshv1.ReasonLabelConflict,
 			fmt.Sprintf("meshkeeper leaves namespaces whose dataplane label another manager set: %s; remove that label to enroll them",
 				strings.Join(obs.conflicts, "; ")))
