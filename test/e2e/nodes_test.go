@@ -111,6 +111,49 @@ spec:
 		Eventually(nodeLabel).WithContext(ctx).WithArguments("node-c").WithTimeout(30 * time.Second).Should(Equal("ebpf"))
 	})
 
+	It("reports the Mesh Degraded while a pod the agent should redirect stays unenrolled, and recovers", func(ctx SpecContext) {
+		pinPath := fmt.Sprintf("/sys/fs/bpf/meshkeeper-e2e-%d-enrol", os.Getpid())
+		DeferCleanup(func() {
+			out, err := exec.Command(agentBin, "uninstall", "--pin-path", pinPath).CombinedOutput()
+			Expect(err).NotTo(HaveOccurred(), "agent uninstall: %s", out)
+		})
+		startAgent(ctx, agentBin, logDir, "agent-enrolment.log", pinPath)
+		enrolment := func(ctx context.Context) string {
+			out, _, _ := kc.Kubectl(ctx, "get", "meshnode", "node-c", "-o",
+				`jsonpath={.status.enrolment.wanted} {.status.enrolment.enrolled} {.status.enrolment.notEnrolled[*].name}`)
+			return out
+		}
+		degraded := func(ctx context.Context) string {
+			return kubectl(ctx, "get", "mesh", "default", "-o", `jsonpath={.status.conditions[?(@.type=="Degraded")].reason} {.status.conditions[?(@.type=="Degraded")].message}`)
+		}
+		Eventually(enrolment).WithContext(ctx).WithTimeout(30 * time.Second).Should(Equal("0 0 "))
+
+		By("a pod on node-c whose sandbox the agent cannot find (kwok runs no process)")
+		applyYAML(ctx, `apiVersion: v1
+kind: Namespace
+metadata: {name: nodes-e2e-enrol, labels: {nodes-e2e: "on"}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web-1, namespace: nodes-e2e-enrol}
+spec:
+  nodeName: node-c
+  containers: [{name: web, image: registry.example/web:1}]
+`)
+		DeferCleanup(func(ctx SpecContext) {
+			_, _, _ = kc.Kubectl(ctx, "delete", "namespace", "nodes-e2e-enrol", "--ignore-not-found", "--wait=false")
+		})
+		Eventually(enrolment).WithContext(ctx).WithTimeout(30*time.Second).Should(Equal("1 0 web-1"), "the agent wants it and says it is not enrolled")
+		Eventually(degraded).WithContext(ctx).WithTimeout(90 * time.Second).Should(And(
+			HavePrefix(meshv1.ReasonPodsNotEnrolled+" "),
+			ContainSubstring("node-c: 1 of 1 wanted pods not enrolled: nodes-e2e-enrol/web-1")))
+
+		By("the pod goes: the Mesh recovers")
+		kubectl(ctx, "delete", "pod", "-n", "nodes-e2e-enrol", "web-1", "--grace-period=0", "--force")
+		Eventually(enrolment).WithContext(ctx).WithTimeout(30 * time.Second).Should(Equal("0 0 "))
+		Eventually(degraded).WithContext(ctx).WithTimeout(30 * time.Second).ShouldNot(HavePrefix(meshv1.ReasonPodsNotEnrolled))
+	})
+
 	It("keeps the old-kernel node out of the mesh with kernelFallback: Block, and says so", func(ctx SpecContext) {
 		kubectl(ctx, "patch", "mesh", "default", "--type=merge", "-p", `{"spec":{"dataplane":{"kernelFallback":"Block"}}}`)
 		Eventually(nodeLabel).WithContext(ctx).WithArguments("node-a").WithTimeout(30 * time.Second).Should(Equal("blocked"))
