@@ -244,3 +244,48 @@ func (s *countingServer) Accepted() int {
 	defer s.mu.Unlock()
 	return s.seen
 }
+
+// The kube node environment leaves the host as it found it, also when the
+// test using it fails: its conntrack rule goes with the test's cleanups, and
+// a rule of a test process that is gone is swept.
+func TestKubeNodeEnvCleansUp(t *testing.T) {
+	requirePrivileged(t)
+	rules := func() string {
+		out, err := exec.Command("iptables-save", "-t", "filter").Output()
+		if err != nil {
+			t.Fatalf("iptables-save: %v", err)
+		}
+		return string(out)
+	}
+	// A rule added without a cleanup, as by a test binary killed by its
+	// timeout before its cleanups ran.
+	comment := testName()
+	iptables(t, nil, "-A", "OUTPUT", "-m", "conntrack", "--ctstate", "NEW", "-m", "comment", "--comment", comment)
+	if !strings.Contains(rules(), comment) {
+		t.Fatalf("rule %s not added", comment)
+	}
+	// While its process runs the sweep keeps it...
+	sweepHostRules(func(name string) bool { return false })
+	if !strings.Contains(rules(), comment) {
+		t.Fatal("the sweep removed a live test's rule")
+	}
+	// ...and removes it once its process counts as gone.
+	sweepHostRules(func(name string) bool {
+		return strings.HasPrefix(name, fmt.Sprintf("%s%d-", testPinPrefix, os.Getpid()))
+	})
+	if strings.Contains(rules(), comment) {
+		t.Fatalf("the sweep left %s behind:\n%s", comment, rules())
+	}
+
+	// The environment's rule is removed by t.Cleanup, which runs whether
+	// the test passed or failed.
+	t.Run("kube node", func(t *testing.T) {
+		nodeEnvs[1].setUp(t)
+		if !strings.Contains(rules(), testPinPrefix+strconv.Itoa(os.Getpid())) {
+			t.Fatal("the kube node environment added no host rule")
+		}
+	})
+	if strings.Contains(rules(), testPinPrefix+strconv.Itoa(os.Getpid())) {
+		t.Fatalf("the kube node environment left a host rule behind:\n%s", rules())
+	}
+}

@@ -139,7 +139,7 @@ func TestMeshDegradedWhilePodsAreNotEnrolled(t *testing.T) {
 		since := time.Now().Add(-DefaultNotEnrolledGrace + 4*time.Second)
 		report(meshv1.PodNotEnrolled{Namespace: "ne-a", Name: "web-2", Since: metav1.NewTime(since)})
 		g.Consistently(degraded).WithTimeout(2*time.Second).Should(BeNil(), "within its grace period")
-		g.Eventually(degraded).WithTimeout(20*time.Second).Should(HaveField("Message", ContainSubstring("ne-a/web-2")))
+		g.Eventually(degraded).WithTimeout(20 * time.Second).Should(HaveField("Message", ContainSubstring("ne-a/web-2")))
 		t.Logf("Degraded %s after the pod was first wanted (grace %s)", time.Since(since).Round(100*time.Millisecond), DefaultNotEnrolledGrace)
 		report()
 		g.Eventually(degraded).Should(BeNil())
