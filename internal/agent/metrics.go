@@ -49,7 +49,12 @@ type Collector struct {
 	Eligible atomic.Bool
 	// OnError, when set, hears about maps that could not be read.
 	OnError func(error)
+	// notReady is why the agent runs without a datapath, when it does.
+	notReady atomic.Pointer[string]
 }
+
+// SetNotReady records why the agent runs without a datapath; /readyz says it.
+func (c *Collector) SetNotReady(why string) { c.notReady.Store(&why) }
 
 // SetDatapath starts exporting a loaded datapath and its enroller.
 func (c *Collector) SetDatapath(dp *Datapath, e *Enroller) {
@@ -61,6 +66,8 @@ func (c *Collector) SetDatapath(dp *Datapath, e *Enroller) {
 // says why not.
 func (c *Collector) Ready() (bool, string) {
 	switch {
+	case c.notReady.Load() != nil:
+		return false, *c.notReady.Load()
 	case !c.Eligible.Load():
 		return false, "this node is not eligible for eBPF redirection (see its MeshNode)"
 	case c.datapath.Load() == nil || c.enroller.Load() == nil:

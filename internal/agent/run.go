@@ -106,6 +106,7 @@ func Run(ctx context.Context, o RunOptions) error {
 		st.Eligible, st.Redirection = false, ""
 		st.Reason = "the node agent can enrol no pod: " + err.Error()
 		reporter.report(st)
+		collector.SetNotReady(st.Reason)
 		signalReady(o.Ready)
 		<-ctx.Done()
 		return nil
@@ -122,7 +123,9 @@ func Run(ctx context.Context, o RunOptions) error {
 	})
 	if err != nil {
 		log.Error(err, "Loading the eBPF datapath failed; the node falls back")
-		reporter.report(MeshNodeStatus(result, err, o.AgentVersion, time.Now()))
+		st := MeshNodeStatus(result, err, o.AgentVersion, time.Now())
+		reporter.report(st)
+		collector.SetNotReady(st.Reason)
 		signalReady(o.Ready)
 		<-ctx.Done()
 		return nil
