@@ -112,7 +112,7 @@ func TestWebhookAgainstAPIServer(t *testing.T) {
 
 	t.Run("an unparsable PromQL query is refused by the webhook", func(t *testing.T) {
 		err := refusedUpdate(t, func(m *v1alpha1.Mesh) {
-			m.Spec.Analysis.SLOs[0].Query = `sum(rate(meshkeeper_agent_connections_total{namespace=~"{{ .Namespaces }}"}[1m]) /`
+			m.Spec.Analysis.SLOs[0].Query = `sum(rate(meshkeeper_agent_connections_total{workload_namespace=~"{{ .Namespaces }}"}[1m]) /`
 		})
 		expectRefused(t, err, "webhook", "spec.analysis.slos[0].query", "not valid PromQL", "parse error")
 	})
