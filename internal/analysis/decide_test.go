@@ -39,10 +39,10 @@ func TestDecide(t *testing.T) {
 		action   analysis.Action
 		// clusterWide are the messages Decide reports as cluster-wide drops.
 		clusterWide []string
-		degraded bool
-		verdict  meshv1.Verdict
-		next     analysis.State
-		reason   string
+		degraded    bool
+		verdict     meshv1.Verdict
+		next        analysis.State
+		reason      string
 	}{
 		{name: "all pass while baking: continue", results: []analysis.Result{pass, latencyPass},
 			action: analysis.ActionContinue, verdict: meshv1.VerdictPass, reason: "l4-success 0.997 >= 0.99; latency 0.1 <= 0.5 in wave 1: baking"},
