@@ -265,6 +265,9 @@ func FormatPercent(share float64) string {
 	return s + "%"
 }
 
+// ClusterWideMarker is in the message of every cluster-wide drop.
+const ClusterWideMarker = "cluster-wide drop"
+
 // judgeAgainstBaseline judges an SLO with maxDegradation from both values:
 //
 //   - worse than the baseline by more than maxDegradation: Fail;
@@ -295,7 +298,7 @@ func judgeAgainstBaseline(slo *meshv1.SLO, r Result, canary, baseline Sample) Re
 			slo.Name, value, r.Degradation, baseValue, *slo.MaxDegradation), meshv1.VerdictFail, canary)
 	case absVerdict == meshv1.VerdictFail && baseVerdict == meshv1.VerdictFail:
 		r.Verdict, r.ClusterWide = meshv1.VerdictPass, true
-		r.Message = fmt.Sprintf("%s passes on the baseline comparison: cluster-wide drop, %s and the baseline too (%s)", slo.Name, absMsg, vs)
+		r.Message = fmt.Sprintf("%s passes on the baseline comparison: %s, %s and the baseline too (%s)", slo.Name, ClusterWideMarker, absMsg, vs)
 	case absVerdict == meshv1.VerdictFail:
 		r.Verdict = meshv1.VerdictFail
 		r.Message = withWhere(absMsg, meshv1.VerdictFail, canary) + " (" + vs + ")"
