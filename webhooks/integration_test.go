@@ -14,6 +14,7 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/utils/ptr"
 	ctrl "sigs.k8s.io/controller-runtime"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 	"sigs.k8s.io/controller-runtime/pkg/controller/controllerutil"
@@ -108,6 +109,16 @@ func TestWebhookAgainstAPIServer(t *testing.T) {
 			m.Spec.Dataplane = v1alpha1.DataplaneSpec{Mode: v1alpha1.ModeSidecar, Redirection: v1alpha1.RedirectionEBPF}
 		})
 		expectRefused(t, err, "schema", "spec.dataplane.redirection", "only valid with mode Ambient")
+	})
+
+	t.Run("better without maxDegradation is refused by the CRD's CEL rule", func(t *testing.T) {
+		err := refusedUpdate(t, func(m *v1alpha1.Mesh) { m.Spec.Analysis.SLOs[0].Better = v1alpha1.BetterLower })
+		expectRefused(t, err, "schema", "spec.analysis.slos[0].better", "only applies with maxDegradation")
+	})
+
+	t.Run("maxDegradation that is not a percentage is refused by the CRD schema", func(t *testing.T) {
+		err := refusedUpdate(t, func(m *v1alpha1.Mesh) { m.Spec.Analysis.SLOs[0].MaxDegradation = ptr.To("0.01") })
+		expectRefused(t, err, "schema", "spec.analysis.slos[0].maxDegradation")
 	})
 
 	t.Run("an unparsable PromQL query is refused by the webhook", func(t *testing.T) {
