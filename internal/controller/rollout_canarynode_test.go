@@ -156,7 +156,7 @@ func TestNodeWavesSeeABadCanaryNode(t *testing.T) {
 			workloads["cw-node-02"].SetRatio(ns, 0)
 		}
 		updateMesh(g, func(m *meshv1.Mesh) { m.Spec.Version = "1.27.3" }) // a spec change: try again
-		g.Eventually(lastHistory).WithTimeout(2*time.Minute).Should(And(HaveField("Version", "1.27.3"), HaveField("Outcome", meshv1.OutcomeRolledBack),
+		g.Eventually(lastHistory).WithTimeout(2 * time.Minute).Should(And(HaveField("Version", "1.27.3"), HaveField("Outcome", meshv1.OutcomeRolledBack),
 			HaveField("Generation", getMesh().Generation)))
 		h := lastHistory()
 		t.Logf("rolled back: %s", h.Reason)
