@@ -97,7 +97,7 @@ func TestBaselineComparisonInARollout(t *testing.T) {
 		updateMesh(g, func(m *meshv1.Mesh) { m.Spec.Version = "1.27" })
 		// The canary wave passes on the comparison; the last wave has no
 		// baseline left, so min judges alone and rolls back.
-		g.Eventually(lastHistory).WithTimeout(2*time.Minute).Should(And(HaveField("Version", "1.27.3"), HaveField("Outcome", meshv1.OutcomeRolledBack)))
+		g.Eventually(lastHistory).WithTimeout(2 * time.Minute).Should(And(HaveField("Version", "1.27.3"), HaveField("Outcome", meshv1.OutcomeRolledBack)))
 		h := lastHistory()
 		t.Logf("rolled back: %s", h.Reason)
 		g.Expect(h.Reason).To(Equal("l4-success 0.9 < 0.95 (no baseline left to compare with) in wave 2"))
@@ -136,7 +136,7 @@ func TestBaselineComparisonInARollout(t *testing.T) {
 			workload.SetRatio(ns, 1)
 		}
 		workload.SetRatio("bl-canary", 0.97)
-		time.Sleep(6 * time.Second) // let the 5s rate window forget the drop
+		time.Sleep(6 * time.Second)                                       // let the 5s rate window forget the drop
 		updateMesh(g, func(m *meshv1.Mesh) { m.Spec.Version = "1.27.3" }) // a spec change: try again
 		g.Eventually(lastHistory).WithTimeout(time.Minute).Should(And(HaveField("Version", "1.27.3"), HaveField("Outcome", meshv1.OutcomeRolledBack),
 			HaveField("Generation", getMesh().Generation)))
