@@ -68,8 +68,9 @@ func StartKubernetesSD(ctx context.Context, t TB, snippet []byte, kubeconfig str
 		// Debian's prometheus package is built without Kubernetes service
 		// discovery; the upstream build (the pinned module's
 		// cmd/prometheus) has it.
-		msg := fmt.Sprintf("Prometheus %s has no Kubernetes service discovery (Debian's package is built without it): "+
-			"use a build of github.com/prometheus/prometheus/cmd/prometheus through %s", Binary(), BinaryEnv)
+		msg := fmt.Sprintf("Prometheus %s has no Kubernetes service discovery (Debian's package is built without it, and so is a build "+
+			"with -tags remove_all_sd alone): use a build of github.com/prometheus/prometheus/cmd/prometheus without tags or with "+
+			"-tags remove_all_sd,enable_kubernetes_sd, through %s", Binary(), BinaryEnv)
 		if os.Getenv(RequireEnv) == "1" {
 			t.Fatalf("%s (%s=1)", msg, RequireEnv)
 		}
