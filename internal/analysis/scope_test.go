@@ -197,15 +197,15 @@ func TestTenThousandNamespaces(t *testing.T) {
 	tpl, err := analysis.ParseTemplate(analysis.DefaultL4SuccessQuery)
 	g.Expect(err).NotTo(HaveOccurred())
 	for name, s := range scopes {
-		datas := []analysis.QueryData{s.Canary}
+		sides := map[string]analysis.QueryData{"wave": s.Canary}
 		if s.Baseline != nil {
-			datas = append(datas, *s.Baseline)
+			sides["baseline"] = *s.Baseline
 		}
-		for _, d := range datas {
+		for side, d := range sides {
 			q, err := tpl.Expand(d)
 			g.Expect(err).NotTo(HaveOccurred(), name)
-			g.Expect(len(q)).To(BeNumerically("<", 8<<10), "%s: %d bytes", name, len(q))
-			t.Logf("%s: the default SLO expands to %d bytes (limit %d)", name, len(q), analysis.MaxExpandedQuery)
+			g.Expect(len(q)).To(BeNumerically("<", 8<<10), "%s, %s: %d bytes", name, side, len(q))
+			t.Logf("%s, %s: the default SLO expands to %d bytes (limit %d)", name, side, len(q), analysis.MaxExpandedQuery)
 		}
 	}
 	// The same wave through .Namespaces would not even expand.
