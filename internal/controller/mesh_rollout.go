@@ -194,6 +194,11 @@ func (r *MeshReconciler) reconcileRollout(ctx context.Context, mesh *meshv1.Mesh
 	if ro == nil {
 		return nil
 	}
+	if ro.Step == meshv1.RolloutStepNodes || ro.Step == meshv1.RolloutStepNamespaces {
+		// Both limits in effect, next to the counters they apply to.
+		settings := analysis.SettingsFor(mesh.Spec.Analysis)
+		ro.FailureLimit, ro.InconclusiveLimit = &settings.FailureLimit, &settings.InconclusiveLimit
+	}
 	selected, err := r.selectedNamespaces(ctx, mesh, obs)
 	if err != nil {
 		return err
@@ -304,8 +309,6 @@ func (r *MeshReconciler) checkWave(ctx context.Context, mesh *meshv1.Mesh, obs *
 	if settings.Address == "" {
 		settings.Address = r.PrometheusAddress
 	}
-	// Both limits in effect, next to the counters they apply to.
-	ro.FailureLimit, ro.InconclusiveLimit = &settings.FailureLimit, &settings.InconclusiveLimit
 	namespaces, nodeWave := scope.namespaces, scope.nodeWave
 	if ro.LastCheckAt != nil && now.Sub(ro.LastCheckAt.Time) < settings.Interval {
 		obs.requeueAfter = settings.Interval - now.Sub(ro.LastCheckAt.Time)
