@@ -14,6 +14,7 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/utils/ptr"
 	ctrl "sigs.k8s.io/controller-runtime"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 	"sigs.k8s.io/controller-runtime/pkg/controller/controllerutil"
@@ -110,9 +111,19 @@ func TestWebhookAgainstAPIServer(t *testing.T) {
 		expectRefused(t, err, "schema", "spec.dataplane.redirection", "only valid with mode Ambient")
 	})
 
+	t.Run("better without maxDegradation is refused by the CRD's CEL rule", func(t *testing.T) {
+		err := refusedUpdate(t, func(m *v1alpha1.Mesh) { m.Spec.Analysis.SLOs[0].Better = v1alpha1.BetterLower })
+		expectRefused(t, err, "schema", "spec.analysis.slos[0].better", "only applies with maxDegradation")
+	})
+
+	t.Run("maxDegradation that is not a percentage is refused by the CRD schema", func(t *testing.T) {
+		err := refusedUpdate(t, func(m *v1alpha1.Mesh) { m.Spec.Analysis.SLOs[0].MaxDegradation = ptr.To("0.01") })
+		expectRefused(t, err, "schema", "spec.analysis.slos[0].maxDegradation")
+	})
+
 	t.Run("an unparsable PromQL query is refused by the webhook", func(t *testing.T) {
 		err := refusedUpdate(t, func(m *v1alpha1.Mesh) {
-			m.Spec.Analysis.SLOs[0].Query = `sum(rate(meshkeeper_agent_connections_total{namespace=~"{{ .Namespaces }}"}[1m]) /`
+			m.Spec.Analysis.SLOs[0].Query = `sum(rate(meshkeeper_agent_connections_total{workload_namespace=~"{{ .Namespaces }}"}[1m]) /`
 		})
 		expectRefused(t, err, "webhook", "spec.analysis.slos[0].query", "not valid PromQL", "parse error")
 	})

@@ -13,30 +13,41 @@ import (
 
 // sampleQueryDataText shows the sample values a query is expanded with
 // before it is parsed as PromQL.
-var sampleQueryDataText = fmt.Sprintf(".Namespaces=%q, .Revision=%q, .Interval=%q",
-	analysis.SampleQueryData.Namespaces, analysis.SampleQueryData.Revision, analysis.SampleQueryData.Interval)
+var sampleQueryDataText = sampleText(analysis.SampleQueryData)
 
-const queryExample = `e.g. sum(rate(meshkeeper_agent_connections_total{namespace=~"{{ .Namespaces }}",result="ok"}[1m])) / sum(rate(meshkeeper_agent_connections_total{namespace=~"{{ .Namespaces }}"}[1m]))`
+func sampleText(d analysis.QueryData) string {
+	return fmt.Sprintf(".Nodes=%q, .Revision=%q, .Baseline=%q, .Namespaces=%q, .Interval=%q", d.Nodes, d.Revision, d.Baseline, d.Namespaces, d.Interval)
+}
+
+const queryExample = `e.g. sum(rate(meshkeeper_agent_connections_total{workload_revision="{{ .Revision }}",result="ok"}[1m])) / sum(rate(meshkeeper_agent_connections_total{workload_revision="{{ .Revision }}"}[1m]))`
 
 // promqlParser parses the stable PromQL language (no experimental functions).
 var promqlParser = parser.NewParser(parser.Options{})
 
 // validateQuery checks that an SLO query is a Go template that expands with
-// sample values into PromQL returning a number.
+// sample values into PromQL returning a number, both for a namespace wave
+// and for a node wave (so both branches of {{ if .Nodes }} are checked).
 func validateQuery(q string, p *field.Path) field.ErrorList {
+	if errs := validateQueryWith(q, p, analysis.SampleQueryData); len(errs) > 0 {
+		return errs
+	}
+	return validateQueryWith(q, p, analysis.SampleNodeWaveData)
+}
+
+func validateQueryWith(q string, p *field.Path, sample analysis.QueryData) field.ErrorList {
 	switch {
 	case strings.TrimSpace(q) == "":
 		return field.ErrorList{field.Required(p, "a PromQL query (Go template) returning one number, "+queryExample)}
 	case len(q) > maxQueryLength:
 		return field.ErrorList{hint(field.TooLong(p, field.OmitValueType{}, maxQueryLength), "shorten the query; record long expressions with a Prometheus recording rule and query that")}
 	}
-	expanded, err := expandQuery(q)
+	expanded, err := expandQuery(q, sample)
 	if err != nil {
 		return field.ErrorList{field.Invalid(p, field.OmitValueType{}, err.Error())}
 	}
 	expr, err := parsePromQL(expanded)
 	if err != nil {
-		return field.ErrorList{field.Invalid(p, field.OmitValueType{}, describePromQLError(expanded, err))}
+		return field.ErrorList{field.Invalid(p, field.OmitValueType{}, describePromQLError(expanded, sample, err))}
 	}
 	switch t := expr.Type(); t {
 	case parser.ValueTypeVector, parser.ValueTypeScalar:
@@ -57,17 +68,17 @@ func validateQuery(q string, p *field.Path) field.ErrorList {
 // expandQuery parses q as a Go template, checks it uses only what a query
 // needs and executes it with the sample values (analysis.ParseTemplate and
 // Expand, the same code that expands queries for each wave).
-func expandQuery(q string) (string, error) {
+func expandQuery(q string, sample analysis.QueryData) (string, error) {
 	t, err := analysis.ParseTemplate(q)
 	if err != nil {
 		return "", err
 	}
-	out, err := t.Expand(analysis.SampleQueryData)
+	out, err := t.Expand(sample)
 	switch {
 	case errors.Is(err, analysis.ErrQueryTooLong):
 		return "", fmt.Errorf("the query expands to more than %d bytes; shorten it", analysis.MaxExpandedQuery)
 	case err != nil:
-		return "", fmt.Errorf("the template does not execute with sample values (%s): %v; the only fields are .Namespaces, .Revision and .Interval", sampleQueryDataText, err.Error())
+		return "", fmt.Errorf("the template does not execute with sample values (%s): %v; the only fields are .Nodes, .Revision, .Baseline, .Namespaces and .Interval", sampleText(sample), err.Error())
 	}
 	return out, nil
 }
@@ -85,7 +96,7 @@ func parsePromQL(q string) (expr parser.Expr, err error) {
 // describePromQLError gives the parser's message and position and shows the
 // expanded query around that position, since the position counts in the
 // expansion, not in the template.
-func describePromQLError(expanded string, err error) string {
+func describePromQLError(expanded string, sample analysis.QueryData, err error) string {
 	msg := err.Error()
 	var perrs parser.ParseErrors
 	var perr *parser.ParseErr
@@ -97,7 +108,7 @@ func describePromQLError(expanded string, err error) string {
 	case errors.As(err, &perr):
 		pos, found = int(perr.PositionRange.Start), true
 	}
-	detail := fmt.Sprintf("not valid PromQL after expanding the template with sample values (%s): %s", sampleQueryDataText, msg)
+	detail := fmt.Sprintf("not valid PromQL after expanding the template with sample values (%s): %s", sampleText(sample), msg)
 	if found {
 		detail += fmt.Sprintf("; near %s", snippet(expanded, pos))
 	}

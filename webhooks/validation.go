@@ -22,6 +22,7 @@ import (
 	"k8s.io/apimachinery/pkg/util/validation/field"
 
 	"github.com/meshkeeper/meshkeeper/api/v1alpha1"
+	"github.com/meshkeeper/meshkeeper/internal/analysis"
 )
 
 // Limits, mirroring the CRD schema where it has them.
@@ -38,12 +39,14 @@ const (
 	maxTrustDomainLength = 255
 	maxWaypoints         = 256
 
-	minInterval    = 5 * time.Second
-	maxFailures    = 100
-	maxWindow      = 168 * time.Hour
-	minSVIDTTL     = time.Minute
-	maxSVIDTTL     = 720 * time.Hour
-	exampleVersion = `"1.28" or "1.28.2"`
+	minInterval = 5 * time.Second
+	maxFailures = 100
+	// maxInconclusive mirrors spec.analysis.inconclusiveLimit's maximum.
+	maxInconclusive = 1000
+	maxWindow       = 168 * time.Hour
+	minSVIDTTL      = time.Minute
+	maxSVIDTTL      = 720 * time.Hour
+	exampleVersion  = `"1.28" or "1.28.2"`
 )
 
 var (
@@ -51,6 +54,8 @@ var (
 	percentRE  = regexp.MustCompile(`^([1-9][0-9]?|100)%$`)
 	dnsLabelRE = regexp.MustCompile(`^[a-z0-9]([-a-z0-9]*[a-z0-9])?$`)
 	numberRE   = regexp.MustCompile(`^-?[0-9]+(\.[0-9]+)?([eE][-+]?[0-9]+)?$`)
+	// degradationRE mirrors the schema's pattern of maxDegradation.
+	degradationRE = regexp.MustCompile(`^[0-9]+(\.[0-9]+)?%$`)
 )
 
 // ValidateSpec checks a Mesh spec. Paths are rooted at "spec". It needs no
@@ -355,6 +360,10 @@ func validateAnalysis(a *v1alpha1.AnalysisSpec, p *field.Path) field.ErrorList {
 	if fl := a.FailureLimit; fl != nil && (*fl < 0 || *fl > maxFailures) {
 		errs = append(errs, field.Invalid(p.Child("failureLimit"), int64(*fl), "must be from 0 to 100 failed checks tolerated before rollback, e.g. 2"))
 	}
+	if il := a.InconclusiveLimit; il != nil && (*il < 0 || *il > maxInconclusive) {
+		errs = append(errs, field.Invalid(p.Child("inconclusiveLimit"), int64(*il),
+			"must be from 0 to 1000 inconclusive checks tolerated before the rollout holds as Degraded, e.g. 5"))
+	}
 	sp := p.Child("slos")
 	if len(a.SLOs) > maxSLOs {
 		errs = append(errs, hint(field.TooMany(sp, len(a.SLOs), maxSLOs), "keep at most 32 SLOs; combine related checks in one query"))
@@ -369,6 +378,7 @@ func validateAnalysis(a *v1alpha1.AnalysisSpec, p *field.Path) field.ErrorList {
 		}
 		names[slo.Name] = true
 		errs = append(errs, validateSLOBounds(slo, ip)...)
+		errs = append(errs, validateBaseline(slo, ip)...)
 		errs = append(errs, validateQuery(slo.Query, ip.Child("query"))...)
 	}
 	return errs
@@ -414,6 +424,28 @@ func unwrapURLError(err error) error {
 		return ue.Err
 	}
 	return err
+}
+
+// validateBaseline checks maxDegradation and better.
+func validateBaseline(slo *v1alpha1.SLO, p *field.Path) field.ErrorList {
+	var errs field.ErrorList
+	if slo.MaxDegradation != nil {
+		if len(*slo.MaxDegradation) > maxNumberLength {
+			errs = append(errs, hint(field.TooLong(p.Child("maxDegradation"), *slo.MaxDegradation, maxNumberLength), `e.g. "1%"`))
+		} else if _, err := analysis.ParseDegradation(*slo.MaxDegradation); err != nil || !degradationRE.MatchString(*slo.MaxDegradation) {
+			errs = append(errs, field.Invalid(p.Child("maxDegradation"), *slo.MaxDegradation,
+				`must be a percentage of the baseline's value, e.g. "1%" or "0.5%"`))
+		}
+	}
+	switch slo.Better {
+	case "", v1alpha1.BetterHigher, v1alpha1.BetterLower:
+	default:
+		errs = append(errs, field.NotSupported(p.Child("better"), slo.Better, []string{string(v1alpha1.BetterHigher), string(v1alpha1.BetterLower)}))
+	}
+	if slo.Better != "" && slo.MaxDegradation == nil {
+		errs = append(errs, field.Invalid(p.Child("better"), slo.Better, `only applies with maxDegradation; remove better or add maxDegradation: "1%"`))
+	}
+	return errs
 }
 
 func validateSLOBounds(slo *v1alpha1.SLO, p *field.Path) field.ErrorList {

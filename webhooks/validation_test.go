@@ -12,9 +12,10 @@ import (
 	"k8s.io/utils/ptr"
 
 	"github.com/meshkeeper/meshkeeper/api/v1alpha1"
+	"github.com/meshkeeper/meshkeeper/internal/analysis"
 )
 
-const l4Query = `sum(rate(meshkeeper_agent_connections_total{namespace=~"{{ .Namespaces }}",result="ok"}[1m])) / sum(rate(meshkeeper_agent_connections_total{namespace=~"{{ .Namespaces }}"}[1m]))`
+const l4Query = `sum(rate(meshkeeper_agent_connections_total{workload_revision="{{ .Revision }}",result="ok"}[1m])) / sum(rate(meshkeeper_agent_connections_total{workload_revision="{{ .Revision }}"}[1m]))`
 
 // exampleSpec is the spec of the ARCHITECTURE.md example: valid by definition.
 func exampleSpec() *v1alpha1.MeshSpec {
@@ -166,7 +167,36 @@ func TestValidateSpec(t *testing.T) {
 		{name: "query not PromQL", mutate: func(s *v1alpha1.MeshSpec) {
 			s.Analysis.SLOs[0].Query = `sum(rate(x{namespace=~"{{ .Namespaces }}"}[1m]) /`
 		}, field: "spec.analysis.slos[0].query", detail: []string{"not valid PromQL", "parse error", "1:", "«here»", `.Namespaces="shop|shop-staging"`}},
-		{name: "query unknown field", mutate: func(s *v1alpha1.MeshSpec) { s.Analysis.SLOs[0].Query = `sum(up{ns="{{ .Namespace }}"})` }, field: "spec.analysis.slos[0].query", detail: []string{"Namespace", "only fields are .Namespaces, .Revision and .Interval"}},
+		{name: "query unknown field", mutate: func(s *v1alpha1.MeshSpec) { s.Analysis.SLOs[0].Query = `sum(up{ns="{{ .Namespace }}"})` }, field: "spec.analysis.slos[0].query", detail: []string{"Namespace", "only fields are .Nodes, .Revision, .Baseline, .Namespaces and .Interval"}},
+		{name: "query with the default SLO's node and revision fields", mutate: func(s *v1alpha1.MeshSpec) {
+			s.Analysis.SLOs[0].Query = analysis.DefaultL4SuccessQuery
+		}},
+		{name: "query whose node-wave branch is not PromQL", mutate: func(s *v1alpha1.MeshSpec) {
+			s.Analysis.SLOs[0].Query = `sum(up{ {{- if .Nodes }}node=~"{{ .Nodes }}"{{ else }}rev="{{ .Revision }}"{{ end }}}) {{ if .Nodes }}/{{ end }}`
+		}, field: "spec.analysis.slos[0].query", detail: []string{"not valid PromQL", `.Nodes="node-a|node-b"`}},
+		{name: "query with baseline", mutate: func(s *v1alpha1.MeshSpec) {
+			s.Analysis.SLOs[0].Query = `sum(up{rev=~"{{ .Revision }}|{{ .Baseline }}"})`
+		}},
+
+		// baseline comparison and limits
+		{name: "maxDegradation", mutate: func(s *v1alpha1.MeshSpec) {
+			s.Analysis.SLOs[0].MaxDegradation, s.Analysis.SLOs[0].Better = ptr.To("0.5%"), v1alpha1.BetterHigher
+		}},
+		{name: "maxDegradation lower is better", mutate: func(s *v1alpha1.MeshSpec) {
+			s.Analysis.SLOs[0].MaxDegradation, s.Analysis.SLOs[0].Better = ptr.To("10%"), v1alpha1.BetterLower
+		}},
+		{name: "maxDegradation without percent", mutate: func(s *v1alpha1.MeshSpec) { s.Analysis.SLOs[0].MaxDegradation = ptr.To("0.01") },
+			field: "spec.analysis.slos[0].maxDegradation", detail: []string{"percentage", `"1%"`}},
+		{name: "maxDegradation negative", mutate: func(s *v1alpha1.MeshSpec) { s.Analysis.SLOs[0].MaxDegradation = ptr.To("-1%") },
+			field: "spec.analysis.slos[0].maxDegradation", detail: []string{"percentage"}},
+		{name: "better without maxDegradation", mutate: func(s *v1alpha1.MeshSpec) { s.Analysis.SLOs[0].Better = v1alpha1.BetterLower },
+			field: "spec.analysis.slos[0].better", detail: []string{"only applies with maxDegradation"}},
+		{name: "better unknown", mutate: func(s *v1alpha1.MeshSpec) {
+			s.Analysis.SLOs[0].MaxDegradation, s.Analysis.SLOs[0].Better = ptr.To("1%"), "Bigger"
+		}, field: "spec.analysis.slos[0].better", detail: []string{"Unsupported value", `"Higher"`, `"Lower"`}},
+		{name: "inconclusiveLimit 0", mutate: func(s *v1alpha1.MeshSpec) { s.Analysis.InconclusiveLimit = ptr.To(int32(0)) }},
+		{name: "inconclusiveLimit negative", mutate: func(s *v1alpha1.MeshSpec) { s.Analysis.InconclusiveLimit = ptr.To(int32(-1)) },
+			field: "spec.analysis.inconclusiveLimit", detail: []string{"from 0 to 1000", "Degraded"}},
 		{name: "query bad template", mutate: func(s *v1alpha1.MeshSpec) { s.Analysis.SLOs[0].Query = `sum(up{ns="{{ .Namespaces }"})` }, field: "spec.analysis.slos[0].query", detail: []string{"not a valid Go template"}},
 		{name: "query range vector", mutate: func(s *v1alpha1.MeshSpec) { s.Analysis.SLOs[0].Query = `up[5m]` }, field: "spec.analysis.slos[0].query", detail: []string{"range vector", "one number"}},
 		{name: "query string", mutate: func(s *v1alpha1.MeshSpec) { s.Analysis.SLOs[0].Query = `"abc"` }, field: "spec.analysis.slos[0].query", detail: []string{"one number"}},

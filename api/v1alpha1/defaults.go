@@ -12,13 +12,16 @@ import (
 
 // Default values of optional fields.
 const (
-	DefaultBake           = 5 * time.Minute
-	DefaultNodeBake       = time.Minute
-	DefaultRetireAfter    = time.Minute
-	DefaultInterval       = 30 * time.Second
-	DefaultFailureLimit   = int32(2)
-	DefaultMaxUnavailable = "10%"
-	DefaultSVIDTTL        = time.Hour
+	DefaultBake         = 5 * time.Minute
+	DefaultNodeBake     = time.Minute
+	DefaultRetireAfter  = time.Minute
+	DefaultInterval     = 30 * time.Second
+	DefaultFailureLimit = int32(2)
+	// DefaultInconclusiveLimit: the sixth inconclusive check in a row holds
+	// the rollout as Degraded.
+	DefaultInconclusiveLimit = int32(5)
+	DefaultMaxUnavailable    = "10%"
+	DefaultSVIDTTL           = time.Hour
 )
 
 // EffectiveMode is the mode with its default (Ambient).

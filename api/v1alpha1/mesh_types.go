@@ -254,8 +254,20 @@ type AnalysisSpec struct {
 	// +optional
 	FailureLimit *int32 `json:"failureLimit,omitempty"`
 
-	// SLOs are the checks. A query is a Go template with .Namespaces (a regex
-	// of the wave's namespaces), .Revision and .Interval.
+	// InconclusiveLimit is how many consecutive inconclusive checks are
+	// tolerated (default 5): the check after them holds the rollout as
+	// Degraded, waiting for a human (Argo Rollouts' inconclusiveLimit:
+	// inconclusive > limit). It is counted apart from failureLimit.
+	// +kubebuilder:validation:Minimum=0
+	// +kubebuilder:validation:Maximum=1000
+	// +optional
+	InconclusiveLimit *int32 `json:"inconclusiveLimit,omitempty"`
+
+	// SLOs are the checks. A query is a Go template with .Nodes (a regex of
+	// the node wave's nodes, empty in a namespace wave), .Revision and
+	// .Baseline (the new and the old revision), .Namespaces (a regex of the
+	// wave's namespaces; it grows with their number, prefer .Revision) and
+	// .Interval.
 	// +listType=map
 	// +listMapKey=name
 	// +kubebuilder:validation:MaxItems=32
@@ -274,6 +286,7 @@ type PrometheusSpec struct {
 
 // SLO is one service-level objective checked each interval.
 // +kubebuilder:validation:XValidation:rule="has(self.min) || has(self.max)",message="an SLO needs min, max or both, e.g. min: \"0.99\""
+// +kubebuilder:validation:XValidation:rule="!has(self.better) || has(self.maxDegradation)",message="better only applies with maxDegradation; remove better or add maxDegradation: \"1%\"",fieldPath=".better"
 type SLO struct {
 	// Name identifies the SLO in status and history.
 	// +kubebuilder:validation:Pattern=`^[a-z0-9]([-a-z0-9]*[a-z0-9])?$`
@@ -298,7 +311,36 @@ type SLO struct {
 	// +kubebuilder:validation:MaxLength=32
 	// +optional
 	Max *string `json:"max,omitempty"`
+
+	// MaxDegradation compares the wave with its baseline (Kayenta / Argo
+	// Rollouts style): the same query, expanded for the baseline (.Revision
+	// and .Nodes of the old side), may be better than the wave's value by at
+	// most this share of the baseline's value, e.g. "1%" or "0.5%". The
+	// verdict records both values. A drop that hits both sides alike does
+	// not fail the wave (it is reported). min or max still judge the wave
+	// when no baseline is left (the last wave).
+	// +kubebuilder:validation:Pattern=`^[0-9]+(\.[0-9]+)?%$`
+	// +kubebuilder:validation:MaxLength=16
+	// +optional
+	MaxDegradation *string `json:"maxDegradation,omitempty"`
+
+	// Better says which way the value is better, for maxDegradation:
+	// Higher (a success ratio, the default) or Lower (a latency, an error
+	// rate).
+	// +kubebuilder:validation:Enum=Higher;Lower
+	// +optional
+	Better Better `json:"better,omitempty"`
 }
+
+// Better is which way an SLO's value is better.
+type Better string
+
+const (
+	// BetterHigher: a higher value is better (success ratios).
+	BetterHigher Better = "Higher"
+	// BetterLower: a lower value is better (latencies, error rates).
+	BetterLower Better = "Lower"
+)
 
 // UpgradeSpec says how new releases are followed.
 type UpgradeSpec struct {
@@ -511,6 +553,14 @@ type RolloutStatus struct {
 	// InconclusiveChecks counts consecutive inconclusive checks.
 	// +optional
 	InconclusiveChecks int32 `json:"inconclusiveChecks,omitempty"`
+	// FailureLimit is the failureLimit in effect: failedChecks above it
+	// roll back.
+	// +optional
+	FailureLimit *int32 `json:"failureLimit,omitempty"`
+	// InconclusiveLimit is the inconclusiveLimit in effect:
+	// inconclusiveChecks above it hold the rollout as Degraded.
+	// +optional
+	InconclusiveLimit *int32 `json:"inconclusiveLimit,omitempty"`
 	// Message says what the rollout waits for, or why it rolls back.
 	// +optional
 	Message string `json:"message,omitempty"`
@@ -535,6 +585,19 @@ type AnalysisResult struct {
 	Value   string      `json:"value,omitempty"`
 	Verdict Verdict     `json:"verdict"`
 	At      metav1.Time `json:"at"`
+	// Baseline is the same query's value on the baseline (SLOs with
+	// maxDegradation).
+	// +optional
+	Baseline string `json:"baseline,omitempty"`
+	// Degradation is how much worse the wave is than the baseline, as a
+	// share of the baseline's value, e.g. "0.4%" (negative: better).
+	// +optional
+	Degradation string `json:"degradation,omitempty"`
+	// Message says why the verdict is what it is, e.g. "l4-success 0.93 <
+	// 0.99 (workload_node=node-07, workload_namespace=shop)" or, for a drop
+	// on both sides, "cluster-wide drop: ...".
+	// +optional
+	Message string `json:"message,omitempty"`
 }
 
 // NodeCounts counts nodes by eBPF eligibility.

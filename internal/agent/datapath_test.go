@@ -96,10 +96,10 @@ func testRedirectInNetns(t *testing.T, env nodeEnv) {
 	dp, _ := loadTestDatapath(t, capturePort)
 	enroller, err := NewEnroller(dp, "", testr.New(t))
 	g.Expect(err).NotTo(HaveOccurred())
-	collector := &Collector{}
+	collector := &Collector{Node: "node-a"}
 	collector.SetDatapath(dp, enroller)
 	reg := NewRegistry(collector)
-	pod := PodRef{Namespace: "shop", Name: "client-a", UID: "0b0e4f7e-2d8c-4bf4-9a51-0d3a6b2f1e11"}
+	pod := PodRef{Namespace: "shop", Name: "client-a", UID: "0b0e4f7e-2d8c-4bf4-9a51-0d3a6b2f1e11", Revision: "1-27-3"}
 
 	// Loaded but not enrolled yet: still the server.
 	g.Expect(dialService(enrolledNS)).To(Equal("server"), "a namespace that is not enrolled must not be redirected")
@@ -191,7 +191,23 @@ func testRedirectInNetns(t *testing.T, env nodeEnv) {
 		}
 		return got
 	}).WithTimeout(2 * time.Second).Should(Equal(want))
-	h := histogram(t, reg, "meshkeeper_agent_connect_latency_seconds")
+	// The series carry the pod, its node and its revision under labels a
+	// Kubernetes scrape does not overwrite (no namespace, pod or node).
+	series := findMetric(t, reg, "meshkeeper_agent_connections_total", "result", "ok")
+	labels := map[string]string{}
+	for _, lp := range series.Label {
+		labels[lp.GetName()] = lp.GetValue()
+	}
+	g.Expect(labels).To(Equal(map[string]string{"workload_namespace": "shop", "workload_pod": "client-a",
+		"workload_node": "node-a", "workload_revision": "1-27-3", "result": "ok"}))
+	// The namespace moves to another revision (the pod watcher hands the
+	// enroller the pod again): the same counts, under the new revision.
+	moved := pod
+	moved.Revision = "1-28-2"
+	enroller.Want(moved)
+	g.Expect(metricValue(t, reg, "meshkeeper_agent_connections_total", "result", "ok", "workload_revision", "1-28-2")).To(Equal(want["ok"]))
+	g.Expect(findMetric(t, reg, "meshkeeper_agent_connections_total", "result", "ok", "workload_revision", "1-27-3")).To(BeNil())
+	h := histogram(t, reg, "meshkeeper_agent_connect_latency_seconds", "workload_revision", "1-28-2")
 	g.Expect(h.GetSampleCount()).To(BeEquivalentTo(okDials + 1))
 	g.Expect(h.GetSampleSum()).To(BeNumerically(">", 0))
 	g.Expect(metricValue(t, reg, "meshkeeper_agent_enrolled_pods")).To(Equal(1.0))

@@ -15,6 +15,10 @@ import (
 // PodRef names a pod.
 type PodRef struct {
 	Namespace, Name, UID string
+	// Revision is the control-plane revision the pod runs (its namespace's
+	// istio.io/rev), for the workload_revision label; it may change while
+	// the pod lives, when its namespace moves.
+	Revision string
 }
 
 func (p PodRef) String() string { return p.Namespace + "/" + p.Name }

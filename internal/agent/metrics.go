@@ -8,13 +8,32 @@ import (
 	"github.com/prometheus/client_golang/prometheus/collectors"
 )
 
+// The labels of a pod's series. They name the pod, its node and the
+// revision it runs under their own names, never namespace, pod, node or
+// instance: a standard Kubernetes scrape (pod service discovery,
+// honor_labels: false) sets those as target labels from the agent's own pod
+// and would rename the agent's to exported_namespace and so on.
+const (
+	// LabelWorkloadNamespace is the pod's namespace.
+	LabelWorkloadNamespace = "workload_namespace"
+	// LabelWorkloadPod is the pod's name.
+	LabelWorkloadPod = "workload_pod"
+	// LabelWorkloadNode is the node the pod (and the agent) runs on.
+	LabelWorkloadNode = "workload_node"
+	// LabelWorkloadRevision is the control-plane revision the pod runs: its
+	// namespace's istio.io/rev label ("" without one).
+	LabelWorkloadRevision = "workload_revision"
+)
+
+var podLabels = []string{LabelWorkloadNamespace, LabelWorkloadPod, LabelWorkloadNode, LabelWorkloadRevision}
+
 var (
 	connectionsDesc = prometheus.NewDesc("meshkeeper_agent_connections_total",
 		"Outbound TCP connections of enrolled pods by outcome: ok (established), refused, timeout, error (never established), reset (aborted by the peer after establishing).",
-		[]string{"namespace", "pod", "result"}, nil)
+		append(append([]string{}, podLabels...), "result"), nil)
 	latencyDesc = prometheus.NewDesc("meshkeeper_agent_connect_latency_seconds",
 		"Time from SYN to established for outbound TCP connections of enrolled pods.",
-		[]string{"namespace", "pod"}, nil)
+		podLabels, nil)
 	enrolledDesc = prometheus.NewDesc("meshkeeper_agent_enrolled_pods",
 		"Pods on this node whose network namespace is enrolled for eBPF redirection.", nil, nil)
 	wantedDesc = prometheus.NewDesc("meshkeeper_agent_wanted_pods",
@@ -47,6 +66,9 @@ type Collector struct {
 	datapath atomic.Pointer[Datapath]
 	// Eligible is the preflight verdict.
 	Eligible atomic.Bool
+	// Node is the workload_node label of every pod's series (set before
+	// the first scrape).
+	Node string
 	// OnError, when set, hears about maps that could not be read.
 	OnError func(error)
 	// notReady is why the agent runs without a datapath, when it does.
@@ -113,10 +135,11 @@ func (c *Collector) Collect(ch chan<- prometheus.Metric) {
 			enrolled++
 		}
 		m := &p.Metrics
+		pod := []string{p.Pod.Namespace, p.Pod.Name, c.Node, p.Pod.Revision}
 		// Every result series exists (at 0) from the moment a pod is
 		// wanted, so success ratios are defined before the first failure.
 		for i, name := range resultNames {
-			ch <- prometheus.MustNewConstMetric(connectionsDesc, prometheus.CounterValue, float64(m.Results[i]), p.Pod.Namespace, p.Pod.Name, name)
+			ch <- prometheus.MustNewConstMetric(connectionsDesc, prometheus.CounterValue, float64(m.Results[i]), append(pod, name)...)
 		}
 		buckets := make(map[float64]uint64, len(latencyBounds))
 		var cum uint64
@@ -125,7 +148,7 @@ func (c *Collector) Collect(ch chan<- prometheus.Metric) {
 			buckets[bound] = cum
 		}
 		count := cum + m.LatencyBuckets[len(m.LatencyBuckets)-1]
-		ch <- prometheus.MustNewConstHistogram(latencyDesc, count, float64(m.LatencySumNs)/1e9, buckets, p.Pod.Namespace, p.Pod.Name)
+		ch <- prometheus.MustNewConstHistogram(latencyDesc, count, float64(m.LatencySumNs)/1e9, buckets, pod...)
 	}
 	ch <- prometheus.MustNewConstMetric(enrolledDesc, prometheus.GaugeValue, float64(enrolled))
 	ch <- prometheus.MustNewConstMetric(wantedDesc, prometheus.GaugeValue, float64(len(pods)))

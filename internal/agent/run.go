@@ -64,7 +64,7 @@ func Run(ctx context.Context, o RunOptions) error {
 		return fmt.Errorf("preflight: %w", err)
 	}
 	log.Info("Preflight", "kernel", result.KernelRelease, "eligible", result.Eligible, "reason", result.Reason, "cgroup2", result.CgroupV2Path)
-	collector := &Collector{OnError: func(err error) { log.Error(err, "Reading datapath maps failed") }}
+	collector := &Collector{Node: o.NodeName, OnError: func(err error) { log.Error(err, "Reading datapath maps failed") }}
 	collector.Eligible.Store(result.Eligible)
 
 	srv, err := serveMetrics(o.MetricsAddr, collector, log)

@@ -11,6 +11,8 @@ import (
 	"k8s.io/apimachinery/pkg/labels"
 	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/cache"
+
+	"github.com/meshkeeper/meshkeeper/api/v1alpha1"
 )
 
 // DefaultNamespaceSelector selects the namespaces whose pods are enrolled:
@@ -103,9 +105,14 @@ func (w *PodWatcher) Run(ctx context.Context) error {
 	return nil
 }
 
-func (w *PodWatcher) namespaceEnrolled(name string) bool {
-	_, exists, _ := w.namespaces.GetStore().GetByKey(name)
-	return exists
+// namespace says whether a namespace is enrolled and which revision it
+// points at (istio.io/rev).
+func (w *PodWatcher) namespace(name string) (enrolled bool, revision string) {
+	obj, exists, _ := w.namespaces.GetStore().GetByKey(name)
+	if ns, ok := obj.(*corev1.Namespace); ok && exists {
+		return true, ns.Labels[v1alpha1.LabelRevision]
+	}
+	return exists, ""
 }
 
 func (w *PodWatcher) syncPod(obj any) {
@@ -113,8 +120,9 @@ func (w *PodWatcher) syncPod(obj any) {
 	if !ok {
 		return
 	}
-	ref := PodRef{Namespace: pod.Namespace, Name: pod.Name, UID: string(pod.UID)}
-	if WantPod(pod, w.namespaceEnrolled(pod.Namespace)) {
+	enrolled, revision := w.namespace(pod.Namespace)
+	ref := PodRef{Namespace: pod.Namespace, Name: pod.Name, UID: string(pod.UID), Revision: revision}
+	if WantPod(pod, enrolled) {
 		w.Enroller.Want(ref)
 	} else {
 		w.Enroller.Forget(ref.UID)
@@ -130,7 +138,8 @@ func (w *PodWatcher) forgetPod(obj any) {
 	}
 }
 
-// syncNamespace re-decides every pod of a namespace that joined or left.
+// syncNamespace re-decides every pod of a namespace that joined, left or
+// moved to another revision.
 func (w *PodWatcher) syncNamespace(obj any) {
 	if d, ok := obj.(cache.DeletedFinalStateUnknown); ok {
 		obj = d.Obj
@@ -170,5 +179,9 @@ func slimNamespace(obj any) (any, error) {
 	if !ok {
 		return obj, nil
 	}
-	return &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: ns.Name, UID: ns.UID, ResourceVersion: ns.ResourceVersion}}, nil
+	slim := &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: ns.Name, UID: ns.UID, ResourceVersion: ns.ResourceVersion}}
+	if rev, ok := ns.Labels[v1alpha1.LabelRevision]; ok {
+		slim.Labels = map[string]string{v1alpha1.LabelRevision: rev}
+	}
+	return slim, nil
 }

@@ -7,9 +7,9 @@ import (
 	meshv1 "github.com/meshkeeper/meshkeeper/api/v1alpha1"
 )
 
-// DefaultInconclusiveLimit is how many consecutive inconclusive checks hold
-// a wave before the analysis reports Degraded, waiting for a human.
-const DefaultInconclusiveLimit = int32(5)
+// DefaultInconclusiveLimit is how many consecutive inconclusive checks are
+// tolerated before the analysis reports Degraded, waiting for a human.
+const DefaultInconclusiveLimit = meshv1.DefaultInconclusiveLimit
 
 // State is what the analysis of one wave remembers between checks. It is
 // plain data, meant to live in status (rollout.failedChecks,
@@ -32,8 +32,11 @@ type Policy struct {
 	// check after them rolls back, so 0 rolls back on the first failure and
 	// 2 on the third (Argo Rollouts' failureLimit: failed > limit).
 	FailureLimit int32
-	// InconclusiveLimit is how many consecutive inconclusive checks hold the
-	// wave before it is reported Degraded (0 means DefaultInconclusiveLimit).
+	// InconclusiveLimit is how many consecutive inconclusive checks are
+	// tolerated: the check after them holds the wave as Degraded, so 0
+	// reports Degraded on the first and 5 on the sixth (Argo Rollouts'
+	// inconclusiveLimit: inconclusive > limit). Settings.Policy applies the
+	// default (DefaultInconclusiveLimit).
 	InconclusiveLimit int32
 }
 
@@ -68,8 +71,8 @@ type Input struct {
 // Decision is the outcome of one check.
 type Decision struct {
 	Action Action
-	// Degraded is set with ActionHold once InconclusiveLimit consecutive
-	// checks were inconclusive: the rollout waits for a human (it still
+	// Degraded is set with ActionHold once more than InconclusiveLimit
+	// consecutive checks were inconclusive: the rollout waits for a human (it still
 	// checks, and resumes by itself when an answer comes).
 	Degraded bool
 	// Verdict of the check as a whole: Fail when any SLO failed, otherwise
@@ -80,6 +83,10 @@ type Decision struct {
 	// Reason is one line for conditions, events and, on rollback, history:
 	// "l4-success 0.93 < 0.99 in wave 1".
 	Reason string
+	// ClusterWide lists the messages of SLOs that passed on the baseline
+	// comparison although both sides broke their bounds: a drop across the
+	// cluster, reported in status and an event, not a failure of the wave.
+	ClusterWide []string
 }
 
 // Decide is the pure state machine of a wave's analysis: the previous
@@ -88,15 +95,13 @@ type Decision struct {
 //   - any SLO Fail: FailedChecks+1; more than FailureLimit → Rollback,
 //     otherwise Continue. InconclusiveChecks resets.
 //   - otherwise any SLO Inconclusive (or no results): InconclusiveChecks+1;
-//     Hold, Degraded from InconclusiveLimit on. FailedChecks is kept.
+//     Hold, Degraded once it is above InconclusiveLimit. FailedChecks is
+//     kept.
 //   - every SLO Pass: both counters reset; Promote when the bake time is
 //     over, otherwise Continue.
 func Decide(prev State, in Input, p Policy) Decision {
 	limit := max(p.FailureLimit, 0)
-	inconclusiveLimit := p.InconclusiveLimit
-	if inconclusiveLimit <= 0 {
-		inconclusiveLimit = DefaultInconclusiveLimit
-	}
+	inconclusiveLimit := max(p.InconclusiveLimit, 0)
 	where := ""
 	switch {
 	case in.Wave > 0 && in.NodeWave:
@@ -104,9 +109,12 @@ func Decide(prev State, in Input, p Policy) Decision {
 	case in.Wave > 0:
 		where = fmt.Sprintf(" in wave %d", in.Wave)
 	}
-	var failed, inconclusive, passed []string
+	var failed, inconclusive, passed, clusterWide []string
 	for i := range in.Results {
 		r := &in.Results[i]
+		if r.ClusterWide {
+			clusterWide = append(clusterWide, r.Message)
+		}
 		switch r.Verdict {
 		case meshv1.VerdictPass:
 			passed = append(passed, r.Message)
@@ -120,6 +128,12 @@ func Decide(prev State, in Input, p Policy) Decision {
 		inconclusive = append(inconclusive, "no SLO was checked")
 	}
 
+	d := decide(prev, in.BakeElapsed, limit, inconclusiveLimit, where, failed, inconclusive, passed)
+	d.ClusterWide = clusterWide
+	return d
+}
+
+func decide(prev State, bakeElapsed bool, limit, inconclusiveLimit int32, where string, failed, inconclusive, passed []string) Decision {
 	switch {
 	case len(failed) > 0:
 		next := State{FailedChecks: prev.FailedChecks + 1}
@@ -132,15 +146,16 @@ func Decide(prev State, in Input, p Policy) Decision {
 	case len(inconclusive) > 0:
 		next := State{FailedChecks: prev.FailedChecks, InconclusiveChecks: prev.InconclusiveChecks + 1}
 		detail := strings.Join(inconclusive, "; ")
-		if next.InconclusiveChecks >= inconclusiveLimit {
+		if next.InconclusiveChecks > inconclusiveLimit {
 			return Decision{Action: ActionHold, Degraded: true, Verdict: meshv1.VerdictInconclusive, State: next,
-				Reason: fmt.Sprintf("analysis inconclusive for %d consecutive checks%s, waiting for a human: %s", next.InconclusiveChecks, where, detail)}
+				Reason: fmt.Sprintf("analysis inconclusive for %d consecutive checks%s (inconclusiveLimit %d), waiting for a human: %s",
+					next.InconclusiveChecks, where, inconclusiveLimit, detail)}
 		}
 		return Decision{Action: ActionHold, Verdict: meshv1.VerdictInconclusive, State: next,
-			Reason: fmt.Sprintf("%s%s: holding the wave (inconclusive check %d of %d before Degraded)", detail, where, next.InconclusiveChecks, inconclusiveLimit)}
+			Reason: fmt.Sprintf("%s%s: holding the wave (inconclusive check %d of %d tolerated, inconclusiveLimit %d)", detail, where, next.InconclusiveChecks, inconclusiveLimit, inconclusiveLimit)}
 	default:
 		detail := strings.Join(passed, "; ")
-		if in.BakeElapsed {
+		if bakeElapsed {
 			return Decision{Action: ActionPromote, Verdict: meshv1.VerdictPass, Reason: fmt.Sprintf("%s%s: every SLO passed after the bake time", detail, where)}
 		}
 		return Decision{Action: ActionContinue, Verdict: meshv1.VerdictPass, Reason: fmt.Sprintf("%s%s: baking", detail, where)}

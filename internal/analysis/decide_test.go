@@ -11,7 +11,7 @@ import (
 )
 
 func res(slo string, v meshv1.Verdict, msg string) analysis.Result {
-	return analysis.Result{AnalysisResult: meshv1.AnalysisResult{SLO: slo, Verdict: v}, Message: msg}
+	return analysis.Result{AnalysisResult: meshv1.AnalysisResult{SLO: slo, Verdict: v, Message: msg}}
 }
 
 var (
@@ -20,6 +20,11 @@ var (
 	latencyPass  = res("latency", meshv1.VerdictPass, "latency 0.1 <= 0.5")
 	latencyFail  = res("latency", meshv1.VerdictFail, "latency 0.7 > 0.5")
 	inconclusive = res("l4-success", meshv1.VerdictInconclusive, "l4-success inconclusive: cannot reach Prometheus at http://prometheus.monitoring:9090")
+	clusterWide  = func() analysis.Result {
+		r := res("l4-success", meshv1.VerdictPass, "l4-success passes on the baseline comparison: cluster-wide drop, ...")
+		r.ClusterWide = true
+		return r
+	}()
 )
 
 func TestDecide(t *testing.T) {
@@ -32,10 +37,12 @@ func TestDecide(t *testing.T) {
 		policy   *analysis.Policy // default: FailureLimit 2, InconclusiveLimit 5
 		nodeWave bool
 		action   analysis.Action
-		degraded bool
-		verdict  meshv1.Verdict
-		next     analysis.State
-		reason   string
+		// clusterWide are the messages Decide reports as cluster-wide drops.
+		clusterWide []string
+		degraded    bool
+		verdict     meshv1.Verdict
+		next        analysis.State
+		reason      string
 	}{
 		{name: "all pass while baking: continue", results: []analysis.Result{pass, latencyPass},
 			action: analysis.ActionContinue, verdict: meshv1.VerdictPass, reason: "l4-success 0.997 >= 0.99; latency 0.1 <= 0.5 in wave 1: baking"},
@@ -64,22 +71,29 @@ func TestDecide(t *testing.T) {
 			action: analysis.ActionContinue, verdict: meshv1.VerdictPass},
 		{name: "inconclusive holds, even after the bake", results: []analysis.Result{inconclusive, latencyPass}, baked: true,
 			action: analysis.ActionHold, verdict: meshv1.VerdictInconclusive, next: analysis.State{InconclusiveChecks: 1},
-			reason: "l4-success inconclusive: cannot reach Prometheus at http://prometheus.monitoring:9090 in wave 1: holding the wave (inconclusive check 1 of 5 before Degraded)"},
+			reason: "l4-success inconclusive: cannot reach Prometheus at http://prometheus.monitoring:9090 in wave 1: holding the wave (inconclusive check 1 of 5 tolerated, inconclusiveLimit 5)"},
 		{name: "inconclusive keeps earlier failures", prev: analysis.State{FailedChecks: 2, InconclusiveChecks: 1}, results: []analysis.Result{inconclusive},
 			action: analysis.ActionHold, verdict: meshv1.VerdictInconclusive, next: analysis.State{FailedChecks: 2, InconclusiveChecks: 2}},
 		{name: "a failure after inconclusive checks still counts the earlier ones", prev: analysis.State{FailedChecks: 2, InconclusiveChecks: 4}, results: []analysis.Result{fail},
 			action: analysis.ActionRollback, verdict: meshv1.VerdictFail, next: analysis.State{FailedChecks: 3}},
-		{name: "the fifth consecutive inconclusive check is Degraded", prev: analysis.State{InconclusiveChecks: 4}, results: []analysis.Result{inconclusive},
-			action: analysis.ActionHold, degraded: true, verdict: meshv1.VerdictInconclusive, next: analysis.State{InconclusiveChecks: 5},
-			reason: "analysis inconclusive for 5 consecutive checks in wave 1, waiting for a human: l4-success inconclusive: cannot reach Prometheus at http://prometheus.monitoring:9090"},
+		{name: "inconclusiveLimit 5: the fifth consecutive inconclusive check is still tolerated", prev: analysis.State{InconclusiveChecks: 4}, results: []analysis.Result{inconclusive},
+			action: analysis.ActionHold, verdict: meshv1.VerdictInconclusive, next: analysis.State{InconclusiveChecks: 5}},
+		{name: "inconclusiveLimit 5: the sixth is Degraded", prev: analysis.State{InconclusiveChecks: 5}, results: []analysis.Result{inconclusive},
+			action: analysis.ActionHold, degraded: true, verdict: meshv1.VerdictInconclusive, next: analysis.State{InconclusiveChecks: 6},
+			reason: "analysis inconclusive for 6 consecutive checks in wave 1 (inconclusiveLimit 5), waiting for a human: l4-success inconclusive: cannot reach Prometheus at http://prometheus.monitoring:9090"},
 		{name: "and stays Degraded", prev: analysis.State{InconclusiveChecks: 9}, results: []analysis.Result{inconclusive},
 			action: analysis.ActionHold, degraded: true, verdict: meshv1.VerdictInconclusive, next: analysis.State{InconclusiveChecks: 10}},
-		{name: "InconclusiveLimit 0 means the default of 5", prev: analysis.State{InconclusiveChecks: 3}, results: []analysis.Result{inconclusive}, policy: &analysis.Policy{FailureLimit: 2},
-			action: analysis.ActionHold, verdict: meshv1.VerdictInconclusive, next: analysis.State{InconclusiveChecks: 4}},
+		{name: "inconclusiveLimit 0: the first inconclusive check is Degraded", results: []analysis.Result{inconclusive}, policy: &analysis.Policy{FailureLimit: 2},
+			action: analysis.ActionHold, degraded: true, verdict: meshv1.VerdictInconclusive, next: analysis.State{InconclusiveChecks: 1}},
+		{name: "inconclusiveLimit 2 with failureLimit 0: inconclusive checks never roll back", prev: analysis.State{InconclusiveChecks: 2}, results: []analysis.Result{inconclusive},
+			policy: &analysis.Policy{FailureLimit: 0, InconclusiveLimit: 2},
+			action: analysis.ActionHold, degraded: true, verdict: meshv1.VerdictInconclusive, next: analysis.State{InconclusiveChecks: 3}},
+		{name: "a cluster-wide drop passes and is reported", results: []analysis.Result{clusterWide}, baked: true,
+			action: analysis.ActionPromote, verdict: meshv1.VerdictPass, clusterWide: []string{clusterWide.Message}},
 		{name: "a pass ends Degraded and promotes after the bake", prev: analysis.State{InconclusiveChecks: 7}, results: []analysis.Result{pass}, baked: true,
 			action: analysis.ActionPromote, verdict: meshv1.VerdictPass},
 		{name: "no results are inconclusive", results: nil, baked: true,
-			action: analysis.ActionHold, verdict: meshv1.VerdictInconclusive, next: analysis.State{InconclusiveChecks: 1}, reason: "no SLO was checked in wave 1: holding the wave (inconclusive check 1 of 5 before Degraded)"},
+			action: analysis.ActionHold, verdict: meshv1.VerdictInconclusive, next: analysis.State{InconclusiveChecks: 1}, reason: "no SLO was checked in wave 1: holding the wave (inconclusive check 1 of 5 tolerated, inconclusiveLimit 5)"},
 		{name: "a node wave says so in the reason", results: []analysis.Result{fail}, policy: &analysis.Policy{FailureLimit: 0}, nodeWave: true,
 			action: analysis.ActionRollback, verdict: meshv1.VerdictFail, next: analysis.State{FailedChecks: 1}, reason: "l4-success 0.93 < 0.99 in node wave 1"},
 	} {
@@ -97,6 +111,7 @@ func TestDecide(t *testing.T) {
 			if tc.reason != "" {
 				g.Expect(d.Reason).To(Equal(tc.reason))
 			}
+			g.Expect(d.ClusterWide).To(Equal(tc.clusterWide))
 		})
 	}
 }
@@ -105,7 +120,7 @@ func TestDecide(t *testing.T) {
 // run, carrying the state between them as status would.
 func TestDecideSequence(t *testing.T) {
 	g := NewWithT(t)
-	policy := analysis.Settings{FailureLimit: 2}.Policy()
+	policy := analysis.SettingsFor(nil).Policy() // failureLimit 2, inconclusiveLimit 5
 	var state analysis.State
 	step := func(r analysis.Result, baked bool) analysis.Decision {
 		// Round-trip the state through JSON, as it would through status.
@@ -128,7 +143,7 @@ func TestDecideSequence(t *testing.T) {
 	g.Expect(d.Reason).To(Equal("l4-success 0.93 < 0.99 in wave 2"))
 
 	state = analysis.State{}
-	for range 4 {
+	for range 5 {
 		g.Expect(step(inconclusive, true)).To(HaveField("Degraded", false))
 	}
 	g.Expect(step(inconclusive, true)).To(HaveField("Degraded", true))

@@ -28,6 +28,9 @@ func TestPrometheusAgainstARealServer(t *testing.T) {
 	w := prom.NewWorkload(t)
 	w.SetRatio("shop", 1.0)
 	w.SetRatio("shop-staging", 0.9)
+	// shop has moved to the new revision, shop-staging not yet.
+	w.SetRevision("shop", "1-28-2")
+	w.SetRevision("shop-staging", "1-27-3")
 	began := time.Now()
 	s, err := prom.Start(ctx, t, w.Addr)
 	g.Expect(err).NotTo(HaveOccurred())
@@ -36,19 +39,20 @@ func TestPrometheusAgainstARealServer(t *testing.T) {
 	p, err := analysis.NewPrometheus(s.URL, analysis.PrometheusOptions{Timeout: 5 * time.Second})
 	g.Expect(err).NotTo(HaveOccurred())
 	slos := analysis.DefaultSLOs()
-	evaluate := func(namespaces ...string) analysis.Result {
-		return analysis.Evaluate(ctx, p, slos, analysis.NewQueryData(namespaces, "1-28-2", 30*time.Second), time.Now())[0]
+	// A namespace wave is judged on the pods of its revision.
+	evaluate := func(revision string, namespaces ...string) analysis.Result {
+		return analysis.Evaluate(ctx, p, slos, analysis.NewQueryData(namespaces, revision, 30*time.Second), time.Now())[0]
 	}
 
 	// Before the first scrapes there is nothing to judge: inconclusive.
-	first := evaluate("shop")
+	first := evaluate("1-28-2", "shop")
 	g.Expect(first.Verdict).To(Equal(meshv1.VerdictInconclusive), first.Message)
 
 	// The rate needs two scrapes of the workload; poll until both
 	// namespaces have an answer.
 	var shop, staging analysis.Result
 	g.Eventually(func(g Gomega) {
-		shop, staging = evaluate("shop"), evaluate("shop-staging")
+		shop, staging = evaluate("1-28-2", "shop"), evaluate("1-27-3", "shop-staging")
 		g.Expect(shop.Verdict).NotTo(Equal(meshv1.VerdictInconclusive), shop.Message)
 		g.Expect(staging.Verdict).NotTo(Equal(meshv1.VerdictInconclusive), staging.Message)
 	}).WithContext(ctx).WithTimeout(20 * time.Second).WithPolling(250 * time.Millisecond).Should(Succeed())
@@ -60,20 +64,25 @@ func TestPrometheusAgainstARealServer(t *testing.T) {
 	v, err := strconv.ParseFloat(staging.Value, 64)
 	g.Expect(err).NotTo(HaveOccurred())
 	g.Expect(v).To(BeNumerically("~", 0.9, 0.005))
-	g.Expect(staging.Message).To(Equal("l4-success " + staging.Value + " < 0.99"))
-	g.Expect(evaluate("shop", "shop-staging").Verdict).To(Equal(meshv1.VerdictFail), "the worst namespace of the wave decides")
+	g.Expect(staging.Message).To(Equal("l4-success " + staging.Value + " < 0.99 (workload_namespace=shop-staging)"))
+	// A node wave of the workload's node sees both namespaces there: the
+	// worst one decides and is named.
+	nodeWave := analysis.EvaluateScope(ctx, p, slos, analysis.NodeWaveScope([]string{prom.DefaultNode}, nil,
+		[]string{"shop", "shop-staging"}, "1-28-2", "1-27-3", 30*time.Second), time.Now())[0]
+	g.Expect(nodeWave.Verdict).To(Equal(meshv1.VerdictFail), nodeWave.Message)
+	g.Expect(nodeWave.Message).To(HaveSuffix("(workload_namespace=shop-staging, workload_node=" + prom.DefaultNode + ")"))
 
 	// A custom SLO with max over the same server.
 	errs := analysis.Evaluate(ctx, p, []meshv1.SLO{{
 		Name:  "errors-per-second",
-		Query: `sum(rate(meshkeeper_agent_connections_total{namespace=~"{{ .Namespaces }}",result!="ok"}[1m]))`,
+		Query: `sum(rate(meshkeeper_agent_connections_total{workload_namespace=~"{{ .Namespaces }}",result!="ok"}[1m]))`,
 		Max:   ptr.To("1"),
 	}}, analysis.NewQueryData([]string{"shop-staging"}, "", 30*time.Second), time.Now())[0]
 	g.Expect(errs.Verdict).To(Equal(meshv1.VerdictFail), errs.Message) // ~40/s (10 of 100 every 250ms)
 
 	// Prometheus gone: inconclusive, saying so.
 	g.Expect(s.Stop()).To(Succeed())
-	gone := evaluate("shop")
+	gone := evaluate("1-28-2", "shop")
 	g.Expect(gone.Verdict).To(Equal(meshv1.VerdictInconclusive))
 	g.Expect(gone.Value).To(BeEmpty())
 	g.Expect(gone.Message).To(HavePrefix("l4-success inconclusive: cannot reach Prometheus at " + s.URL + ": "))

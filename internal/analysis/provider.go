@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"math"
 	"net/http"
+	"slices"
 	"strings"
 	"time"
 
@@ -19,8 +20,35 @@ import (
 // NaN or ±Inf): the check is Inconclusive, never a pass.
 type Provider interface {
 	// Query evaluates the PromQL expression at the instant at. When the
-	// error wraps ErrNotFinite, the returned value is that NaN or ±Inf.
-	Query(ctx context.Context, promql string, at time.Time) (float64, error)
+	// error wraps ErrNotFinite, the returned sample holds that NaN or ±Inf.
+	Query(ctx context.Context, promql string, at time.Time) (Sample, error)
+}
+
+// Sample is the one number a query answered, with the labels of its series
+// (none for a scalar or an aggregation without grouping). A query written
+// with bottomk(1, ...) or topk(1, ...) keeps the labels of the worst series,
+// so a verdict can say where it was, e.g. which node.
+type Sample struct {
+	Value  float64
+	Labels model.Metric
+}
+
+// Where renders the sample's labels for messages, sorted, without
+// __name__: "workload_namespace=shop, workload_node=node-07"; "" without
+// labels.
+func (s Sample) Where() string {
+	names := make([]string, 0, len(s.Labels))
+	for n := range s.Labels {
+		if n != model.MetricNameLabel {
+			names = append(names, string(n))
+		}
+	}
+	slices.Sort(names)
+	parts := make([]string, len(names))
+	for i, n := range names {
+		parts[i] = n + "=" + string(s.Labels[model.LabelName(n)])
+	}
+	return strings.Join(parts, ", ")
 }
 
 // The kinds of answer that are not one finite number. Provider errors wrap
@@ -42,39 +70,47 @@ var (
 // and ±Inf are errors saying which (wrapping ErrNoData, ErrNotOneSeries,
 // ErrNotANumber or ErrNotFinite). For NaN and ±Inf the value is returned too.
 func ValueOf(v model.Value) (float64, error) {
+	s, err := SampleOf(v)
+	return s.Value, err
+}
+
+// SampleOf is ValueOf keeping the labels of the series.
+func SampleOf(v model.Value) (Sample, error) {
 	var f float64
+	var ls model.Metric
 	switch v := v.(type) {
 	case nil:
-		return 0, fmt.Errorf("the query returned nothing: %w", ErrNoData)
+		return Sample{}, fmt.Errorf("the query returned nothing: %w", ErrNoData)
 	case *model.Scalar:
 		f = float64(v.Value)
 	case model.Vector:
 		switch len(v) {
 		case 0:
-			return 0, fmt.Errorf("the query returned an empty vector (%w): no series match in the window", ErrNoData)
+			return Sample{}, fmt.Errorf("the query returned an empty vector (%w): no series match in the window", ErrNoData)
 		case 1:
 		default:
-			return 0, fmt.Errorf("the query returned %d series (%s, ...), an SLO needs one number (%w); aggregate them, e.g. with sum, min or max",
+			return Sample{}, fmt.Errorf("the query returned %d series (%s, ...), an SLO needs one number (%w); aggregate them, e.g. with sum, min or max",
 				len(v), v[0].Metric, ErrNotOneSeries)
 		}
 		if v[0].Histogram != nil {
-			return 0, fmt.Errorf("the query returned a native histogram (%w); use histogram_quantile or histogram_avg", ErrNotANumber)
+			return Sample{}, fmt.Errorf("the query returned a native histogram (%w); use histogram_quantile or histogram_avg", ErrNotANumber)
 		}
-		f = float64(v[0].Value)
+		f, ls = float64(v[0].Value), v[0].Metric
 	case model.Matrix:
-		return 0, fmt.Errorf("the query returned a range vector (%w); an SLO needs an instant vector or a scalar", ErrNotANumber)
+		return Sample{}, fmt.Errorf("the query returned a range vector (%w); an SLO needs an instant vector or a scalar", ErrNotANumber)
 	case *model.String:
-		return 0, fmt.Errorf("the query returned a string (%w)", ErrNotANumber)
+		return Sample{}, fmt.Errorf("the query returned a string (%w)", ErrNotANumber)
 	default:
-		return 0, fmt.Errorf("the query returned a %s (%w)", v.Type(), ErrNotANumber)
+		return Sample{}, fmt.Errorf("the query returned a %s (%w)", v.Type(), ErrNotANumber)
 	}
+	out := Sample{Value: f, Labels: ls}
 	switch {
 	case math.IsNaN(f):
-		return f, fmt.Errorf("the value is NaN (%w), e.g. 0/0 when there was no traffic in the window", ErrNotFinite)
+		return out, fmt.Errorf("the value is NaN (%w), e.g. 0/0 when there was no traffic in the window", ErrNotFinite)
 	case math.IsInf(f, 0):
-		return f, fmt.Errorf("the value is %s (%w), e.g. a division by zero", FormatValue(f), ErrNotFinite)
+		return out, fmt.Errorf("the value is %s (%w), e.g. a division by zero", FormatValue(f), ErrNotFinite)
 	}
-	return f, nil
+	return out, nil
 }
 
 // DefaultQueryTimeout bounds each Prometheus query.
@@ -117,14 +153,14 @@ func NewPrometheus(address string, opts PrometheusOptions) (*Prometheus, error) 
 func (p *Prometheus) Address() string { return p.address }
 
 // Query runs an instant query at at, bounded by the per-query timeout.
-func (p *Prometheus) Query(ctx context.Context, promql string, at time.Time) (float64, error) {
+func (p *Prometheus) Query(ctx context.Context, promql string, at time.Time) (Sample, error) {
 	ctx, cancel := context.WithTimeout(ctx, p.timeout)
 	defer cancel()
 	v, _, err := p.api.Query(ctx, promql, at, promv1.WithTimeout(p.timeout))
 	if err != nil {
-		return 0, p.describe(ctx, err)
+		return Sample{}, p.describe(ctx, err)
 	}
-	return ValueOf(v)
+	return SampleOf(v)
 }
 
 // describe says why a query got no answer.

@@ -14,28 +14,75 @@ import (
 )
 
 // QueryData is what an SLO query template is expanded with. The template
-// sees exactly these three fields: {{ .Namespaces }}, {{ .Revision }} and
-// {{ .Interval }}.
+// sees exactly these fields: {{ .Nodes }}, {{ .Revision }}, {{ .Baseline }},
+// {{ .Namespaces }} and {{ .Interval }}.
 type QueryData struct {
-	// Namespaces is a regex alternation of the wave's namespaces, each
-	// regexp.QuoteMeta'd, e.g. "shop|shop-staging". Namespace names are DNS
-	// labels, so quoting changes nothing for valid names and the regex can
-	// sit inside a double-quoted PromQL string as it is.
-	Namespaces string
-	// Revision is the control-plane revision the wave moves to, e.g. 1-28-2.
+	// Nodes is a regex alternation of the node wave's nodes, each
+	// regexp.QuoteMeta'd, e.g. "node-a|node-b"; empty in a namespace wave,
+	// so a query can tell the two apart with {{ if .Nodes }}.
+	Nodes string
+	// Revision is the revision the wave moves to, e.g. 1-28-2: in a
+	// namespace wave the pods of the wave (and of the waves before it) run
+	// it. A query selects them by revision and never lists names.
 	Revision string
+	// Baseline is the revision the wave moves from, e.g. 1-27-3.
+	Baseline string
+	// Namespaces is a regex alternation of the wave's namespaces (a node
+	// wave: every namespace in the mesh), each regexp.QuoteMeta'd, e.g.
+	// "shop|shop-staging". Namespace names are DNS labels, so quoting
+	// changes nothing for valid names and the regex can sit inside a
+	// double-quoted PromQL string as it is. It grows with the number of
+	// namespaces (past ~1,000 a query using it may pass MaxExpandedQuery):
+	// prefer .Revision.
+	Namespaces string
 	// Interval is the analysis interval as a PromQL duration, e.g. 30s.
 	Interval string
 }
 
-// NewQueryData builds the data of one wave's check.
+// NewQueryData builds the data of one namespace wave's check (no baseline
+// revision).
 func NewQueryData(namespaces []string, revision string, interval time.Duration) QueryData {
 	return QueryData{Namespaces: NamespacesRegex(namespaces), Revision: revision, Interval: PromDuration(interval)}
 }
 
-// NamespacesRegex joins namespaces into a regex alternation, each quoted
-// with regexp.QuoteMeta: ["shop", "shop-staging"] → "shop|shop-staging".
-// Empty names and duplicates are dropped; the order is kept.
+// Scope is what one check of a wave looks at: the wave (Canary) and, for
+// SLOs with maxDegradation, the same query on the old side (Baseline).
+type Scope struct {
+	Canary QueryData
+	// Baseline expands the queries for the baseline: .Revision is the old
+	// revision, .Nodes the nodes outside the wave. Nil when nothing is left
+	// on the old side (the last namespace wave; a node wave of every node):
+	// SLOs are then judged on their min and max only.
+	Baseline *QueryData
+}
+
+// NamespaceWaveScope is the scope of a namespace wave: the pods that run
+// revision (the wave's namespaces and the waves' before it) against the
+// pods still on baseline. hasBaseline says some namespace is still on it.
+func NamespaceWaveScope(namespaces []string, revision, baseline string, hasBaseline bool, interval time.Duration) Scope {
+	s := Scope{Canary: QueryData{Namespaces: NamespacesRegex(namespaces), Revision: revision, Baseline: baseline, Interval: PromDuration(interval)}}
+	if hasBaseline && baseline != "" {
+		s.Baseline = &QueryData{Revision: baseline, Baseline: baseline, Interval: s.Canary.Interval}
+	}
+	return s
+}
+
+// NodeWaveScope is the scope of a node wave: the wave's nodes against the
+// other nodes (others), every namespace of the mesh on revision baseline
+// (node waves come before namespace waves).
+func NodeWaveScope(nodes, others, namespaces []string, revision, baseline string, interval time.Duration) Scope {
+	all := NamespacesRegex(namespaces)
+	s := Scope{Canary: QueryData{Nodes: NamespacesRegex(nodes), Revision: revision, Baseline: baseline, Namespaces: all, Interval: PromDuration(interval)}}
+	if len(others) > 0 {
+		s.Baseline = &QueryData{Nodes: NamespacesRegex(others), Revision: baseline, Baseline: baseline, Namespaces: all, Interval: s.Canary.Interval}
+	}
+	return s
+}
+
+// NamespacesRegex joins names (namespaces or nodes) into a regex
+// alternation, each quoted with regexp.QuoteMeta: ["shop", "shop-staging"]
+// → "shop|shop-staging". Empty names and duplicates are dropped; the order
+// is kept.
 func NamespacesRegex(namespaces []string) string {
 	seen := make(map[string]bool, len(namespaces))
 	parts := make([]string, 0, len(namespaces))
@@ -55,11 +102,15 @@ func PromDuration(d time.Duration) string {
 }
 
 // SampleQueryData is what admission expands a query with to check that it is
-// valid PromQL before any wave exists.
-var SampleQueryData = QueryData{Namespaces: "shop|shop-staging", Revision: "1-28-2", Interval: "30s"}
+// valid PromQL before any wave exists: a namespace wave. Admission expands
+// it with SampleNodeWaveData too, so both branches of {{ if .Nodes }} parse.
+var SampleQueryData = QueryData{Namespaces: "shop|shop-staging", Revision: "1-28-2", Baseline: "1-27-3", Interval: "30s"}
+
+// SampleNodeWaveData is a node wave's sample data.
+var SampleNodeWaveData = QueryData{Nodes: "node-a|node-b", Namespaces: "shop|shop-staging", Revision: "1-28-2", Baseline: "1-27-3", Interval: "30s"}
 
 func (d QueryData) fields() map[string]string {
-	return map[string]string{"Namespaces": d.Namespaces, "Revision": d.Revision, "Interval": d.Interval}
+	return map[string]string{"Nodes": d.Nodes, "Revision": d.Revision, "Baseline": d.Baseline, "Namespaces": d.Namespaces, "Interval": d.Interval}
 }
 
 // MaxExpandedQuery bounds the expansion of a query template, in bytes.
@@ -89,10 +140,10 @@ type Template struct {
 func ParseTemplate(q string) (*Template, error) {
 	t, err := template.New("query").Option("missingkey=error").Parse(q)
 	if err != nil {
-		return nil, fmt.Errorf("not a valid Go template: %v; write placeholders as {{ .Namespaces }}, {{ .Revision }} or {{ .Interval }}", trimTemplateErr(err))
+		return nil, fmt.Errorf("not a valid Go template: %v; write placeholders as {{ .Nodes }}, {{ .Revision }}, {{ .Baseline }}, {{ .Namespaces }} or {{ .Interval }}", trimTemplateErr(err))
 	}
 	if len(t.Templates()) > 1 {
-		return nil, errors.New(`the template may not define templates ({{define}} or {{block}}); use {{ .Namespaces }}, {{ .Revision }} and {{ .Interval }} directly`)
+		return nil, errors.New(`the template may not define templates ({{define}} or {{block}}); use {{ .Nodes }}, {{ .Revision }}, {{ .Baseline }}, {{ .Namespaces }} and {{ .Interval }} directly`)
 	}
 	if t.Tree != nil && t.Root != nil {
 		if err := checkTemplateNode(t.Root); err != nil {
@@ -156,9 +207,9 @@ func checkTemplateNode(n parse.Node) error {
 	case *parse.WithNode:
 		return checkBranch(&n.BranchNode)
 	case *parse.RangeNode:
-		return fmt.Errorf("{{range}} at %s is not allowed in a query template; use {{ .Namespaces }}, a regex of all namespaces of the wave", position(n))
+		return fmt.Errorf("{{range}} at %s is not allowed in a query template; use {{ .Revision }} (or {{ .Namespaces }}, a regex of all namespaces of the wave)", position(n))
 	case *parse.TemplateNode:
-		return fmt.Errorf("{{template %q}} is not allowed in a query template; use {{ .Namespaces }}, {{ .Revision }} and {{ .Interval }} directly", n.Name)
+		return fmt.Errorf("{{template %q}} is not allowed in a query template; use {{ .Nodes }}, {{ .Revision }}, {{ .Baseline }}, {{ .Namespaces }} and {{ .Interval }} directly", n.Name)
 	case *parse.BreakNode, *parse.ContinueNode:
 		return errors.New("{{break}} and {{continue}} are not allowed in a query template")
 	case *parse.PipeNode:
@@ -180,7 +231,7 @@ func checkTemplateNode(n parse.Node) error {
 		return checkTemplateNode(n.Node)
 	case *parse.IdentifierNode:
 		if !allowedTemplateFuncs[n.Ident] {
-			return fmt.Errorf("the template function %q is not allowed in a query; use {{ .Namespaces }}, {{ .Revision }} and {{ .Interval }} as they are, with if/with/eq/ne/and/or/not at most", n.Ident)
+			return fmt.Errorf("the template function %q is not allowed in a query; use the fields ({{ .Nodes }}, {{ .Revision }}, ...) as they are, with if/with/eq/ne/and/or/not at most", n.Ident)
 		}
 	case *parse.TextNode, *parse.CommentNode, *parse.FieldNode, *parse.VariableNode, *parse.DotNode,
 		*parse.StringNode, *parse.NumberNode, *parse.BoolNode, *parse.NilNode:

@@ -37,10 +37,33 @@ func TestExpandQueryWithAWavesData(t *testing.T) {
 	g.Expect(err).NotTo(HaveOccurred())
 	g.Expect(q).To(Equal(`up{job="x"}`))
 
+	// The default SLO: a namespace wave selects the new revision's pods,
+	// a node wave the wave's nodes; neither lists namespaces.
 	q, err = analysis.ExpandQuery(analysis.DefaultL4SuccessQuery, data)
 	g.Expect(err).NotTo(HaveOccurred())
 	g.Expect(q).NotTo(ContainSubstring("{{"))
-	g.Expect(strings.Count(q, `namespace=~"shop|shop-staging"`)).To(Equal(3))
+	g.Expect(strings.Count(q, `{workload_revision="1-28-2"`)).To(Equal(3))
+	g.Expect(strings.Count(q, `sum by (workload_namespace) (`)).To(Equal(3))
+	g.Expect(q).NotTo(ContainSubstring("shop"))
+	nodes := analysis.NodeWaveScope([]string{"node-a", "node-b"}, []string{"node-c"}, []string{"shop"}, "1-28-2", "1-27-3", 30*time.Second)
+	q, err = analysis.ExpandQuery(analysis.DefaultL4SuccessQuery, nodes.Canary)
+	g.Expect(err).NotTo(HaveOccurred())
+	g.Expect(strings.Count(q, `{workload_node=~"node-a|node-b"`)).To(Equal(3))
+	g.Expect(strings.Count(q, `sum by (workload_namespace, workload_node) (`)).To(Equal(3))
+	q, err = analysis.ExpandQuery(analysis.DefaultL4SuccessQuery, *nodes.Baseline)
+	g.Expect(err).NotTo(HaveOccurred())
+	g.Expect(strings.Count(q, `{workload_node=~"node-c"`)).To(Equal(3), "the baseline of a node wave is the other nodes")
+}
+
+func TestScopes(t *testing.T) {
+	g := NewWithT(t)
+	ns := analysis.NamespaceWaveScope([]string{"shop"}, "1-28-2", "1-27-3", true, time.Minute)
+	g.Expect(ns.Canary).To(Equal(analysis.QueryData{Namespaces: "shop", Revision: "1-28-2", Baseline: "1-27-3", Interval: "1m"}))
+	g.Expect(ns.Baseline).To(Equal(&analysis.QueryData{Revision: "1-27-3", Baseline: "1-27-3", Interval: "1m"}))
+	g.Expect(analysis.NamespaceWaveScope([]string{"shop"}, "1-28-2", "1-27-3", false, time.Minute).Baseline).To(BeNil(),
+		"the last wave has nothing left on the old revision")
+	g.Expect(analysis.NodeWaveScope([]string{"a"}, nil, []string{"shop"}, "1-28-2", "1-27-3", time.Minute).Baseline).To(BeNil(),
+		"a node wave of every node has no other nodes")
 }
 
 func TestTemplateErrors(t *testing.T) {

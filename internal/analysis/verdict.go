@@ -18,26 +18,37 @@ import (
 // DefaultSLOName is the SLO checked when spec.analysis has no SLOs.
 const DefaultSLOName = "l4-success"
 
-// DefaultL4SuccessQuery is the success ratio of the worst namespace of the
+// DefaultL4SuccessQuery is the L4 success ratio of the worst part of the
 // wave over the last minute, from the node agent's connection outcomes
-// (result ok, refused, reset or timeout).
+// (result ok, refused, reset or timeout), labelled with where it is:
 //
-// It is written per namespace so a healthy big namespace cannot hide a
-// broken small one, and so that a namespace without error series (no
-// failed connection yet, or an agent that does not initialise them) still
-// counts: "or 0 * total" gives it an error rate of 0 instead of dropping it
-// from the ratio. A namespace without any traffic in the window is 0/0 = NaN
-// and min ignores it; a wave without any traffic is NaN or empty, both
-// Inconclusive.
-const DefaultL4SuccessQuery = `min(1 - (
+//   - a node wave is judged on the wave's nodes only (.Nodes), per node and
+//     namespace, so one canary node that fails every connection fails the
+//     wave however many healthy nodes there are;
+//   - a namespace wave is judged on the pods that run the new revision
+//     (.Revision), per namespace, so a healthy big namespace cannot hide a
+//     broken small one. It never lists namespace names, so its size does
+//     not depend on how many there are.
+//
+// bottomk(1, ...) keeps the worst series' labels (workload_namespace, and
+// workload_node in a node wave), so the verdict names it. A part without
+// error series (no failed connection yet) still counts: "or 0 * total"
+// gives it an error rate of 0 instead of dropping it. A part without any
+// traffic in the window is 0/0 = NaN and ">= 0" leaves it out; a wave
+// without any traffic is empty, Inconclusive.
+const DefaultL4SuccessQuery = `bottomk(1, (1 - (
   (
-    sum by (namespace) (rate(meshkeeper_agent_connections_total{namespace=~"{{ .Namespaces }}",result!="ok"}[1m]))
+    sum by (workload_namespace{{ if .Nodes }}, workload_node{{ end }}) (rate(meshkeeper_agent_connections_total{` + defaultScope + `,result!="ok"}[1m]))
     or
-    0 * sum by (namespace) (rate(meshkeeper_agent_connections_total{namespace=~"{{ .Namespaces }}"}[1m]))
+    0 * sum by (workload_namespace{{ if .Nodes }}, workload_node{{ end }}) (rate(meshkeeper_agent_connections_total{` + defaultScope + `}[1m]))
   )
   /
-  sum by (namespace) (rate(meshkeeper_agent_connections_total{namespace=~"{{ .Namespaces }}"}[1m]))
-))`
+  sum by (workload_namespace{{ if .Nodes }}, workload_node{{ end }}) (rate(meshkeeper_agent_connections_total{` + defaultScope + `}[1m]))
+)) >= 0)`
+
+// defaultScope selects the wave's series: its nodes in a node wave, the
+// pods on the new revision in a namespace wave.
+const defaultScope = ` {{- if .Nodes }}workload_node=~"{{ .Nodes }}"{{ else }}workload_revision="{{ .Revision }}"{{ end }}`
 
 // DefaultL4SuccessMin is the lowest passing value of the default SLO.
 const DefaultL4SuccessMin = "0.99"
@@ -59,13 +70,16 @@ type Settings struct {
 	// FailureLimit is how many consecutive failed checks are tolerated
 	// (default 2): the one after them rolls back.
 	FailureLimit int32
+	// InconclusiveLimit is how many consecutive inconclusive checks are
+	// tolerated (default 5): the one after them holds the wave as Degraded.
+	InconclusiveLimit int32
 	// SLOs to check: the spec's, or DefaultSLOs when it lists none.
 	SLOs []meshv1.SLO
 }
 
 // SettingsFor applies the defaults to spec.analysis (which may be nil).
 func SettingsFor(a *meshv1.AnalysisSpec) Settings {
-	s := Settings{Interval: meshv1.DefaultInterval, FailureLimit: meshv1.DefaultFailureLimit}
+	s := Settings{Interval: meshv1.DefaultInterval, FailureLimit: meshv1.DefaultFailureLimit, InconclusiveLimit: meshv1.DefaultInconclusiveLimit}
 	if a != nil {
 		if a.Prometheus != nil {
 			s.Address = a.Prometheus.Address
@@ -75,6 +89,9 @@ func SettingsFor(a *meshv1.AnalysisSpec) Settings {
 		}
 		if a.FailureLimit != nil {
 			s.FailureLimit = max(*a.FailureLimit, 0)
+		}
+		if a.InconclusiveLimit != nil {
+			s.InconclusiveLimit = max(*a.InconclusiveLimit, 0)
 		}
 		s.SLOs = a.SLOs
 	}
@@ -86,16 +103,17 @@ func SettingsFor(a *meshv1.AnalysisSpec) Settings {
 
 // Policy is the state machine's configuration for these settings.
 func (s Settings) Policy() Policy {
-	return Policy{FailureLimit: s.FailureLimit, InconclusiveLimit: DefaultInconclusiveLimit}
+	return Policy{FailureLimit: s.FailureLimit, InconclusiveLimit: s.InconclusiveLimit}
 }
 
 // Result is one SLO check: what goes to status.rollout.analysis, and a
 // one-line message saying why the verdict is what it is.
 type Result struct {
 	meshv1.AnalysisResult
-	// Message, e.g. "l4-success 0.93 < 0.99", "l4-success 0.997 >= 0.99" or
-	// "l4-success inconclusive: cannot reach Prometheus at ...".
-	Message string
+	// ClusterWide is set on a Pass of an SLO with maxDegradation whose
+	// bounds both sides broke alike: a drop that is not the wave's doing,
+	// worth an event.
+	ClusterWide bool
 }
 
 // AnalysisResults are the results as status holds them.
@@ -111,9 +129,16 @@ func AnalysisResults(rs []Result) []meshv1.AnalysisResult {
 const maxConcurrentQueries = 4
 
 // Evaluate runs every SLO of one check against p at the instant at and
-// judges it. It never fails: an SLO without an answer is Inconclusive, with
-// the reason in its Message. Results are in the order of slos.
+// judges it, without a baseline. See EvaluateScope.
 func Evaluate(ctx context.Context, p Provider, slos []meshv1.SLO, data QueryData, at time.Time) []Result {
+	return EvaluateScope(ctx, p, slos, Scope{Canary: data}, at)
+}
+
+// EvaluateScope runs every SLO of one check against p at the instant at and
+// judges it; an SLO with maxDegradation is also run on scope.Baseline and
+// compared. It never fails: an SLO without an answer is Inconclusive, with
+// the reason in its Message. Results are in the order of slos.
+func EvaluateScope(ctx context.Context, p Provider, slos []meshv1.SLO, scope Scope, at time.Time) []Result {
 	results := make([]Result, len(slos))
 	sem := make(chan struct{}, maxConcurrentQueries)
 	var wg sync.WaitGroup
@@ -122,34 +147,168 @@ func Evaluate(ctx context.Context, p Provider, slos []meshv1.SLO, data QueryData
 		sem <- struct{}{}
 		go func() {
 			defer func() { <-sem; wg.Done() }()
-			results[i] = evaluate(ctx, p, &slos[i], data, at)
+			results[i] = evaluate(ctx, p, &slos[i], scope, at)
 		}()
 	}
 	wg.Wait()
 	return results
 }
 
-func evaluate(ctx context.Context, p Provider, slo *meshv1.SLO, data QueryData, at time.Time) Result {
+func evaluate(ctx context.Context, p Provider, slo *meshv1.SLO, scope Scope, at time.Time) Result {
 	r := Result{AnalysisResult: meshv1.AnalysisResult{SLO: slo.Name, Verdict: meshv1.VerdictInconclusive, At: metav1.NewTime(at)}}
 	inconclusive := func(err error) Result {
 		r.Message = fmt.Sprintf("%s inconclusive: %v", slo.Name, err)
 		return r
 	}
-	if data.Namespaces == "" {
+	data := scope.Canary
+	if data.Namespaces == "" && data.Nodes == "" {
 		return inconclusive(errors.New("the wave has no namespaces to query"))
 	}
-	q, err := ExpandQuery(slo.Query, data)
+	t, err := ParseTemplate(slo.Query)
+	if err != nil {
+		return inconclusive(fmt.Errorf("the query template does not expand: %w", err))
+	}
+	q, err := t.Expand(data)
 	if err != nil {
 		return inconclusive(fmt.Errorf("the query template does not expand: %w", err))
 	}
 	v, err := p.Query(ctx, q, at)
 	if err != nil {
-		if errors.Is(err, ErrNotFinite) && (math.IsNaN(v) || math.IsInf(v, 0)) {
-			r.Value = FormatValue(v)
+		if errors.Is(err, ErrNotFinite) && (math.IsNaN(v.Value) || math.IsInf(v.Value, 0)) {
+			r.Value = FormatValue(v.Value)
 		}
 		return inconclusive(err)
 	}
-	r.Verdict, r.Value, r.Message = Judge(slo, v)
+	if slo.MaxDegradation == nil {
+		r.Verdict, r.Value, r.Message = Judge(slo, v.Value)
+		r.Message = withWhere(r.Message, r.Verdict, v)
+		return r
+	}
+	if scope.Baseline == nil {
+		// Nothing is left on the old side: min and max judge alone.
+		r.Verdict, r.Value, r.Message = Judge(slo, v.Value)
+		r.Message = withWhere(r.Message, r.Verdict, v) + " (no baseline left to compare with)"
+		return r
+	}
+	bq, err := t.Expand(*scope.Baseline)
+	if err != nil {
+		return inconclusive(fmt.Errorf("the query template does not expand for the baseline: %w", err))
+	}
+	b, err := p.Query(ctx, bq, at)
+	if err != nil {
+		r.Value = FormatValue(v.Value)
+		if errors.Is(err, ErrNotFinite) && (math.IsNaN(b.Value) || math.IsInf(b.Value, 0)) {
+			r.Baseline = FormatValue(b.Value)
+		}
+		return inconclusive(fmt.Errorf("no baseline to compare with: %w", err))
+	}
+	return judgeAgainstBaseline(slo, r, v, b)
+}
+
+// withWhere adds where a failing value was, when its series has labels.
+func withWhere(msg string, verdict meshv1.Verdict, s Sample) string {
+	if w := s.Where(); w != "" && verdict == meshv1.VerdictFail {
+		return msg + " (" + w + ")"
+	}
+	return msg
+}
+
+// ParseDegradation parses a maxDegradation such as "1%" or "0.5%" into a
+// share (0.01, 0.005).
+func ParseDegradation(s string) (float64, error) {
+	t := strings.TrimSpace(s)
+	num, ok := strings.CutSuffix(t, "%")
+	f, err := strconv.ParseFloat(num, 64)
+	if !ok || err != nil || math.IsNaN(f) || math.IsInf(f, 0) || f < 0 {
+		return 0, fmt.Errorf("%q is not a percentage, e.g. \"1%%\" or \"0.5%%\"", s)
+	}
+	return f / 100, nil
+}
+
+// Degradation is how much worse canary is than baseline, as a share of
+// the baseline's value: (baseline - canary) / |baseline| when higher is
+// better, (canary - baseline) / |baseline| when lower is. Negative: the
+// canary is better. A baseline of 0 gives 0 for an equal canary and ±Inf
+// otherwise.
+func Degradation(better meshv1.Better, canary, baseline float64) float64 {
+	worse := baseline - canary
+	if better == meshv1.BetterLower {
+		worse = canary - baseline
+	}
+	if baseline == 0 {
+		switch {
+		case worse == 0:
+			return 0
+		case worse > 0:
+			return math.Inf(1)
+		default:
+			return math.Inf(-1)
+		}
+	}
+	return worse / math.Abs(baseline)
+}
+
+// FormatPercent renders a share as a percentage with up to two decimals:
+// 0.0123 → "1.23%", -0.5 → "-50%".
+func FormatPercent(share float64) string {
+	switch {
+	case math.IsInf(share, 1):
+		return "+Inf%"
+	case math.IsInf(share, -1):
+		return "-Inf%"
+	}
+	s := strconv.FormatFloat(share*100, 'f', 2, 64)
+	s = strings.TrimRight(strings.TrimRight(s, "0"), ".")
+	if s == "-0" {
+		s = "0"
+	}
+	return s + "%"
+}
+
+// ClusterWideMarker is in the message of every cluster-wide drop.
+const ClusterWideMarker = "cluster-wide drop"
+
+// judgeAgainstBaseline judges an SLO with maxDegradation from both values:
+//
+//   - worse than the baseline by more than maxDegradation: Fail;
+//   - otherwise outside min/max while the baseline is too: Pass, marked
+//     ClusterWide (a drop on both sides is not the wave's doing);
+//   - otherwise outside min/max: Fail (the baseline is fine, the wave not);
+//   - otherwise Pass.
+func judgeAgainstBaseline(slo *meshv1.SLO, r Result, canary, baseline Sample) Result {
+	tol, err := ParseDegradation(*slo.MaxDegradation)
+	if err != nil {
+		r.Value = FormatValue(canary.Value)
+		r.Message = fmt.Sprintf("%s inconclusive: maxDegradation %v", slo.Name, err)
+		return r
+	}
+	absVerdict, value, absMsg := Judge(slo, canary.Value)
+	baseVerdict, baseValue, _ := Judge(slo, baseline.Value)
+	r.Value, r.Baseline = value, baseValue
+	deg := Degradation(slo.Better, canary.Value, baseline.Value)
+	r.Degradation = FormatPercent(deg)
+	vs := fmt.Sprintf("baseline %s, %s worse, maxDegradation %s", baseValue, r.Degradation, *slo.MaxDegradation)
+	hasBounds := slo.Min != nil || slo.Max != nil
+	switch {
+	case absVerdict == meshv1.VerdictInconclusive && hasBounds:
+		r.Verdict, r.Message = absVerdict, absMsg
+	case deg > tol:
+		r.Verdict = meshv1.VerdictFail
+		r.Message = withWhere(fmt.Sprintf("%s %s is %s worse than the baseline %s (maxDegradation %s)",
+			slo.Name, value, r.Degradation, baseValue, *slo.MaxDegradation), meshv1.VerdictFail, canary)
+	case absVerdict == meshv1.VerdictFail && baseVerdict == meshv1.VerdictFail:
+		r.Verdict, r.ClusterWide = meshv1.VerdictPass, true
+		r.Message = fmt.Sprintf("%s passes on the baseline comparison: %s, %s and the baseline too (%s)", slo.Name, ClusterWideMarker, absMsg, vs)
+	case absVerdict == meshv1.VerdictFail:
+		r.Verdict = meshv1.VerdictFail
+		r.Message = withWhere(absMsg, meshv1.VerdictFail, canary) + " (" + vs + ")"
+	case !hasBounds:
+		r.Verdict = meshv1.VerdictPass
+		r.Message = fmt.Sprintf("%s %s (%s)", slo.Name, value, vs)
+	default:
+		r.Verdict = meshv1.VerdictPass
+		r.Message = absMsg + " (" + vs + ")"
+	}
 	return r
 }
 

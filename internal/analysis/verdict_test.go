@@ -3,6 +3,8 @@ package analysis_test
 import (
 	"context"
 	"math"
+	"slices"
+	"strings"
 	"testing"
 	"time"
 
@@ -23,19 +25,36 @@ import (
 //   - broken: every connection refused, no ok series;
 //   - idle: series exist but nothing happens (0/0);
 //   - edge: exactly 99 ok for 1 reset.
+//
+// Every pod runs on node-a; @ns@ is the namespace's revision (see
+// connectionsOn).
 const connections = `
 load 15s
-  meshkeeper_agent_connections_total{namespace="shop",pod="shop-0",result="ok"}                 0+100x8
-  meshkeeper_agent_connections_total{namespace="shop",pod="shop-1",result="ok"}                 0+300x8
-  meshkeeper_agent_connections_total{namespace="shop-staging",pod="st-0",result="ok"}           0+90x8
-  meshkeeper_agent_connections_total{namespace="shop-staging",pod="st-0",result="refused"}      0+6x8
-  meshkeeper_agent_connections_total{namespace="shop-staging",pod="st-0",result="timeout"}      0+4x8
-  meshkeeper_agent_connections_total{namespace="broken",pod="b-0",result="refused"}             0+50x8
-  meshkeeper_agent_connections_total{namespace="idle",pod="i-0",result="ok"}                    0x8
-  meshkeeper_agent_connections_total{namespace="idle",pod="i-0",result="refused"}               0x8
-  meshkeeper_agent_connections_total{namespace="edge",pod="e-0",result="ok"}                    0+99x8
-  meshkeeper_agent_connections_total{namespace="edge",pod="e-0",result="reset"}                 0+1x8
+  meshkeeper_agent_connections_total{workload_namespace="shop",workload_pod="shop-0",workload_node="node-a",workload_revision="@shop@",result="ok"}                 0+100x8
+  meshkeeper_agent_connections_total{workload_namespace="shop",workload_pod="shop-1",workload_node="node-a",workload_revision="@shop@",result="ok"}                 0+300x8
+  meshkeeper_agent_connections_total{workload_namespace="shop-staging",workload_pod="st-0",workload_node="node-a",workload_revision="@shop-staging@",result="ok"}           0+90x8
+  meshkeeper_agent_connections_total{workload_namespace="shop-staging",workload_pod="st-0",workload_node="node-a",workload_revision="@shop-staging@",result="refused"}      0+6x8
+  meshkeeper_agent_connections_total{workload_namespace="shop-staging",workload_pod="st-0",workload_node="node-a",workload_revision="@shop-staging@",result="timeout"}      0+4x8
+  meshkeeper_agent_connections_total{workload_namespace="broken",workload_pod="b-0",workload_node="node-a",workload_revision="@broken@",result="refused"}             0+50x8
+  meshkeeper_agent_connections_total{workload_namespace="idle",workload_pod="i-0",workload_node="node-a",workload_revision="@idle@",result="ok"}                    0x8
+  meshkeeper_agent_connections_total{workload_namespace="idle",workload_pod="i-0",workload_node="node-a",workload_revision="@idle@",result="refused"}               0x8
+  meshkeeper_agent_connections_total{workload_namespace="edge",workload_pod="e-0",workload_node="node-a",workload_revision="@edge@",result="ok"}                    0+99x8
+  meshkeeper_agent_connections_total{workload_namespace="edge",workload_pod="e-0",workload_node="node-a",workload_revision="@edge@",result="reset"}                 0+1x8
 `
+
+// connectionsOn is connections with the namespaces moved on revision
+// 1-28-2, the others on 1-27-3.
+func connectionsOn(moved ...string) string {
+	s := connections
+	for _, ns := range []string{"shop-staging", "shop", "broken", "idle", "edge"} {
+		rev := "1-27-3"
+		if slices.Contains(moved, ns) {
+			rev = "1-28-2"
+		}
+		s = strings.ReplaceAll(s, "@"+ns+"@", rev)
+	}
+	return s
+}
 
 // at is when the checks run: the 1m window holds five samples of every series.
 var at = analysistest.Start.Add(2 * time.Minute)
@@ -54,8 +73,9 @@ func check(t *testing.T, p analysis.Provider, slo meshv1.SLO, namespaces ...stri
 
 func defaultSLO() meshv1.SLO { return analysis.DefaultSLOs()[0] }
 
+// TestDefaultSLOOnThePromQLEngine: a namespace wave is judged on the pods
+// of the new revision (the wave's namespaces here), per namespace.
 func TestDefaultSLOOnThePromQLEngine(t *testing.T) {
-	p := analysistest.Load(t, connections)
 	for _, tc := range []struct {
 		name       string
 		namespaces []string
@@ -69,12 +89,13 @@ func TestDefaultSLOOnThePromQLEngine(t *testing.T) {
 		{"a namespace with only error series is 0, not dropped", []string{"shop", "broken"}, meshv1.VerdictFail, "0", "l4-success 0 < 0.99"},
 		{"exactly the minimum passes", []string{"edge"}, meshv1.VerdictPass, "0.99", "l4-success 0.99 >= 0.99"},
 		{"an idle namespace is left out when others have traffic", []string{"idle", "shop"}, meshv1.VerdictPass, "1", "l4-success 1 >= 0.99"},
-		{"a wave without traffic is NaN, inconclusive", []string{"idle"}, meshv1.VerdictInconclusive, "NaN", "l4-success inconclusive: the value is NaN"},
+		{"a wave without traffic is empty, inconclusive", []string{"idle"}, meshv1.VerdictInconclusive, "", "l4-success inconclusive: the query returned an empty vector (no data)"},
 		{"a wave without series is empty, inconclusive", []string{"nowhere"}, meshv1.VerdictInconclusive, "", "l4-success inconclusive: the query returned an empty vector (no data)"},
 		{"a wave without namespaces is inconclusive", nil, meshv1.VerdictInconclusive, "", "l4-success inconclusive: the wave has no namespaces"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			g := NewWithT(t)
+			p := analysistest.Load(t, connectionsOn(tc.namespaces...))
 			r := check(t, p, defaultSLO(), tc.namespaces...)
 			g.Expect(r.Verdict).To(Equal(tc.verdict), r.Message)
 			g.Expect(r.Value).To(Equal(tc.value))
@@ -88,15 +109,15 @@ func TestDefaultSLOOnThePromQLEngine(t *testing.T) {
 // a namespace that has no error series, so the namespace vanishes.
 func TestRatioWithoutErrorSeriesDropsTheNamespace(t *testing.T) {
 	g := NewWithT(t)
-	p := analysistest.Load(t, connections)
+	p := analysistest.Load(t, connectionsOn("shop", "broken"))
 	ctx := context.Background()
 	expand := func(q string, namespaces ...string) string {
 		s, err := analysis.ExpandQuery(q, analysis.NewQueryData(namespaces, "", 30*time.Second))
 		g.Expect(err).NotTo(HaveOccurred())
 		return s
 	}
-	const naiveErrorRatio = `sum by (namespace) (rate(meshkeeper_agent_connections_total{namespace=~"{{ .Namespaces }}",result!="ok"}[1m])) / sum by (namespace) (rate(meshkeeper_agent_connections_total{namespace=~"{{ .Namespaces }}"}[1m]))`
-	const fixedErrorRatio = `(sum by (namespace) (rate(meshkeeper_agent_connections_total{namespace=~"{{ .Namespaces }}",result!="ok"}[1m])) or 0 * sum by (namespace) (rate(meshkeeper_agent_connections_total{namespace=~"{{ .Namespaces }}"}[1m]))) / sum by (namespace) (rate(meshkeeper_agent_connections_total{namespace=~"{{ .Namespaces }}"}[1m]))`
+	const naiveErrorRatio = `sum by (workload_namespace) (rate(meshkeeper_agent_connections_total{workload_namespace=~"{{ .Namespaces }}",result!="ok"}[1m])) / sum by (workload_namespace) (rate(meshkeeper_agent_connections_total{workload_namespace=~"{{ .Namespaces }}"}[1m]))`
+	const fixedErrorRatio = `(sum by (workload_namespace) (rate(meshkeeper_agent_connections_total{workload_namespace=~"{{ .Namespaces }}",result!="ok"}[1m])) or 0 * sum by (workload_namespace) (rate(meshkeeper_agent_connections_total{workload_namespace=~"{{ .Namespaces }}"}[1m]))) / sum by (workload_namespace) (rate(meshkeeper_agent_connections_total{workload_namespace=~"{{ .Namespaces }}"}[1m]))`
 
 	naive, err := p.Eval(ctx, expand(naiveErrorRatio, "shop", "shop-staging"), at)
 	g.Expect(err).NotTo(HaveOccurred())
@@ -112,11 +133,11 @@ func TestRatioWithoutErrorSeriesDropsTheNamespace(t *testing.T) {
 	r := check(t, p, naiveSLO, "shop")
 	g.Expect(r.Verdict).To(Equal(meshv1.VerdictInconclusive))
 	g.Expect(r.Message).To(ContainSubstring("empty vector"))
-	g.Expect(check(t, p, defaultSLO(), "shop").Verdict).To(Equal(meshv1.VerdictPass))
+	g.Expect(check(t, analysistest.Load(t, connectionsOn("shop")), defaultSLO(), "shop").Verdict).To(Equal(meshv1.VerdictPass))
 
 	// The same trap with a success ratio: a namespace with no ok series
 	// (everything refused) drops out, and the wave passes on the others.
-	const naiveSuccess = `min(sum by (namespace) (rate(meshkeeper_agent_connections_total{namespace=~"{{ .Namespaces }}",result="ok"}[1m])) / sum by (namespace) (rate(meshkeeper_agent_connections_total{namespace=~"{{ .Namespaces }}"}[1m])))`
+	const naiveSuccess = `min(sum by (workload_namespace) (rate(meshkeeper_agent_connections_total{workload_namespace=~"{{ .Namespaces }}",result="ok"}[1m])) / sum by (workload_namespace) (rate(meshkeeper_agent_connections_total{workload_namespace=~"{{ .Namespaces }}"}[1m])))`
 	r = check(t, p, meshv1.SLO{Name: "l4-success", Query: naiveSuccess, Min: ptr.To("0.99")}, "shop", "broken")
 	g.Expect(r.Verdict).To(Equal(meshv1.VerdictPass), "the naive success ratio hides the broken namespace")
 	g.Expect(check(t, p, defaultSLO(), "shop", "broken").Verdict).To(Equal(meshv1.VerdictFail))
@@ -125,14 +146,14 @@ func TestRatioWithoutErrorSeriesDropsTheNamespace(t *testing.T) {
 func namespacesOf(v model.Value) map[string]float64 {
 	out := map[string]float64{}
 	for _, s := range v.(model.Vector) {
-		out[string(s.Metric["namespace"])] = math.Round(float64(s.Value)*1e9) / 1e9
+		out[string(s.Metric["workload_namespace"])] = math.Round(float64(s.Value)*1e9) / 1e9
 	}
 	return out
 }
 
 func TestCustomSLOsOnThePromQLEngine(t *testing.T) {
-	p := analysistest.Load(t, connections)
-	const errorsPerSecond = `sum(rate(meshkeeper_agent_connections_total{namespace=~"{{ .Namespaces }}",result!="ok"}[{{ .Interval }}]))`
+	p := analysistest.Load(t, connectionsOn())
+	const errorsPerSecond = `sum(rate(meshkeeper_agent_connections_total{workload_namespace=~"{{ .Namespaces }}",result!="ok"}[{{ .Interval }}]))`
 	for _, tc := range []struct {
 		name     string
 		slo      meshv1.SLO
@@ -155,7 +176,7 @@ func TestCustomSLOsOnThePromQLEngine(t *testing.T) {
 			meshv1.VerdictFail, "0.98999", "p 0.98999 < 0.99"},
 		{"a scalar is a number", meshv1.SLO{Name: "p", Query: `scalar(vector(0.9974))`, Min: ptr.To("0.99")}, []string{"shop"},
 			meshv1.VerdictPass, "0.997", "p 0.997 >= 0.99"},
-		{"several series are inconclusive", meshv1.SLO{Name: "per-ns", Query: `sum by (namespace) (rate(meshkeeper_agent_connections_total{namespace=~"{{ .Namespaces }}"}[1m]))`, Min: ptr.To("1")}, []string{"shop", "shop-staging"},
+		{"several series are inconclusive", meshv1.SLO{Name: "per-ns", Query: `sum by (workload_namespace) (rate(meshkeeper_agent_connections_total{workload_namespace=~"{{ .Namespaces }}"}[1m]))`, Min: ptr.To("1")}, []string{"shop", "shop-staging"},
 			meshv1.VerdictInconclusive, "", "returned 2 series"},
 		{"0/0 is NaN, inconclusive", meshv1.SLO{Name: "nan", Query: `vector(0) / vector(0)`, Min: ptr.To("0.99")}, []string{"shop"},
 			meshv1.VerdictInconclusive, "NaN", "NaN"},
@@ -165,9 +186,9 @@ func TestCustomSLOsOnThePromQLEngine(t *testing.T) {
 			meshv1.VerdictInconclusive, "+Inf", "+Inf"},
 		{"-Inf is inconclusive", meshv1.SLO{Name: "inf", Query: `vector(-1) / vector(0)`, Min: ptr.To("1")}, []string{"shop"},
 			meshv1.VerdictInconclusive, "-Inf", "-Inf"},
-		{"an empty result is inconclusive, even with only max", meshv1.SLO{Name: "empty", Query: `sum(rate(nothing_total{namespace=~"{{ .Namespaces }}"}[1m]))`, Max: ptr.To("1")}, []string{"shop"},
+		{"an empty result is inconclusive, even with only max", meshv1.SLO{Name: "empty", Query: `sum(rate(nothing_total{workload_namespace=~"{{ .Namespaces }}"}[1m]))`, Max: ptr.To("1")}, []string{"shop"},
 			meshv1.VerdictInconclusive, "", "empty vector (no data)"},
-		{"a range vector is inconclusive", meshv1.SLO{Name: "range", Query: `meshkeeper_agent_connections_total{namespace="shop",pod="shop-0"}[1m]`, Min: ptr.To("1")}, []string{"shop"},
+		{"a range vector is inconclusive", meshv1.SLO{Name: "range", Query: `meshkeeper_agent_connections_total{workload_namespace="shop",workload_pod="shop-0"}[1m]`, Min: ptr.To("1")}, []string{"shop"},
 			meshv1.VerdictInconclusive, "", "range vector"},
 		{"a query the engine refuses is inconclusive", meshv1.SLO{Name: "bad", Query: `sum(`, Min: ptr.To("1")}, []string{"shop"},
 			meshv1.VerdictInconclusive, "", "failed on the PromQL engine"},
@@ -188,7 +209,7 @@ func TestCustomSLOsOnThePromQLEngine(t *testing.T) {
 
 func TestEvaluateKeepsTheOrderOfTheSLOs(t *testing.T) {
 	g := NewWithT(t)
-	p := analysistest.Load(t, connections)
+	p := analysistest.Load(t, connectionsOn())
 	var slos []meshv1.SLO
 	for i := range 9 {
 		slos = append(slos, meshv1.SLO{Name: string(rune('a' + i)), Query: "vector(" + string(rune('0'+i)) + ")", Max: ptr.To("4")})
@@ -199,7 +220,7 @@ func TestEvaluateKeepsTheOrderOfTheSLOs(t *testing.T) {
 		g.Expect(r.SLO).To(Equal(slos[i].Name))
 		g.Expect(r.Value).To(Equal(string(rune('0' + i))))
 	}
-	g.Expect(analysis.AnalysisResults(rs)[5]).To(Equal(meshv1.AnalysisResult{SLO: "f", Value: "5", Verdict: meshv1.VerdictFail, At: rs[5].At}))
+	g.Expect(analysis.AnalysisResults(rs)[5]).To(Equal(meshv1.AnalysisResult{SLO: "f", Value: "5", Verdict: meshv1.VerdictFail, At: rs[5].At, Message: "f 5 > 4"}))
 }
 
 func TestFormatValue(t *testing.T) {

@@ -129,12 +129,19 @@ func (r *MeshReconciler) reconcileNodeWaves(ctx context.Context, mesh *meshv1.Me
 	if ro.Wave == 1 && split.Canary {
 		bake = mesh.Spec.Rollout.Nodes.EffectiveBake()
 	}
-	// Node components carry the traffic of every meshed namespace.
+	// Node components carry the traffic of every meshed namespace; the
+	// wave is judged on its nodes, against the other nodes.
 	selected, err := r.selectedNamespaces(ctx, mesh, obs)
 	if err != nil {
 		return err
 	}
-	return r.judgeWave(ctx, mesh, obs, selected, bake, true, func(now time.Time) error {
+	scope := waveScope{namespaces: selected, nodeWave: true, nodes: ro.WaveNodes}
+	for _, n := range nodes {
+		if !slices.Contains(ro.WaveNodes, n.Name) {
+			scope.otherNodes = append(scope.otherNodes, n.Name)
+		}
+	}
+	return r.judgeWave(ctx, mesh, obs, scope, bake, func(now time.Time) error {
 		return r.startNodeWave(mesh, obs, split.Waves, nsWaves, now)
 	})
 }

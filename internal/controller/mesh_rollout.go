@@ -194,6 +194,11 @@ func (r *MeshReconciler) reconcileRollout(ctx context.Context, mesh *meshv1.Mesh
 	if ro == nil {
 		return nil
 	}
+	if ro.Step == meshv1.RolloutStepNodes || ro.Step == meshv1.RolloutStepNamespaces {
+		// Both limits in effect, next to the counters they apply to.
+		settings := analysis.SettingsFor(mesh.Spec.Analysis)
+		ro.FailureLimit, ro.InconclusiveLimit = &settings.FailureLimit, &settings.InconclusiveLimit
+	}
 	selected, err := r.selectedNamespaces(ctx, mesh, obs)
 	if err != nil {
 		return err
@@ -230,9 +235,40 @@ func (r *MeshReconciler) reconcileRollout(ctx context.Context, mesh *meshv1.Mesh
 	if ro.Wave == 0 || ro.WaveStartedAt == nil {
 		return r.startWave(mesh, obs, waves, time.Now())
 	}
-	return r.judgeWave(ctx, mesh, obs, ro.WaveNamespaces, mesh.Spec.Rollout.Namespaces.EffectiveBake(), false, func(now time.Time) error {
+	// The wave is judged on the pods of the new revision; the baseline is
+	// the namespaces still on the old one (none after the last wave).
+	scope := waveScope{namespaces: ro.WaveNamespaces, hasBaseline: len(obs.rollout.moved) < len(selected)}
+	return r.judgeWave(ctx, mesh, obs, scope, mesh.Spec.Rollout.Namespaces.EffectiveBake(), func(now time.Time) error {
 		return r.startWave(mesh, obs, waves, now) // after the last wave: retire
 	})
+}
+
+// waveScope is what a wave is judged on (analysis.Scope before the
+// revisions and the interval are known).
+type waveScope struct {
+	// namespaces of a namespace wave; of a node wave, every namespace in
+	// the mesh (node components carry all of their traffic).
+	namespaces []string
+	// nodeWave: nodes are the node wave's nodes, otherNodes the rest of
+	// the cluster (its baseline).
+	nodeWave          bool
+	nodes, otherNodes []string
+	// hasBaseline: a namespace wave with namespaces still on the old
+	// revision.
+	hasBaseline bool
+}
+
+// analysisScope is the scope of the wave's queries: the new revision and
+// the old one (the baseline), the wave's nodes or namespaces.
+func (w waveScope) analysisScope(obs *observation, interval time.Duration) analysis.Scope {
+	to, from := obs.bundle.Revision(), ""
+	if obs.rollout.from != nil {
+		from = obs.rollout.from.Revision()
+	}
+	if w.nodeWave {
+		return analysis.NodeWaveScope(w.nodes, w.otherNodes, w.namespaces, to, from, interval)
+	}
+	return analysis.NamespaceWaveScope(w.namespaces, to, from, w.hasBaseline, interval)
 }
 
 // judgeWave judges the current wave (node or namespace) and acts on the
@@ -241,10 +277,11 @@ func (r *MeshReconciler) reconcileRollout(ctx context.Context, mesh *meshv1.Mesh
 // the last check (until then the reconcile is requeued for it), and the
 // wave may be promoted once it has baked for bake. Without a Prometheus to
 // ask, or no namespace to judge, a wave only bakes.
-func (r *MeshReconciler) judgeWave(ctx context.Context, mesh *meshv1.Mesh, obs *observation, namespaces []string,
-	bake time.Duration, nodeWave bool, next func(now time.Time) error) error {
+func (r *MeshReconciler) judgeWave(ctx context.Context, mesh *meshv1.Mesh, obs *observation, scope waveScope,
+	bake time.Duration, next func(now time.Time) error) error {
 	now := time.Now()
-	d, checked, err := r.checkWave(ctx, mesh, obs, namespaces, bake, nodeWave, now)
+	nodeWave := scope.nodeWave
+	d, checked, err := r.checkWave(ctx, mesh, obs, scope, bake, now)
 	if err != nil || !checked {
 		return err
 	}
@@ -265,13 +302,14 @@ func (r *MeshReconciler) judgeWave(ctx context.Context, mesh *meshv1.Mesh, obs *
 
 // checkWave runs one check of the current wave when it is time (checked
 // false otherwise) and records it in status.rollout.
-func (r *MeshReconciler) checkWave(ctx context.Context, mesh *meshv1.Mesh, obs *observation, namespaces []string,
-	bake time.Duration, nodeWave bool, now time.Time) (d analysis.Decision, checked bool, err error) {
+func (r *MeshReconciler) checkWave(ctx context.Context, mesh *meshv1.Mesh, obs *observation, scope waveScope,
+	bake time.Duration, now time.Time) (d analysis.Decision, checked bool, err error) {
 	ro := obs.rollout.status
 	settings := analysis.SettingsFor(mesh.Spec.Analysis)
 	if settings.Address == "" {
 		settings.Address = r.PrometheusAddress
 	}
+	namespaces, nodeWave := scope.namespaces, scope.nodeWave
 	if ro.LastCheckAt != nil && now.Sub(ro.LastCheckAt.Time) < settings.Interval {
 		obs.requeueAfter = settings.Interval - now.Sub(ro.LastCheckAt.Time)
 		return d, false, nil
@@ -294,10 +332,10 @@ func (r *MeshReconciler) checkWave(ctx context.Context, mesh *meshv1.Mesh, obs *
 		if err != nil {
 			return d, false, fmt.Errorf("spec.analysis.prometheus: %w", err)
 		}
-		data := analysis.NewQueryData(namespaces, obs.bundle.Revision(), settings.Interval)
-		results := analysis.Evaluate(ctx, provider, settings.SLOs, data, now)
+		results := analysis.EvaluateScope(ctx, provider, settings.SLOs, scope.analysisScope(obs, settings.Interval), now)
 		d = analysis.Decide(analysis.State{FailedChecks: ro.FailedChecks, InconclusiveChecks: ro.InconclusiveChecks},
 			analysis.Input{Wave: ro.Wave, NodeWave: nodeWave, Results: results, BakeElapsed: bakeElapsed}, settings.Policy())
+		r.reportClusterWide(mesh, ro, results)
 		ro.Analysis = analysis.AnalysisResults(results)
 		ro.FailedChecks, ro.InconclusiveChecks = d.State.FailedChecks, d.State.InconclusiveChecks
 		ro.LastCheckAt = &metav1.Time{Time: now}
@@ -307,6 +345,27 @@ func (r *MeshReconciler) checkWave(ctx context.Context, mesh *meshv1.Mesh, obs *
 	ro.Message = d.Reason
 	log.FromContext(ctx).Info("Wave checked", "step", ro.Step, "wave", ro.Wave, "action", d.Action, "reason", d.Reason)
 	return d, true, nil
+}
+
+// reportClusterWide sends an event when an SLO starts passing on the
+// baseline comparison although both sides broke its bounds: a drop across
+// the cluster that does not fail the wave, but that someone should see. The
+// status says it too (status.rollout.analysis[].message).
+func (r *MeshReconciler) reportClusterWide(mesh *meshv1.Mesh, ro *meshv1.RolloutStatus, results []analysis.Result) {
+	for _, res := range results {
+		if !res.ClusterWide {
+			continue
+		}
+		seen := false
+		for _, prev := range ro.Analysis {
+			if prev.SLO == res.SLO && strings.Contains(prev.Message, analysis.ClusterWideMarker) {
+				seen = true
+			}
+		}
+		if !seen {
+			r.event(mesh, corev1.EventTypeWarning, "ClusterWideDegradation", "%s: not held against the wave", res.Message)
+		}
+	}
 }
 
 // windowForWave says whether a wave may start now: inside a maintenance

@@ -17,8 +17,8 @@ import (
 
 // rolloutSLO is the L4 success ratio of the wave over a short window, so a
 // ratio the test changes shows within seconds.
-const rolloutSLO = `sum(rate(meshkeeper_agent_connections_total{namespace=~"{{ .Namespaces }}",result="ok"}[5s])) / ` +
-	`sum(rate(meshkeeper_agent_connections_total{namespace=~"{{ .Namespaces }}"}[5s]))`
+const rolloutSLO = `sum(rate(meshkeeper_agent_connections_total{workload_namespace=~"{{ .Namespaces }}",result="ok"}[5s])) / ` +
+	`sum(rate(meshkeeper_agent_connections_total{workload_namespace=~"{{ .Namespaces }}"}[5s]))`
 
 // sloGate is the tests' analysis: rolloutSLO against the Prometheus at
 // address every interval, at least min, rolling back on the first failure.

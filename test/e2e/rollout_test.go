@@ -124,7 +124,7 @@ spec:
     # min 0.95: a canary namespace at 0.9 fails its own wave, while the node
     # waves, judged over every namespace (0.98), pass.
     - name: l4-success
-      query: 'sum(rate(meshkeeper_agent_connections_total{namespace=~"{{ .Namespaces }}",result="ok"}[5s])) / sum(rate(meshkeeper_agent_connections_total{namespace=~"{{ .Namespaces }}"}[5s]))'
+      query: 'sum(rate(meshkeeper_agent_connections_total{workload_namespace=~"{{ .Namespaces }}",result="ok"}[5s])) / sum(rate(meshkeeper_agent_connections_total{workload_namespace=~"{{ .Namespaces }}"}[5s]))'
       min: "0.95"
 `, selector, srv.URL))
 		kubectl(ctx, "wait", "--for=condition=Ready", "mesh/default", "--timeout=180s")

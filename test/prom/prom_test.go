@@ -22,7 +22,7 @@ func TestWorkloadExportsInitialisedSeriesAndTheRatio(t *testing.T) {
 
 	body := scrape(t, w.URL)
 	for _, r := range prom.Results {
-		g.Expect(body).To(ContainSubstring(`meshkeeper_agent_connections_total{namespace="shop",pod="workload-0",result="` + r + `"}`))
+		g.Expect(body).To(ContainSubstring(`meshkeeper_agent_connections_total{result="` + r + `",workload_namespace="shop",workload_node="workload-node",workload_pod="workload-0",workload_revision=""}`))
 	}
 
 	g.Eventually(func() float64 { return w.Counts("shop")["ok"] }).WithTimeout(5 * time.Second).Should(BeNumerically(">=", 3*prom.ConnectionsPerTick*0.9))
@@ -59,7 +59,7 @@ func TestPrometheusScrapesTheWorkload(t *testing.T) {
 	g.Expect(err).NotTo(HaveOccurred(), s.Logs())
 	t.Logf("first scrape of the workload queryable %s after ready", took)
 
-	v, _, err := s.API().Query(ctx, `count(meshkeeper_agent_connections_total{namespace="shop"})`, time.Now())
+	v, _, err := s.API().Query(ctx, `count(meshkeeper_agent_connections_total{workload_namespace="shop"})`, time.Now())
 	g.Expect(err).NotTo(HaveOccurred())
 	g.Expect(v).To(HaveLen(1))
 	g.Expect(v.(model.Vector)[0].Value).To(BeEquivalentTo(len(prom.Results)))

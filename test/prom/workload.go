@@ -32,20 +32,25 @@ const (
 // maxLifetime bounds how long a workload keeps counting.
 const maxLifetime = 10 * time.Minute
 
-// Workload is a tiny HTTP exporter on 127.0.0.1 exposing
-// meshkeeper_agent_connections_total{namespace,pod,result} whose success
-// ratio per namespace the test sets. Counters advance every Tick by
-// ConnectionsPerTick connections per namespace: ratio of them ok, the rest
-// spread evenly over refused, reset and timeout. A scrape always sees one
-// consistent snapshot of all counters.
+// Workload is a tiny HTTP exporter on 127.0.0.1 standing in for one node's
+// agent: it exposes meshkeeper_agent_connections_total with the agent's
+// labels (workload_namespace, workload_pod, workload_node,
+// workload_revision, result) for one pod per namespace on its node, with a
+// success ratio per namespace that the test sets. Counters advance every
+// Tick by ConnectionsPerTick connections per namespace: ratio of them ok,
+// the rest spread evenly over refused, reset and timeout. A scrape always
+// sees one consistent snapshot of all counters.
 type Workload struct {
 	// Addr is the host:port to scrape, e.g. 127.0.0.1:40123.
 	Addr string
 	// URL is the metrics endpoint, http://<Addr>/metrics.
 	URL string
+	// Node is the workload_node label of every series.
+	Node string
 
 	mu         sync.Mutex
 	namespaces map[string]*namespaceCounters
+	revisions  map[string]string // workload_revision by namespace
 	stopped    bool
 
 	srv  *http.Server
@@ -58,22 +63,40 @@ type namespaceCounters struct {
 	counts map[string]float64 // by result
 }
 
-// Pod is the pod label of every series.
+// Pod is the workload_pod label of every series of a workload on
+// DefaultNode; on another node it is "workload-<node>".
 const Pod = "workload-0"
 
+// DefaultNode is the node of NewWorkload's series.
+const DefaultNode = "workload-node"
+
+// The agent's labels (internal/agent/metrics.go).
 var connectionsDesc = prometheus.NewDesc(ConnectionsMetric,
 	"Outbound TCP connections of enrolled pods by outcome (test workload).",
-	[]string{"namespace", "pod", "result"}, nil)
+	[]string{"workload_namespace", "workload_pod", "workload_node", "workload_revision", "result"}, nil)
 
-// NewWorkload starts a workload; it stops when the test ends.
+// NewWorkload starts a workload on DefaultNode; it stops when the test
+// ends.
 func NewWorkload(t TB) *Workload {
 	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
+	return NewWorkloadOn(t, DefaultNode, "127.0.0.1:0")
+}
+
+// NewWorkloadOn starts a workload standing in for the agent of node,
+// listening on addr (a loopback host:port; port 0 picks one).
+func NewWorkloadOn(t TB, node, addr string) *Workload {
+	t.Helper()
+	if err := checkLoopback(addr); err != nil {
+		t.Fatalf("%v", err)
+	}
+	l, err := net.Listen("tcp", addr)
 	if err != nil {
 		t.Fatalf("prom: workload listener: %v", err)
 	}
 	w := &Workload{
 		Addr:       l.Addr().String(),
+		Node:       node,
+		revisions:  map[string]string{},
 		namespaces: map[string]*namespaceCounters{},
 		stop:       make(chan struct{}),
 		done:       make(chan struct{}),
@@ -115,6 +138,23 @@ func (w *Workload) SetRatio(ns string, ratio float64) {
 		w.namespaces[ns] = c
 	}
 	c.ratio = ratio
+}
+
+// SetRevision sets the workload_revision label of namespace ns's series
+// (the agent takes it from the namespace's istio.io/rev label). A counter
+// keeps its value when the label changes, as the agent's does.
+func (w *Workload) SetRevision(ns, rev string) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	w.revisions[ns] = rev
+}
+
+// PodName is the workload_pod label of the workload's series.
+func (w *Workload) PodName() string {
+	if w.Node == DefaultNode {
+		return Pod
+	}
+	return "workload-" + w.Node
 }
 
 // Counts returns the current counter values of ns by result.
@@ -193,10 +233,11 @@ func (w *Workload) Collect(ch chan<- prometheus.Metric) {
 		names = append(names, ns)
 	}
 	slices.Sort(names)
+	pod := w.PodName()
 	for _, ns := range names {
 		c := w.namespaces[ns]
 		for _, r := range Results {
-			ch <- prometheus.MustNewConstMetric(connectionsDesc, prometheus.CounterValue, c.counts[r], ns, Pod, r)
+			ch <- prometheus.MustNewConstMetric(connectionsDesc, prometheus.CounterValue, c.counts[r], ns, pod, w.Node, w.revisions[ns], r)
 		}
 	}
 }

@@ -25,6 +25,11 @@ import (
 // into the loaded series.
 var Start = time.Unix(0, 0).UTC()
 
+// MaxSamples is the engine's limit of samples per query: Prometheus's own
+// default (--query.max-samples), not promqltest's much smaller one, so a
+// query over a big mesh fails here only where it would fail on a server.
+const MaxSamples = 50_000_000
+
 // Engine is an analysis.Provider over the PromQL engine and loaded storage.
 type Engine struct {
 	engine  *promql.Engine
@@ -44,17 +49,17 @@ func Load(t testing.TB, script string) *Engine {
 	t.Helper()
 	st := promqltest.LoadedStorage(t, script)
 	t.Cleanup(func() { _ = st.Close() })
-	ng := promqltest.NewTestEngine(t, false, 0, promqltest.DefaultMaxSamplesPerQuery)
+	ng := promqltest.NewTestEngine(t, false, 0, MaxSamples)
 	return &Engine{engine: ng, storage: st}
 }
 
-// Query evaluates q at at and reduces the result with analysis.ValueOf.
-func (e *Engine) Query(ctx context.Context, q string, at time.Time) (float64, error) {
+// Query evaluates q at at and reduces the result with analysis.SampleOf.
+func (e *Engine) Query(ctx context.Context, q string, at time.Time) (analysis.Sample, error) {
 	v, err := e.Eval(ctx, q, at)
 	if err != nil {
-		return 0, err
+		return analysis.Sample{}, err
 	}
-	return analysis.ValueOf(v)
+	return analysis.SampleOf(v)
 }
 
 // Eval evaluates q at at and returns the result as the HTTP API's client
