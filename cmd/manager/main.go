@@ -6,6 +6,7 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"maps"
 	"os"
 	"strings"
 	"time"
@@ -45,6 +46,8 @@ type options struct {
 	componentsNamespace    string
 	bundlesDir             string
 	prometheusAddress      string
+	agentImage             string
+	images                 map[string]string
 }
 
 func main() {
@@ -63,6 +66,16 @@ func main() {
 	flag.StringVar(&o.bundlesDir, "bundles-dir", "", "Load bundles from this directory instead of the embedded catalog (development).")
 	flag.StringVar(&o.prometheusAddress, "prometheus-address", "", "Prometheus base URL for SLO analysis when a Mesh sets no spec.analysis.prometheus; empty: such rollouts only bake.")
 	zapOpts := zap.Options{Development: false}
+	flag.StringVar(&o.agentImage, "agent-image", "", "Node agent image every bundle runs instead of its own (e.g. the one built for this cluster); empty: the bundle's.")
+	o.images = map[string]string{}
+	flag.Func("image", "NAME=REF: run image REF wherever the bundles name image NAME (nodeAgent, ztunnel, pilot, ...); repeatable. For development and tests, e.g. a stand-in for an upstream image.", func(v string) error {
+		name, ref, ok := strings.Cut(v, "=")
+		if !ok || name == "" || ref == "" {
+			return fmt.Errorf("want NAME=REF, e.g. ztunnel=registry.example.com/ztunnel:1.28.2, got %q", v)
+		}
+		o.images[name] = ref
+		return nil
+	})
 	zapOpts.BindFlags(flag.CommandLine)
 	flag.Parse()
 	ctrl.SetLogger(zap.New(zap.UseFlagOptions(&zapOpts)))
@@ -100,7 +113,14 @@ func run(ctx context.Context, o options) error {
 		return err
 	}
 
-	catalog, err := loadCatalog(o.bundlesDir)
+	images := maps.Clone(o.images)
+	if o.agentImage != "" {
+		if images == nil {
+			images = map[string]string{}
+		}
+		images[bundle.ImageNodeAgent] = o.agentImage
+	}
+	catalog, err := loadCatalog(o.bundlesDir, images)
 	if err != nil {
 		return err
 	}
@@ -186,13 +206,17 @@ func ensureCertsWithRetry(ctx context.Context, c client.Client, opts webhooks.Ce
 	return fmt.Errorf("webhook serving certificate: %w", err)
 }
 
-func loadCatalog(dir string) (*bundle.Catalog, error) {
-	if dir == "" {
-		return bundle.Default(), nil
+func loadCatalog(dir string, images map[string]string) (*bundle.Catalog, error) {
+	c := bundle.Default()
+	if dir != "" {
+		var err error
+		if c, err = bundle.FromDir(dir); err != nil {
+			return nil, fmt.Errorf("load bundles from %s: %w", dir, err)
+		}
 	}
-	c, err := bundle.FromDir(dir)
+	c, err := c.WithImages(images)
 	if err != nil {
-		return nil, fmt.Errorf("load bundles from %s: %w", dir, err)
+		return nil, fmt.Errorf("--image/--agent-image: %w", err)
 	}
 	return c, nil
 }
