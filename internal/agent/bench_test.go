@@ -345,7 +345,7 @@ func measureAgentMemory(b *testing.B, pods int) *agentMemory {
 	})
 
 	cmd := exec.Command(bin, "run", "--no-kube", "--pods-file", podsPath, "--pin-path", pinPath,
-		"--cgroup-path", cgroup2Root(b), "--metrics-addr", "127.0.0.1:0")
+		"--cgroup-path", cgroup2Root(b), "--metrics-addr", "127.0.0.1:0", "--proc-root", "/proc")
 	for _, kv := range os.Environ() {
 		if k, _, _ := strings.Cut(kv, "="); k != "GOGC" && k != "GOMEMLIMIT" && k != "GODEBUG" {
 			cmd.Env = append(cmd.Env, kv)

@@ -42,7 +42,7 @@ type podState struct {
 
 // Enroller keeps the datapath's enrolled map equal to the network
 // namespaces of the pods it is told to want. Pods are found by scanning
-// /proc for processes whose cgroup names the pod UID.
+// the host's procfs (procRoot) for processes whose cgroup names the pod UID.
 type Enroller struct {
 	maps       NetnsMap
 	procRoot   string
@@ -61,12 +61,15 @@ type Enroller struct {
 // NewEnroller adopts what the map holds already (after an agent restart
 // nothing is removed until Reconcile).
 func NewEnroller(maps NetnsMap, procRoot string, log logr.Logger) (*Enroller, error) {
-	host, err := CurrentNetnsCookie()
+	if procRoot == "" {
+		procRoot = "/proc"
+	}
+	host, fallback, err := hostNetnsCookie(procRoot)
 	if err != nil {
 		return nil, err
 	}
-	if procRoot == "" {
-		procRoot = "/proc"
+	if fallback != nil {
+		log.Info("Cannot open PID 1's network namespace; refusing the agent's own instead", "procRoot", procRoot, "error", fallback.Error())
 	}
 	e := &Enroller{
 		maps: maps, procRoot: procRoot, hostCookie: host, log: log,

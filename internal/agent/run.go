@@ -29,6 +29,9 @@ type RunOptions struct {
 	CapturePort uint16
 	BypassMark  uint32
 	PinPath     string
+	// ProcRoot is the host's procfs, through which pods' processes and
+	// network namespaces are found ("" is /proc: a host process).
+	ProcRoot string
 	// CgroupPath overrides the cgroup2 mount found by preflight.
 	CgroupPath        string
 	NamespaceSelector string
@@ -95,6 +98,18 @@ func Run(ctx context.Context, o RunOptions) error {
 		<-ctx.Done()
 		return nil
 	}
+	if err := CheckProcRoot(procRootOrDefault(o.ProcRoot)); err != nil {
+		// Without the host's processes no pod can be found: say so rather
+		// than report a ready datapath that enrols nothing (fail open).
+		log.Error(err, "The agent cannot see the host's processes, so it can enrol no pod; nothing is attached and the node falls back")
+		st := MeshNodeStatus(result, nil, o.AgentVersion, time.Now())
+		st.Eligible, st.Redirection = false, ""
+		st.Reason = "the node agent can enrol no pod: " + err.Error()
+		reporter.report(st)
+		signalReady(o.Ready)
+		<-ctx.Done()
+		return nil
+	}
 	cgroupPath := result.CgroupV2Path
 	if o.CgroupPath != "" {
 		cgroupPath = o.CgroupPath
@@ -138,7 +153,7 @@ func Run(ctx context.Context, o RunOptions) error {
 	releaseMemory()
 	log.Info("Datapath ready", "adoptedMaps", report.AdoptedMaps, "links", report.Links, "pinPath", o.PinPath)
 
-	enroller, err := NewEnroller(dp, "", log.WithName("enroll"))
+	enroller, err := NewEnroller(dp, o.ProcRoot, log.WithName("enroll"))
 	if err != nil {
 		return err
 	}

@@ -145,7 +145,7 @@ func startAgent(ctx context.Context, bin, logDir, logName, pinPath string, extra
 	log, err := os.Create(filepath.Join(logDir, logName))
 	Expect(err).NotTo(HaveOccurred())
 	args := append([]string{"run", "--node-name=node-c", "--kubeconfig=" + kc.KubeconfigPath,
-		"--metrics-addr=127.0.0.1:0", "--pin-path=" + pinPath}, extra...)
+		"--metrics-addr=127.0.0.1:0", "--pin-path=" + pinPath, "--proc-root=/proc"}, extra...)
 	cmd := exec.Command(bin, args...)
 	cmd.Stdout, cmd.Stderr = log, log
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}

@@ -16,6 +16,7 @@ capabilities:
   - NET_ADMIN     # cgroup/sock_addr and sockops attachment
   - SYS_ADMIN     # pin to bpffs, attach at the cgroup2 root, netns cookies
   - SYS_RESOURCE  # raise RLIMIT_MEMLOCK on older kernels
+  - SYS_PTRACE    # open pods' /host/proc/<pid>/ns/net (processes of other users or capabilities)
 {{- end }}
 
 {{/* node-agent.volumeMounts: the host paths the agent works on. */}}
