@@ -50,6 +50,10 @@ const (
 	// ReasonKernelIneligible: some nodes cannot run eBPF redirection; the
 	// message names them and says why.
 	ReasonKernelIneligible = "KernelIneligible"
+	// ReasonPodsNotEnrolled: on some eBPF nodes, pods that should be
+	// redirected have not been enrolled for longer than the grace period
+	// (their traffic bypasses the mesh); the message names the nodes and pods.
+	ReasonPodsNotEnrolled = "PodsNotEnrolled"
 )
 
 // Well-known labels, annotations and names.

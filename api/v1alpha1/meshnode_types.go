@@ -59,6 +59,43 @@ type MeshNodeStatus struct {
 	// ProbedAt is when the probes ran.
 	// +optional
 	ProbedAt *metav1.Time `json:"probedAt,omitempty"`
+	// Enrolment is how many of this node's pods the agent wants redirected
+	// and how many it has enrolled; absent until the datapath runs.
+	// +optional
+	Enrolment *NodeEnrolment `json:"enrolment,omitempty"`
+}
+
+// MaxNotEnrolledPods bounds NodeEnrolment.NotEnrolled.
+const MaxNotEnrolledPods = 20
+
+// NodeEnrolment counts a node's wanted and enrolled pods. A wanted pod is one
+// in a namespace of the Mesh's dataplane that runs on the node without host
+// network; it is enrolled once its network namespace is in the datapath.
+type NodeEnrolment struct {
+	// Wanted pods on this node.
+	Wanted int32 `json:"wanted"`
+	// Enrolled pods: wanted pods whose network namespace is redirected.
+	Enrolled int32 `json:"enrolled"`
+	// NotEnrolled lists wanted pods not enrolled, the longest waiting first.
+	// +listType=atomic
+	// +kubebuilder:validation:MaxItems=20
+	// +optional
+	NotEnrolled []PodNotEnrolled `json:"notEnrolled,omitempty"`
+	// NotEnrolledOmitted counts wanted pods not enrolled that NotEnrolled
+	// leaves out.
+	// +optional
+	NotEnrolledOmitted int32 `json:"notEnrolledOmitted,omitempty"`
+	// ObservedAt is when the agent counted.
+	// +optional
+	ObservedAt *metav1.Time `json:"observedAt,omitempty"`
+}
+
+// PodNotEnrolled is a wanted pod whose network namespace is not redirected.
+type PodNotEnrolled struct {
+	Namespace string `json:"namespace"`
+	Name      string `json:"name"`
+	// Since is when the agent started wanting it.
+	Since metav1.Time `json:"since"`
 }
 
 // MeshNode is one node's kernel preflight result. It has no spec: the node
@@ -70,6 +107,8 @@ type MeshNodeStatus struct {
 // +kubebuilder:printcolumn:name="BTF",type=boolean,JSONPath=`.status.btf`
 // +kubebuilder:printcolumn:name="Eligible",type=boolean,JSONPath=`.status.eligible`
 // +kubebuilder:printcolumn:name="Redirection",type=string,JSONPath=`.status.redirection`
+// +kubebuilder:printcolumn:name="Wanted",type=integer,JSONPath=`.status.enrolment.wanted`
+// +kubebuilder:printcolumn:name="Enrolled",type=integer,JSONPath=`.status.enrolment.enrolled`
 // +kubebuilder:printcolumn:name="Reason",type=string,JSONPath=`.status.reason`,priority=1
 // +kubebuilder:printcolumn:name="Age",type=date,JSONPath=`.metadata.creationTimestamp`
 type MeshNode struct {

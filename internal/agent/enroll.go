@@ -374,3 +374,31 @@ func (e *Enroller) EnrolledPods() int {
 	}
 	return n
 }
+
+// PodWaiting is a wanted pod with no enrolled network namespace yet.
+type PodWaiting struct {
+	Pod   PodRef
+	Since time.Time
+}
+
+// Enrolment counts the wanted pods and the enrolled ones, and returns the
+// wanted pods not enrolled, the longest waiting first.
+func (e *Enroller) Enrolment() (wanted, enrolled int, waiting []PodWaiting) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	for _, p := range e.pods {
+		if len(p.cookies) > 0 {
+			enrolled++
+			continue
+		}
+		waiting = append(waiting, PodWaiting{Pod: p.ref, Since: p.since})
+	}
+	sort.Slice(waiting, func(i, j int) bool {
+		a, b := waiting[i], waiting[j]
+		if !a.Since.Equal(b.Since) {
+			return a.Since.Before(b.Since)
+		}
+		return a.Pod.String() < b.Pod.String()
+	})
+	return len(e.pods), enrolled, waiting
+}

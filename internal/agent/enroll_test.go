@@ -3,6 +3,7 @@ package agent
 import (
 	"context"
 	"errors"
+	"fmt"
 	"os"
 	"testing"
 	"time"
@@ -13,6 +14,8 @@ import (
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/runtime/schema"
+
+	"github.com/meshkeeper/meshkeeper/api/v1alpha1"
 )
 
 func TestPodUIDFromCgroup(t *testing.T) {
@@ -110,6 +113,12 @@ func TestEnrollerFindsPodsByCgroup(t *testing.T) {
 	cgroups.start(t, hostnet.UID, true)
 	enroller.Sync(true)
 	g.Consistently(func() []uint64 { return enroller.Cookies(hostnet.UID) }).WithTimeout(200*time.Millisecond).Should(BeEmpty(), "never the host's namespace")
+	// What the MeshNode reports: two wanted, one enrolled, the other waiting.
+	wanted, enrolled, waiting := enroller.Enrolment()
+	g.Expect([]int{wanted, enrolled}).To(Equal([]int{2, 1}))
+	g.Expect(waiting).To(HaveLen(1))
+	g.Expect(waiting[0].Pod).To(Equal(hostnet))
+	g.Expect(waiting[0].Since).To(BeTemporally("<", started), "since it was wanted, before its sandbox started")
 
 	// The sandbox is replaced: new process, new namespace.
 	proc.stop()
@@ -122,6 +131,31 @@ func TestEnrollerFindsPodsByCgroup(t *testing.T) {
 
 	enroller.Forget(app.UID)
 	g.Expect(dp.EnrolledNetns()).To(BeEmpty())
+}
+
+func TestEnrolmentStatus(t *testing.T) {
+	g := NewWithT(t)
+	t0 := time.Date(2026, 12, 1, 22, 0, 0, 0, time.UTC)
+	var waiting []PodWaiting
+	for i := range 25 {
+		waiting = append(waiting, PodWaiting{Pod: PodRef{Namespace: "shop", Name: fmt.Sprintf("web-%02d", i)}, Since: t0.Add(time.Duration(i) * time.Second)})
+	}
+	st := EnrolmentStatus(40, 15, waiting, t0.Add(time.Minute))
+	g.Expect(st.Wanted).To(BeEquivalentTo(40))
+	g.Expect(st.Enrolled).To(BeEquivalentTo(15))
+	g.Expect(st.NotEnrolled).To(HaveLen(v1alpha1.MaxNotEnrolledPods), "the list is bounded")
+	g.Expect(st.NotEnrolledOmitted).To(BeEquivalentTo(5), "and says how many it left out")
+	g.Expect(st.NotEnrolled[0].Name).To(Equal("web-00"), "the longest waiting first")
+	g.Expect(st.NotEnrolled[0].Since.Time).To(Equal(t0))
+
+	all := EnrolmentStatus(3, 3, nil, t0)
+	g.Expect(all.NotEnrolled).To(BeEmpty())
+	g.Expect(all.NotEnrolledOmitted).To(BeZero())
+
+	// Rewritten only on change: a later count of the same pods is the same.
+	g.Expect(sameEnrolment(st, EnrolmentStatus(40, 15, waiting, t0.Add(time.Hour)))).To(BeTrue())
+	g.Expect(sameEnrolment(st, EnrolmentStatus(40, 16, waiting[1:], t0.Add(time.Hour)))).To(BeFalse())
+	g.Expect(sameEnrolment(nil, all)).To(BeFalse())
 }
 
 func writeFile(path, content string) error { return os.WriteFile(path, []byte(content), 0o644) }
@@ -152,4 +186,21 @@ func TestDetachOnExit(t *testing.T) {
 			}
 		})
 	}
+}
+
+// /readyz: ready once the datapath is loaded and enrolment runs, whatever
+// the pods' enrolment (that is the MeshNode's and the Mesh's to report).
+func TestAgentReadiness(t *testing.T) {
+	g := NewWithT(t)
+	c := &Collector{}
+	ok, why := c.Ready()
+	g.Expect(ok).To(BeFalse())
+	g.Expect(why).To(ContainSubstring("not eligible"))
+	c.Eligible.Store(true)
+	ok, why = c.Ready()
+	g.Expect(ok).To(BeFalse())
+	g.Expect(why).To(ContainSubstring("datapath is not loaded"))
+	c.SetDatapath(&Datapath{}, &Enroller{pods: map[string]*podState{"u": {ref: PodRef{Name: "slow"}}}})
+	ok, _ = c.Ready()
+	g.Expect(ok).To(BeTrue(), "a pod still waiting for enrolment does not make the agent unready")
 }

@@ -48,6 +48,42 @@ func MeshNodeStatus(r Result, datapathErr error, agentVersion string, now time.T
 	return s
 }
 
+// EnrolmentStatus is the MeshNode's enrolment report: the counts and the
+// first MaxNotEnrolledPods of the waiting pods (longest waiting first, as
+// Enroller.Enrolment returns them), with a count of the ones left out.
+func EnrolmentStatus(wanted, enrolled int, waiting []PodWaiting, now time.Time) *v1alpha1.NodeEnrolment {
+	st := &v1alpha1.NodeEnrolment{Wanted: int32(wanted), Enrolled: int32(enrolled), ObservedAt: &metav1.Time{Time: now}}
+	for i, w := range waiting {
+		if i == v1alpha1.MaxNotEnrolledPods {
+			st.NotEnrolledOmitted = int32(len(waiting) - i)
+			break
+		}
+		st.NotEnrolled = append(st.NotEnrolled, v1alpha1.PodNotEnrolled{
+			Namespace: w.Pod.Namespace, Name: w.Pod.Name, Since: metav1.Time{Time: w.Since},
+		})
+	}
+	return st
+}
+
+// sameEnrolment is true when a and b report the same counts and pods (the
+// time they were observed aside): the agent rewrites its MeshNode only when
+// this changes.
+func sameEnrolment(a, b *v1alpha1.NodeEnrolment) bool {
+	if a == nil || b == nil {
+		return a == b
+	}
+	if a.Wanted != b.Wanted || a.Enrolled != b.Enrolled || a.NotEnrolledOmitted != b.NotEnrolledOmitted || len(a.NotEnrolled) != len(b.NotEnrolled) {
+		return false
+	}
+	for i := range a.NotEnrolled {
+		x, y := a.NotEnrolled[i], b.NotEnrolled[i]
+		if x.Namespace != y.Namespace || x.Name != y.Name || !x.Since.Equal(&y.Since) {
+			return false
+		}
+	}
+	return true
+}
+
 // WriteMeshNode creates the node's MeshNode when it is missing and writes
 // its status (get, create, status update; retried on conflicts).
 func WriteMeshNode(ctx context.Context, c rest.Interface, nodeName string, status v1alpha1.MeshNodeStatus) error {

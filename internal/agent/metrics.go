@@ -57,6 +57,18 @@ func (c *Collector) SetDatapath(dp *Datapath, e *Enroller) {
 	c.enroller.Store(e)
 }
 
+// Ready is true once a datapath is loaded and enrolment runs; otherwise it
+// says why not.
+func (c *Collector) Ready() (bool, string) {
+	switch {
+	case !c.Eligible.Load():
+		return false, "this node is not eligible for eBPF redirection (see its MeshNode)"
+	case c.datapath.Load() == nil || c.enroller.Load() == nil:
+		return false, "the eBPF datapath is not loaded (see the agent's log and its MeshNode)"
+	}
+	return true, ""
+}
+
 var _ prometheus.Collector = (*Collector)(nil)
 
 func (c *Collector) Describe(ch chan<- *prometheus.Desc) {

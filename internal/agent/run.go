@@ -159,6 +159,9 @@ func Run(ctx context.Context, o RunOptions) error {
 	}
 	collector.SetDatapath(dp, enroller)
 	go enroller.Run(ctx)
+	if reporter != nil {
+		go reportEnrolment(ctx, enroller, reporter, MeshNodeStatus(result, nil, o.AgentVersion, time.Now()))
+	}
 
 	errc := make(chan error, 1)
 	if kube != nil {
@@ -180,6 +183,34 @@ func Run(ctx context.Context, o RunOptions) error {
 	}
 }
 
+// EnrolmentReportInterval is how often the agent counts its wanted and
+// enrolled pods; the MeshNode is rewritten only when the counts or the
+// waiting pods change.
+const EnrolmentReportInterval = 2 * time.Second
+
+// reportEnrolment keeps the MeshNode's enrolment report current, so that
+// pods left unenrolled show on the Mesh (Degraded PodsNotEnrolled) instead
+// of the node looking healthy while their traffic bypasses the mesh.
+func reportEnrolment(ctx context.Context, e *Enroller, r *nodeReporter, base v1alpha1.MeshNodeStatus) {
+	tick := time.NewTicker(EnrolmentReportInterval)
+	defer tick.Stop()
+	var last *v1alpha1.NodeEnrolment
+	for {
+		wanted, enrolled, waiting := e.Enrolment()
+		if cur := EnrolmentStatus(wanted, enrolled, waiting, time.Now()); !sameEnrolment(last, cur) {
+			st := base
+			st.Enrolment = cur
+			r.report(st)
+			last = cur
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-tick.C:
+		}
+	}
+}
+
 func signalReady(ch chan<- struct{}) {
 	if ch != nil {
 		close(ch)
@@ -190,6 +221,16 @@ func serveMetrics(addr string, c *Collector, log logr.Logger) (*http.Server, err
 	mux := http.NewServeMux()
 	mux.Handle("/metrics", promhttp.HandlerFor(NewRegistry(c), promhttp.HandlerOpts{}))
 	mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) { _, _ = w.Write([]byte("ok")) })
+	// Ready once the datapath is loaded and enrolment runs. A pod that is
+	// slow to enrol does not make the agent unready: that is reported on the
+	// MeshNode and the Mesh (PodsNotEnrolled).
+	mux.HandleFunc("/readyz", func(w http.ResponseWriter, _ *http.Request) {
+		if ok, why := c.Ready(); !ok {
+			http.Error(w, why, http.StatusServiceUnavailable)
+			return
+		}
+		_, _ = w.Write([]byte("ok"))
+	})
 	srv := &http.Server{Addr: addr, Handler: mux, ReadHeaderTimeout: 5 * time.Second}
 	if addr == "" || addr == "0" {
 		return srv, nil
