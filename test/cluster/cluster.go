@@ -787,6 +787,9 @@ func (c *Cluster) Stop() error {
 
 func (c *Cluster) stop() error {
 	var errs []error
+	if err := c.stopRealNodeProcesses(); err != nil {
+		errs = append(errs, err)
+	}
 	c.mu.Lock()
 	procs := slices.Clone(c.procs)
 	c.mu.Unlock()
@@ -807,9 +810,8 @@ func (c *Cluster) stop() error {
 		// their groups; otherwise just end the reaper.
 		c.reaper.finish(!envStopped)
 	}
-	// The real node's containers, mounts, chains and bridge go once the
-	// API server (bound to the bridge's address) has stopped; its kubelet
-	// was the first process killed above.
+	// The real node's mounts, chains and bridge go once the API server
+	// (bound to the bridge's address) has stopped.
 	if err := c.stopRealNode(); err != nil {
 		errs = append(errs, err)
 	}

@@ -225,7 +225,9 @@ func (c *Cluster) prepareRealNode(ctx context.Context, o RealNode, api *envtest.
 	api.SecureServing.Port = strconv.Itoa(port)
 	api.SecurePort = port
 	api.SecureServing.CA = caPEM
-	api.Configure().Set("advertise-address", RealNodeBridgeIP)
+	api.Configure().Set("advertise-address", RealNodeBridgeIP).
+		// exec, logs: the kubelet by its address, not its node name.
+		Set("kubelet-preferred-address-types", "InternalIP")
 	return nil
 }
 
@@ -371,9 +373,10 @@ func (r *realNode) ctr(ctx context.Context, args ...string) (string, error) {
 	return string(out), err
 }
 
-// stopRealNode stops the kubelet first (so it restarts nothing), then
-// removes every container, and leaves the machine as it was.
-func (c *Cluster) stopRealNode() error {
+// stopRealNodeProcesses stops the kubelet first (so it restarts nothing),
+// removes every container (in-cluster clients such as the agent must not
+// hold the API server's shutdown open) and stops containerd and kube-proxy.
+func (c *Cluster) stopRealNodeProcesses() error {
 	r := c.real
 	if r == nil {
 		return nil
@@ -382,7 +385,7 @@ func (c *Cluster) stopRealNode() error {
 	c.mu.Lock()
 	procs := append([]*proc(nil), c.procs...)
 	c.mu.Unlock()
-	for _, name := range []string{"kubelet", "kube-proxy"} {
+	kill := func(name string) {
 		for _, p := range procs {
 			if p.name == name {
 				if err := p.kill(10 * time.Second); err != nil {
@@ -391,18 +394,26 @@ func (c *Cluster) stopRealNode() error {
 			}
 		}
 	}
+	kill("kubelet")
 	if r.dir != "" {
-		// Containers first, while containerd can still tell its shims.
 		if err := removeContainers(r.dir); err != nil {
 			errs = append(errs, err)
 		}
-		for _, p := range procs {
-			if p.name == "containerd" {
-				if err := p.kill(10 * time.Second); err != nil {
-					errs = append(errs, err)
-				}
-			}
-		}
+	}
+	kill("containerd")
+	kill("kube-proxy")
+	return errors.Join(errs...)
+}
+
+// stopRealNode leaves the machine as it was; it runs after the API server
+// (bound to the bridge's address) has stopped.
+func (c *Cluster) stopRealNode() error {
+	r := c.real
+	if r == nil {
+		return nil
+	}
+	var errs []error
+	if r.dir != "" {
 		if err := cleanupRealNode(r.dir, r.binDir, r.before); err != nil {
 			errs = append(errs, err)
 		}

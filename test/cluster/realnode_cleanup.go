@@ -48,8 +48,11 @@ type HostSnapshot struct {
 	// ConntrackActive: the kernel tracks a fresh loopback connection, so
 	// SO_ORIGINAL_DST answers for connections nobody redirected.
 	ConntrackActive bool `json:"conntrackActive"`
-	// BPFFS: bpffs is mounted at /sys/fs/bpf.
-	BPFFS bool `json:"bpffs"`
+	// BPFFS: bpffs is mounted at /sys/fs/bpf; BPFFSShared: as a shared
+	// mount (HostToContainer propagation, the node agent's, needs shared or
+	// slave; systemd makes every mount shared, this machine has no systemd).
+	BPFFS       bool `json:"bpffs"`
+	BPFFSShared bool `json:"bpffsShared"`
 }
 
 // hostPaths may be created by the kubelet, containerd, the CNI plugins or a
@@ -78,7 +81,7 @@ func TakeHostSnapshot() (*HostSnapshot, error) {
 		return nil, err
 	}
 	s.Tables = nftTables()
-	s.Mounts, s.BPFFS = nodeMounts()
+	s.Mounts, s.BPFFS, s.BPFFSShared = nodeMounts()
 	s.Links = nodeLinks()
 	s.Processes = nodeProcesses("")
 	s.Cgroups = kubepodsCgroups()
@@ -140,6 +143,8 @@ func (s *HostSnapshot) Diff(before *HostSnapshot) []string {
 	}
 	if s.BPFFS != before.BPFFS {
 		out = append(out, fmt.Sprintf("~ bpffs at /sys/fs/bpf: %v -> %v", before.BPFFS, s.BPFFS))
+	} else if s.BPFFSShared != before.BPFFSShared {
+		out = append(out, fmt.Sprintf("~ bpffs at /sys/fs/bpf shared: %v -> %v", before.BPFFSShared, s.BPFFSShared))
 	}
 	return out
 }
@@ -194,14 +199,13 @@ func nftTables() []string {
 	return out
 }
 
-func nodeMounts() ([]string, bool) {
+func nodeMounts() (mounts []string, bpffs, bpffsShared bool) {
 	f, err := os.Open("/proc/self/mountinfo")
 	if err != nil {
-		return nil, false
+		return nil, false, false
 	}
 	defer f.Close()
 	var out []string
-	bpffs := false
 	sc := bufio.NewScanner(f)
 	for sc.Scan() {
 		mp, fstype, ok := mountOf(sc.Text())
@@ -210,6 +214,7 @@ func nodeMounts() ([]string, bool) {
 		}
 		if mp == "/sys/fs/bpf" && fstype == "bpf" {
 			bpffs = true
+			bpffsShared = strings.Contains(sc.Text(), " shared:")
 			continue
 		}
 		if fstype == "overlay" || fstype == "nsfs" || strings.Contains(mp, "/mkrn-") ||
@@ -219,7 +224,7 @@ func nodeMounts() ([]string, bool) {
 		}
 	}
 	sort.Strings(out)
-	return out, bpffs
+	return out, bpffs, bpffsShared
 }
 
 // mountOf parses a mountinfo line: mount point and file system type.
@@ -355,12 +360,19 @@ func conntrackActive() bool {
 
 // ensureBPFFS mounts bpffs at /sys/fs/bpf when it is not (the node agent's
 // pins live there; on this machine nothing mounts it at boot).
+// It makes the mount shared, as systemd does on real nodes: the chart's
+// HostToContainer propagation needs a shared or slave host mount (containerd
+// refuses "is mounted on /sys/fs/bpf but it is not a shared or slave mount").
 func ensureBPFFS(before *HostSnapshot) error {
-	if before.BPFFS {
-		return nil
+	if !before.BPFFS {
+		if err := syscall.Mount("bpf", "/sys/fs/bpf", "bpf", 0, "mode=0700"); err != nil {
+			return fmt.Errorf("cluster: mount bpffs at /sys/fs/bpf: %w", err)
+		}
 	}
-	if err := syscall.Mount("bpf", "/sys/fs/bpf", "bpf", 0, "mode=0700"); err != nil {
-		return fmt.Errorf("cluster: mount bpffs at /sys/fs/bpf: %w", err)
+	if !before.BPFFSShared {
+		if err := syscall.Mount("", "/sys/fs/bpf", "", syscall.MS_SHARED, ""); err != nil {
+			return fmt.Errorf("cluster: make /sys/fs/bpf a shared mount: %w", err)
+		}
 	}
 	return nil
 }
@@ -472,8 +484,13 @@ func cleanupRealNode(dir, binDir string, before *HostSnapshot) error {
 			errs = append(errs, err)
 		}
 	}
+	if _, bpffs, shared := nodeMounts(); before.BPFFS && bpffs && shared && !before.BPFFSShared {
+		if err := syscall.Mount("", "/sys/fs/bpf", "", syscall.MS_PRIVATE, ""); err != nil {
+			errs = append(errs, fmt.Errorf("make /sys/fs/bpf private again: %w", err))
+		}
+	}
 	if !before.BPFFS {
-		if _, bpffs := nodeMounts(); bpffs {
+		if _, bpffs, _ := nodeMounts(); bpffs {
 			entries, _ := os.ReadDir("/sys/fs/bpf")
 			if len(entries) == 0 {
 				if err := syscall.Unmount("/sys/fs/bpf", 0); err != nil {
