@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"maps"
 	"os"
+	"slices"
 	"strings"
 	"time"
 
@@ -25,6 +26,7 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/log/zap"
 	metricsserver "sigs.k8s.io/controller-runtime/pkg/metrics/server"
 	"sigs.k8s.io/controller-runtime/pkg/webhook"
+	"sigs.k8s.io/yaml"
 
 	meshv1 "github.com/meshkeeper/meshkeeper/api/v1alpha1"
 	"github.com/meshkeeper/meshkeeper/internal/bundle"
@@ -48,6 +50,7 @@ type options struct {
 	prometheusAddress      string
 	agentImage             string
 	images                 map[string]string
+	componentValues        map[string]string
 }
 
 func main() {
@@ -74,6 +77,15 @@ func main() {
 			return fmt.Errorf("want NAME=REF, e.g. ztunnel=registry.example.com/ztunnel:1.28.2, got %q", v)
 		}
 		o.images[name] = ref
+		return nil
+	})
+	o.componentValues = map[string]string{}
+	flag.Func("component-values", "COMPONENT=FILE: merge the YAML values in FILE into every bundle's release of COMPONENT (node-agent, ztunnel, ...); repeatable. For chart settings no Mesh field carries.", func(v string) error {
+		comp, file, ok := strings.Cut(v, "=")
+		if !ok || comp == "" || file == "" {
+			return fmt.Errorf("want COMPONENT=FILE, e.g. node-agent=values.yaml, got %q", v)
+		}
+		o.componentValues[comp] = file
 		return nil
 	})
 	zapOpts.BindFlags(flag.CommandLine)
@@ -120,7 +132,7 @@ func run(ctx context.Context, o options) error {
 		}
 		images[bundle.ImageNodeAgent] = o.agentImage
 	}
-	catalog, err := loadCatalog(o.bundlesDir, images)
+	catalog, err := loadCatalog(o.bundlesDir, images, o.componentValues)
 	if err != nil {
 		return err
 	}
@@ -206,7 +218,7 @@ func ensureCertsWithRetry(ctx context.Context, c client.Client, opts webhooks.Ce
 	return fmt.Errorf("webhook serving certificate: %w", err)
 }
 
-func loadCatalog(dir string, images map[string]string) (*bundle.Catalog, error) {
+func loadCatalog(dir string, images, componentValues map[string]string) (*bundle.Catalog, error) {
 	c := bundle.Default()
 	if dir != "" {
 		var err error
@@ -217,6 +229,20 @@ func loadCatalog(dir string, images map[string]string) (*bundle.Catalog, error) 
 	c, err := c.WithImages(images)
 	if err != nil {
 		return nil, fmt.Errorf("--image/--agent-image: %w", err)
+	}
+	for _, comp := range slices.Sorted(maps.Keys(componentValues)) {
+		file := componentValues[comp]
+		raw, err := os.ReadFile(file)
+		if err != nil {
+			return nil, fmt.Errorf("--component-values %s: %w", comp, err)
+		}
+		var values map[string]any
+		if err := yaml.Unmarshal(raw, &values); err != nil {
+			return nil, fmt.Errorf("--component-values %s=%s: %w", comp, file, err)
+		}
+		if c, err = c.WithValues(bundle.Component(comp), values); err != nil {
+			return nil, fmt.Errorf("--component-values: %w", err)
+		}
 	}
 	return c, nil
 }

@@ -350,3 +350,31 @@ func (c *Catalog) WithImages(images map[string]string) (*Catalog, error) {
 	}
 	return out, nil
 }
+
+// WithValues returns a copy of the catalog in which every bundle's release
+// of component c gets values merged over the bundle's own (what the Mesh
+// decides still comes first, Inputs.Overrides last). For clusters that need
+// a chart setting no Mesh field carries, e.g. node-agent memlockCapability
+// false where the runtime cannot grant CAP_SYS_RESOURCE.
+func (c *Catalog) WithValues(comp Component, values map[string]any) (*Catalog, error) {
+	if !slices.Contains(AllComponents, comp) {
+		return nil, fmt.Errorf("component %q: unknown; known components: %v", comp, AllComponents)
+	}
+	if len(values) == 0 {
+		return c, nil
+	}
+	out := &Catalog{bundles: make([]*Bundle, 0, len(c.bundles))}
+	for _, b := range c.bundles {
+		nb := *b
+		nb.values = make(map[Component]map[string]any, len(b.values)+1)
+		for k, v := range b.values {
+			nb.values[k] = v
+		}
+		merged := map[string]any{}
+		mergeInto(merged, b.values[comp])
+		mergeInto(merged, values)
+		nb.values[comp] = merged
+		out.bundles = append(out.bundles, &nb)
+	}
+	return out, nil
+}

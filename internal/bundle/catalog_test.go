@@ -356,3 +356,22 @@ func TestWithImages(t *testing.T) {
 	_, err = c.WithImages(map[string]string{bundle.ImageNodeAgent: "agent"})
 	g.Expect(err).To(MatchError(ContainSubstring(`image nodeAgent="agent": not an image reference`)))
 }
+
+// TestWithValues: values for one component reach that component's release
+// values in every bundle, over the bundle's own, and nowhere else.
+func TestWithValues(t *testing.T) {
+	g := NewWithT(t)
+	c := bundle.Default()
+	o, err := c.WithValues(bundle.NodeAgent, map[string]any{"memlockCapability": false})
+	g.Expect(err).NotTo(HaveOccurred())
+	for _, v := range c.Versions() {
+		b, err := o.Resolve(v)
+		g.Expect(err).NotTo(HaveOccurred())
+		g.Expect(b.Values(bundle.NodeAgent, bundle.Inputs{})).To(HaveKeyWithValue("memlockCapability", false), v)
+		g.Expect(b.Values(bundle.Ztunnel, bundle.Inputs{})).NotTo(HaveKey("memlockCapability"), v)
+		orig, _ := c.Resolve(v)
+		g.Expect(orig.Values(bundle.NodeAgent, bundle.Inputs{})).NotTo(HaveKey("memlockCapability"), v)
+	}
+	_, err = c.WithValues("node-agnet", map[string]any{"x": 1})
+	g.Expect(err).To(MatchError(ContainSubstring(`component "node-agnet": unknown`)))
+}
