@@ -33,16 +33,48 @@ func PinnedEnrolled(pinPath string) (map[uint64]NetnsEntry, error) {
 	return out, it.Err()
 }
 
-// AttachedPrograms lists the names of the programs attached to the cgroup
-// at cgroupPath for any of the agent's attach types (a node that was
-// uninstalled has none of the agent's mk_* programs there).
-func AttachedPrograms(cgroupPath string) ([]string, error) {
+// Program names a BPF program the kernel runs.
+type Program struct {
+	ID   ebpf.ProgramID
+	Name string
+}
+
+// LinkedPrograms lists the programs of the links the agent pinned under
+// pinPath.
+func LinkedPrograms(pinPath string) ([]Program, error) {
+	if pinPath == "" {
+		pinPath = DefaultPinPath
+	}
+	dir := filepath.Join(pinPath, linkPinnedName)
+	entries, err := os.ReadDir(dir)
+	if err != nil {
+		return nil, err
+	}
+	var out []Program
+	for _, e := range entries {
+		l, err := link.LoadPinnedLink(filepath.Join(dir, e.Name()), &ebpf.LoadPinOptions{ReadOnly: true})
+		if err != nil {
+			return nil, fmt.Errorf("load pinned link %s: %w", e.Name(), err)
+		}
+		info, err := l.Info()
+		l.Close()
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, Program{ID: info.Program, Name: e.Name()})
+	}
+	return out, nil
+}
+
+// AttachedPrograms lists the programs attached to the cgroup at cgroupPath
+// for any of the agent's attach types.
+func AttachedPrograms(cgroupPath string) ([]Program, error) {
 	f, err := os.Open(cgroupPath)
 	if err != nil {
 		return nil, err
 	}
 	defer f.Close()
-	var names []string
+	var out []Program
 	var errs []error
 	for _, a := range attachments {
 		res, err := link.QueryPrograms(link.QueryOptions{Target: int(f.Fd()), Attach: a.attach})
@@ -62,8 +94,8 @@ func AttachedPrograms(cgroupPath string) ([]string, error) {
 				errs = append(errs, err)
 				continue
 			}
-			names = append(names, info.Name)
+			out = append(out, Program{ID: p.ID, Name: info.Name})
 		}
 	}
-	return names, errors.Join(errs...)
+	return out, errors.Join(errs...)
 }

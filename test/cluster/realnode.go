@@ -359,7 +359,8 @@ func (c *Cluster) RealNode() *RealNodeInfo {
 	return &info
 }
 
-// Ctr runs ctr against the real node's containerd.
+// Ctr runs ctr against the real node's containerd and returns its stdout
+// (containerd's warnings, e.g. about cgroup v1, go to stderr).
 func (c *Cluster) Ctr(ctx context.Context, args ...string) (string, error) {
 	if c.real == nil {
 		return "", errors.New("cluster: no real node")
@@ -369,7 +370,12 @@ func (c *Cluster) Ctr(ctx context.Context, args ...string) (string, error) {
 
 func (r *realNode) ctr(ctx context.Context, args ...string) (string, error) {
 	cmd := exec.CommandContext(ctx, filepath.Join(r.binDir, "ctr"), append([]string{"-a", r.info.ContainerdSocket}, args...)...)
-	out, err := cmd.CombinedOutput()
+	var stderr strings.Builder
+	cmd.Stderr = &stderr
+	out, err := cmd.Output()
+	if err != nil {
+		err = fmt.Errorf("ctr %s: %w: %s", strings.Join(args, " "), err, strings.TrimSpace(stderr.String()))
+	}
 	return string(out), err
 }
 

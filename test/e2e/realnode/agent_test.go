@@ -159,14 +159,25 @@ var _ = Describe("The node agent as a real pod on a real node", Ordered, func() 
 	})
 
 	It("leaves no pin, link or map entry on the real node when the Mesh is deleted", func(ctx SpecContext) {
-		Expect(os.Stat(agent.DefaultPinPath)).NotTo(BeNil())
-		kubectl(ctx, "delete", "mesh", "default", "--wait", "--timeout=180s")
-		_, err := os.Stat(agent.DefaultPinPath)
-		Expect(os.IsNotExist(err)).To(BeTrue(), "%s after the Mesh was deleted: %v", agent.DefaultPinPath, err)
-		names, err := agent.AttachedPrograms(cgroup2)
+		// The agent's programs, by the links it pinned; other agents (the
+		// kwok e2e's host agent, datapath tests) may attach their own.
+		linked, err := agent.LinkedPrograms("")
 		Expect(err).NotTo(HaveOccurred())
-		Expect(slices.ContainsFunc(names, func(n string) bool { return strings.HasPrefix(n, "mk_") })).To(BeFalse(),
-			"programs attached at the cgroup2 root: %v", names)
+		Expect(linked).To(HaveLen(6))
+		attached, err := agent.AttachedPrograms(cgroup2)
+		Expect(err).NotTo(HaveOccurred())
+		for _, p := range linked {
+			Expect(slices.ContainsFunc(attached, func(a agent.Program) bool { return a.ID == p.ID })).To(BeTrue(), "%s attached at %s", p.Name, cgroup2)
+		}
+		kubectl(ctx, "delete", "mesh", "default", "--wait", "--timeout=180s")
+		_, err = os.Stat(agent.DefaultPinPath)
+		Expect(os.IsNotExist(err)).To(BeTrue(), "%s after the Mesh was deleted: %v", agent.DefaultPinPath, err)
+		attached, err = agent.AttachedPrograms(cgroup2)
+		Expect(err).NotTo(HaveOccurred())
+		for _, p := range linked {
+			Expect(slices.ContainsFunc(attached, func(a agent.Program) bool { return a.ID == p.ID })).To(BeFalse(),
+				"%s (program %d) still attached at %s after the Mesh was deleted", p.Name, p.ID, cgroup2)
+		}
 		_, err = agent.PinnedEnrolled("")
 		Expect(err).To(MatchError(os.ErrNotExist))
 		// Workloads keep talking, now directly.
