@@ -491,7 +491,11 @@ func cleanupRealNode(dir, binDir string, before *HostSnapshot) error {
 	}
 	if !before.BPFFS {
 		if _, bpffs, _ := nodeMounts(); bpffs {
+			// Nothing but the kernel's preloaded iterators: nobody else uses it.
 			entries, _ := os.ReadDir("/sys/fs/bpf")
+			entries = slices.DeleteFunc(entries, func(e os.DirEntry) bool {
+				return e.Name() == "maps.debug" || e.Name() == "progs.debug"
+			})
 			if len(entries) == 0 {
 				if err := syscall.Unmount("/sys/fs/bpf", 0); err != nil {
 					errs = append(errs, fmt.Errorf("unmount bpffs: %w", err))
