@@ -190,3 +190,62 @@ func waitPodRunning(ctx context.Context, t *testing.T, c *Cluster, ns, name stri
 	}
 	return pod.Status.PodIP
 }
+
+// TestRealNodeCleansUpAfterADeadRun: a test process that dies (SIGKILL, a
+// timeout) runs no cleanup and leaves its containers, mounts, chains and
+// bridge behind. The next real node cleans that up before it starts, so the
+// machine is as it was once that one stops.
+func TestRealNodeCleansUpAfterADeadRun(t *testing.T) {
+	SkipIfUnavailable(t)
+	SkipIfNoRealNode(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	defer cancel()
+	before, err := TakeHostSnapshot()
+	if err != nil {
+		t.Fatal(err)
+	}
+	tar := filepath.Join(t.TempDir(), "images.tar")
+	if _, err := BuildImages(ctx, tar, PauseImage, WorkloadImage); err != nil {
+		t.Fatal(err)
+	}
+	start := func() *Cluster {
+		c, err := Start(ctx, Options{RealNode: &RealNode{Name: "real-0", Images: []string{tar}}, Stdout: testWriter{t}, Volumes: -1})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return c
+	}
+	c := start()
+	if err := c.CreateNamespace(ctx, "work", nil); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Client.Create(ctx, workloadPod("server", "real-0", "server")); err != nil {
+		t.Fatal(err)
+	}
+	waitPodRunning(ctx, t, c, "work", "server")
+
+	// Die: every process of the cluster is killed, nothing is cleaned up.
+	c.abandonForTest()
+	dead, err := TakeHostSnapshot()
+	if err != nil {
+		t.Fatal(err)
+	}
+	left := strings.Join(dead.Diff(before), "\n")
+	for _, want := range []string{"+ process /pause", "+ mount overlay", "+ link " + RealNodeBridge, "+ iptables chain iptables nat KUBE-SERVICES"} {
+		if !strings.Contains(left, want) {
+			t.Errorf("a dead run should leave %q behind; it left:\n%s", want, left)
+		}
+	}
+
+	c = start()
+	if err := c.Stop(); err != nil {
+		t.Errorf("stop: %v", err)
+	}
+	after, err := TakeHostSnapshot()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if diff := after.Diff(before); len(diff) > 0 {
+		t.Errorf("the machine is not as it was before the dead run:\n%s", strings.Join(diff, "\n"))
+	}
+}
