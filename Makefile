@@ -51,14 +51,14 @@ verify: manifests generate ## Fail if generated files are stale or code is unfor
 	go mod tidy -diff
 
 .PHONY: test
-test: cluster-bins vet test-unit test-e2e ## Unit, integration (envtest) and e2e tests.
+test: cluster-bins node-bins vet test-unit test-e2e ## Unit, integration (envtest) and e2e tests.
 
 .PHONY: test-unit
-test-unit: cluster-bins ## Unit and integration tests (envtest against the real API server).
+test-unit: cluster-bins node-bins ## Unit and integration tests (envtest against the real API server).
 	go test $(GO_TEST_FLAGS) $$(go list ./... | grep -v /test/e2e)
 
 .PHONY: test-e2e
-test-e2e: cluster-bins build ## End-to-end: the manager binary against a local cluster with kwok nodes.
+test-e2e: cluster-bins node-bins build ## End-to-end: the manager binary against a local cluster with kwok nodes.
 	MESHKEEPER_MANAGER_BIN=$(BIN)/manager MESHKEEPER_AGENT_BIN=$(BIN)/agent go test $(GO_TEST_FLAGS) -timeout 20m ./test/e2e/... -args -ginkgo.v
 
 .PHONY: fuzz
@@ -109,6 +109,10 @@ undeploy: ## Remove what deploy installed (Meshes are deleted first so their fin
 .PHONY: cluster-bins
 cluster-bins: ## Build (once, cached) etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kubectl, kwok.
 	hack/cluster-bins.sh >/dev/null
+
+.PHONY: node-bins
+node-bins: ## Build (once, cached) kubelet, kube-proxy, containerd, ctr and the runc shim for the real test node.
+	hack/node-bins.sh >/dev/null
 
 $(CONTROLLER_GEN): tools/codegen/go.mod tools/codegen/go.sum
 	cd tools/codegen && go build -o $(CONTROLLER_GEN) sigs.k8s.io/controller-tools/cmd/controller-gen

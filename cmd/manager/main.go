@@ -6,7 +6,9 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"maps"
 	"os"
+	"slices"
 	"strings"
 	"time"
 
@@ -24,6 +26,7 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/log/zap"
 	metricsserver "sigs.k8s.io/controller-runtime/pkg/metrics/server"
 	"sigs.k8s.io/controller-runtime/pkg/webhook"
+	"sigs.k8s.io/yaml"
 
 	meshv1 "github.com/meshkeeper/meshkeeper/api/v1alpha1"
 	"github.com/meshkeeper/meshkeeper/internal/bundle"
@@ -46,6 +49,9 @@ type options struct {
 	bundlesDir             string
 	prometheusAddress      string
 	notEnrolledGrace       time.Duration
+	agentImage             string
+	images                 map[string]string
+	componentValues        map[string]string
 }
 
 func main() {
@@ -65,6 +71,25 @@ func main() {
 	flag.StringVar(&o.prometheusAddress, "prometheus-address", "", "Prometheus base URL for SLO analysis when a Mesh sets no spec.analysis.prometheus; empty: such rollouts only bake.")
 	zapOpts := zap.Options{Development: false}
 	flag.DurationVar(&o.notEnrolledGrace, "pod-enrolment-grace", controller.DefaultNotEnrolledGrace, "How long a node agent may leave a pod it should redirect unenrolled before the Mesh is Degraded (PodsNotEnrolled).")
+	flag.StringVar(&o.agentImage, "agent-image", "", "Node agent image every bundle runs instead of its own (e.g. the one built for this cluster); empty: the bundle's.")
+	o.images = map[string]string{}
+	flag.Func("image", "NAME=REF: run image REF wherever the bundles name image NAME (nodeAgent, ztunnel, pilot, ...); repeatable. For development and tests, e.g. a stand-in for an upstream image.", func(v string) error {
+		name, ref, ok := strings.Cut(v, "=")
+		if !ok || name == "" || ref == "" {
+			return fmt.Errorf("want NAME=REF, e.g. ztunnel=registry.example.com/ztunnel:1.28.2, got %q", v)
+		}
+		o.images[name] = ref
+		return nil
+	})
+	o.componentValues = map[string]string{}
+	flag.Func("component-values", "COMPONENT=FILE: merge the YAML values in FILE into every bundle's release of COMPONENT (node-agent, ztunnel, ...); repeatable. For chart settings no Mesh field carries.", func(v string) error {
+		comp, file, ok := strings.Cut(v, "=")
+		if !ok || comp == "" || file == "" {
+			return fmt.Errorf("want COMPONENT=FILE, e.g. node-agent=values.yaml, got %q", v)
+		}
+		o.componentValues[comp] = file
+		return nil
+	})
 	zapOpts.BindFlags(flag.CommandLine)
 	flag.Parse()
 	ctrl.SetLogger(zap.New(zap.UseFlagOptions(&zapOpts)))
@@ -102,7 +127,14 @@ func run(ctx context.Context, o options) error {
 		return err
 	}
 
-	catalog, err := loadCatalog(o.bundlesDir)
+	images := maps.Clone(o.images)
+	if o.agentImage != "" {
+		if images == nil {
+			images = map[string]string{}
+		}
+		images[bundle.ImageNodeAgent] = o.agentImage
+	}
+	catalog, err := loadCatalog(o.bundlesDir, images, o.componentValues)
 	if err != nil {
 		return err
 	}
@@ -189,13 +221,31 @@ func ensureCertsWithRetry(ctx context.Context, c client.Client, opts webhooks.Ce
 	return fmt.Errorf("webhook serving certificate: %w", err)
 }
 
-func loadCatalog(dir string) (*bundle.Catalog, error) {
-	if dir == "" {
-		return bundle.Default(), nil
+func loadCatalog(dir string, images, componentValues map[string]string) (*bundle.Catalog, error) {
+	c := bundle.Default()
+	if dir != "" {
+		var err error
+		if c, err = bundle.FromDir(dir); err != nil {
+			return nil, fmt.Errorf("load bundles from %s: %w", dir, err)
+		}
 	}
-	c, err := bundle.FromDir(dir)
+	c, err := c.WithImages(images)
 	if err != nil {
-		return nil, fmt.Errorf("load bundles from %s: %w", dir, err)
+		return nil, fmt.Errorf("--image/--agent-image: %w", err)
+	}
+	for _, comp := range slices.Sorted(maps.Keys(componentValues)) {
+		file := componentValues[comp]
+		raw, err := os.ReadFile(file)
+		if err != nil {
+			return nil, fmt.Errorf("--component-values %s: %w", comp, err)
+		}
+		var values map[string]any
+		if err := yaml.Unmarshal(raw, &values); err != nil {
+			return nil, fmt.Errorf("--component-values %s=%s: %w", comp, file, err)
+		}
+		if c, err = c.WithValues(bundle.Component(comp), values); err != nil {
+			return nil, fmt.Errorf("--component-values: %w", err)
+		}
 	}
 	return c, nil
 }

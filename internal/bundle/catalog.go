@@ -311,3 +311,70 @@ type VersionError struct {
 func (e *VersionError) Error() string {
 	return fmt.Sprintf("spec.version %q: %s; known versions: %s", e.Requested, e.Reason, strings.Join(e.Known, ", "))
 }
+
+// WithImages returns a copy of the catalog in which every bundle runs the
+// given images instead of its own: image name (ImageNodeAgent, ...) →
+// reference. This is how a node agent image built for a cluster (the
+// manager's --agent-image) or a test's stand-in for an upstream image
+// (--image ztunnel=...) reaches the charts; the manifests stay as they are.
+// An unknown name or a malformed reference is an error.
+func (c *Catalog) WithImages(images map[string]string) (*Catalog, error) {
+	if len(images) == 0 {
+		return c, nil
+	}
+	known := knownImages()
+	var errs []error
+	for _, name := range sortedKeys(images) {
+		if !slices.Contains(known, name) {
+			errs = append(errs, fmt.Errorf("image %q: unknown image; known images: %s", name, strings.Join(known, ", ")))
+			continue
+		}
+		if err := validImage(images[name]); err != nil {
+			errs = append(errs, fmt.Errorf("image %s=%q: %w", name, images[name], err))
+		}
+	}
+	if len(errs) > 0 {
+		return nil, errors.Join(errs...)
+	}
+	out := &Catalog{bundles: make([]*Bundle, 0, len(c.bundles))}
+	for _, b := range c.bundles {
+		nb := *b
+		nb.Images = make(map[string]string, len(b.Images))
+		for k, v := range b.Images {
+			nb.Images[k] = v
+		}
+		for k, v := range images {
+			nb.Images[k] = v
+		}
+		out.bundles = append(out.bundles, &nb)
+	}
+	return out, nil
+}
+
+// WithValues returns a copy of the catalog in which every bundle's release
+// of component c gets values merged over the bundle's own (what the Mesh
+// decides still comes first, Inputs.Overrides last). For clusters that need
+// a chart setting no Mesh field carries, e.g. node-agent memlockCapability
+// false where the runtime cannot grant CAP_SYS_RESOURCE.
+func (c *Catalog) WithValues(comp Component, values map[string]any) (*Catalog, error) {
+	if !slices.Contains(AllComponents, comp) {
+		return nil, fmt.Errorf("component %q: unknown; known components: %v", comp, AllComponents)
+	}
+	if len(values) == 0 {
+		return c, nil
+	}
+	out := &Catalog{bundles: make([]*Bundle, 0, len(c.bundles))}
+	for _, b := range c.bundles {
+		nb := *b
+		nb.values = make(map[Component]map[string]any, len(b.values)+1)
+		for k, v := range b.values {
+			nb.values[k] = v
+		}
+		merged := map[string]any{}
+		mergeInto(merged, b.values[comp])
+		mergeInto(merged, values)
+		nb.values[comp] = merged
+		out.bundles = append(out.bundles, &nb)
+	}
+	return out, nil
+}

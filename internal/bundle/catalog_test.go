@@ -329,3 +329,49 @@ func TestChartsAreShared(t *testing.T) {
 		}
 	}
 }
+
+// TestWithImages: an override reaches every bundle's chart values and
+// leaves the original catalog alone; bad names and references are refused
+// with the list of known images.
+func TestWithImages(t *testing.T) {
+	g := NewWithT(t)
+	c := bundle.Default()
+	o, err := c.WithImages(map[string]string{
+		bundle.ImageNodeAgent: "meshkeeper.test/agent:dev",
+		bundle.ImageZtunnel:   "meshkeeper.test/ztunnel-stand-in:dev",
+	})
+	g.Expect(err).NotTo(HaveOccurred())
+	for _, v := range c.Versions() {
+		b, err := o.Resolve(v)
+		g.Expect(err).NotTo(HaveOccurred())
+		g.Expect(b.Values(bundle.NodeAgent, bundle.Inputs{})["images"]).To(HaveKeyWithValue(bundle.ImageNodeAgent, "meshkeeper.test/agent:dev"), v)
+		g.Expect(b.Values(bundle.Ztunnel, bundle.Inputs{})["images"]).To(HaveKeyWithValue(bundle.ImageZtunnel, "meshkeeper.test/ztunnel-stand-in:dev"), v)
+		g.Expect(b.Images[bundle.ImagePilot]).To(Equal("docker.io/istio/pilot:"+v), v)
+		orig, _ := c.Resolve(v)
+		g.Expect(orig.Images[bundle.ImageNodeAgent]).To(Equal("ghcr.io/meshkeeper/agent:0.1.0"), v)
+	}
+
+	_, err = c.WithImages(map[string]string{"agent": "meshkeeper.test/agent:dev"})
+	g.Expect(err).To(MatchError(ContainSubstring(`image "agent": unknown image; known images: installCNI, nodeAgent`)))
+	_, err = c.WithImages(map[string]string{bundle.ImageNodeAgent: "agent"})
+	g.Expect(err).To(MatchError(ContainSubstring(`image nodeAgent="agent": not an image reference`)))
+}
+
+// TestWithValues: values for one component reach that component's release
+// values in every bundle, over the bundle's own, and nowhere else.
+func TestWithValues(t *testing.T) {
+	g := NewWithT(t)
+	c := bundle.Default()
+	o, err := c.WithValues(bundle.NodeAgent, map[string]any{"memlockCapability": false})
+	g.Expect(err).NotTo(HaveOccurred())
+	for _, v := range c.Versions() {
+		b, err := o.Resolve(v)
+		g.Expect(err).NotTo(HaveOccurred())
+		g.Expect(b.Values(bundle.NodeAgent, bundle.Inputs{})).To(HaveKeyWithValue("memlockCapability", false), v)
+		g.Expect(b.Values(bundle.Ztunnel, bundle.Inputs{})).NotTo(HaveKey("memlockCapability"), v)
+		orig, _ := c.Resolve(v)
+		g.Expect(orig.Values(bundle.NodeAgent, bundle.Inputs{})).NotTo(HaveKey("memlockCapability"), v)
+	}
+	_, err = c.WithValues("node-agnet", map[string]any{"x": 1})
+	g.Expect(err).To(MatchError(ContainSubstring(`component "node-agnet": unknown`)))
+}

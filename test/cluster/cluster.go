@@ -87,6 +87,10 @@ type Options struct {
 	// pre-created for kube-controller-manager's binder to hand to claims,
 	// as a static provisioner would. Default 4; negative: none.
 	Volumes int
+	// RealNode, if set, adds a node with a real kubelet and containerd on
+	// this machine (root only; see realnode_doc.go). Start waits until it
+	// is Ready.
+	RealNode *RealNode
 }
 
 // Cluster is a running local cluster. Stop it when done.
@@ -114,6 +118,7 @@ type Cluster struct {
 	restartMu         sync.Mutex
 	reaper            *reaper
 	envUp             bool
+	real              *realNode
 
 	stopOnce sync.Once
 	stopErr  error
@@ -291,6 +296,11 @@ func Start(ctx context.Context, opts Options) (_ *Cluster, retErr error) {
 	api.Configure().
 		Disable("disable-admission-plugins").
 		Set("enable-admission-plugins", "ServiceAccount")
+	if opts.RealNode != nil {
+		if err := c.prepareRealNode(ctx, *opts.RealNode, api, certDir); err != nil {
+			return nil, err
+		}
+	}
 	c.Env = &envtest.Environment{
 		BinaryAssetsDirectory: binDir,
 		CRDDirectoryPaths:     opts.CRDDirectoryPaths,
@@ -364,6 +374,12 @@ func Start(ctx context.Context, opts Options) (_ *Cluster, retErr error) {
 		return nil, err
 	}
 	c.progress(began, "started kube-controller-manager, kube-scheduler, kwok")
+	if c.real != nil {
+		if err := c.startRealNode(ctx, caFile); err != nil {
+			return nil, err
+		}
+		c.progress(began, "started containerd, kube-proxy and kubelet of real node %s", c.real.opts.Name)
+	}
 
 	for _, n := range opts.Nodes {
 		if err := c.createNode(ctx, n); err != nil {
@@ -385,9 +401,18 @@ func Start(ctx context.Context, opts Options) (_ *Cluster, retErr error) {
 		if ok, why := c.schedulerReady(ctx); !ok {
 			return false, why, nil
 		}
+		if c.real != nil {
+			if ok, why, err := c.realNodeReady(ctx); !ok || err != nil {
+				return ok, why, err
+			}
+		}
 		return c.nodesReady(ctx, names)
 	}); err != nil {
 		return nil, err
+	}
+	if c.real != nil {
+		c.real.info.SetupTime = time.Since(c.real.began)
+		c.progress(began, "real node %s Ready %.1fs after it was set up", c.real.opts.Name, c.real.info.SetupTime.Seconds())
 	}
 	c.progress(began, "cluster ready with %d node(s)", len(names))
 	return c, nil
@@ -484,10 +509,15 @@ func (c *Cluster) startKwok() error {
 		return err
 	}
 	// No --server-address and no --node-port: kwok then opens no port at all.
+	manage := "--manage-all-nodes=true"
+	if c.real != nil {
+		// Never the real node.
+		manage = "--manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake"
+	}
 	_, err = c.startProc("kwok", []string{
 		"--kubeconfig=" + c.KubeconfigPath,
 		"--config=" + cfgPath,
-		"--manage-all-nodes=true",
+		manage,
 		"--cidr=10.244.0.0/16",
 		"--node-ip=10.89.255.254",
 		"--node-lease-duration-seconds=40",
@@ -757,6 +787,9 @@ func (c *Cluster) Stop() error {
 
 func (c *Cluster) stop() error {
 	var errs []error
+	if err := c.stopRealNodeProcesses(); err != nil {
+		errs = append(errs, err)
+	}
 	c.mu.Lock()
 	procs := slices.Clone(c.procs)
 	c.mu.Unlock()
@@ -776,6 +809,11 @@ func (c *Cluster) stop() error {
 		// If envtest failed to stop its processes, let the reaper kill
 		// their groups; otherwise just end the reaper.
 		c.reaper.finish(!envStopped)
+	}
+	// The real node's mounts, chains and bridge go once the API server
+	// (bound to the bridge's address) has stopped.
+	if err := c.stopRealNode(); err != nil {
+		errs = append(errs, err)
 	}
 	c.closeEnvLogs()
 	if err := os.RemoveAll(c.tmpDir); err != nil {

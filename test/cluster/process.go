@@ -24,14 +24,18 @@ type proc struct {
 }
 
 func (c *Cluster) startProc(name string, args []string) (*proc, error) {
+	return c.startBin(name, filepath.Join(c.BinDir, name), args, c.childEnv())
+}
+
+// startBin starts bin as the component name with env.
+func (c *Cluster) startBin(name, bin string, args, env []string) (*proc, error) {
 	f, err := c.openLog(name)
 	if err != nil {
 		return nil, err
 	}
-	bin := filepath.Join(c.BinDir, name)
 	fmt.Fprintf(f, "# %s %s\n", bin, strings.Join(args, " "))
 	cmd := exec.Command(bin, args...)
-	cmd.Env = c.childEnv()
+	cmd.Env = env
 	cmd.Dir = c.tmpDir
 	cmd.Stdout, cmd.Stderr = f, f
 	cmd.SysProcAttr = sysProcAttr()

@@ -15,7 +15,9 @@ capabilities:
   - PERFMON       # tracing-style helpers and sockops telemetry
   - NET_ADMIN     # cgroup/sock_addr and sockops attachment
   - SYS_ADMIN     # pin to bpffs, attach at the cgroup2 root, netns cookies
+  {{- if .Values.memlockCapability }}
   - SYS_RESOURCE  # raise RLIMIT_MEMLOCK on older kernels
+  {{- end }}
   - SYS_PTRACE    # open pods' /host/proc/<pid>/ns/net (processes of other users or capabilities)
 {{- end }}
 
