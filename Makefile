@@ -51,10 +51,10 @@ verify: manifests generate ## Fail if generated files are stale or code is unfor
 	go mod tidy -diff
 
 .PHONY: test
-test: cluster-bins vet test-unit test-e2e ## Unit, integration (envtest) and e2e tests.
+test: cluster-bins spire-bins vet test-unit test-e2e ## Unit, integration (envtest) and e2e tests.
 
 .PHONY: test-unit
-test-unit: cluster-bins ## Unit and integration tests (envtest against the real API server).
+test-unit: cluster-bins spire-bins ## Unit and integration tests (envtest against the real API server).
 	go test $(GO_TEST_FLAGS) $$(go list ./... | grep -v /test/e2e)
 
 .PHONY: test-e2e
@@ -109,6 +109,10 @@ undeploy: ## Remove what deploy installed (Meshes are deleted first so their fin
 .PHONY: cluster-bins
 cluster-bins: ## Build (once, cached) etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kubectl, kwok.
 	hack/cluster-bins.sh >/dev/null
+
+.PHONY: spire-bins
+spire-bins: ## Build (once, cached) spire-server and spire-agent v1.13.3 for the identity tests.
+	hack/spire-bins.sh >/dev/null
 
 $(CONTROLLER_GEN): tools/codegen/go.mod tools/codegen/go.sum
 	cd tools/codegen && go build -o $(CONTROLLER_GEN) sigs.k8s.io/controller-tools/cmd/controller-gen

@@ -48,6 +48,9 @@ type MeshReconciler struct {
 	NewProvider func(address string) (analysis.Provider, error)
 	// APIReader reads Meshes uncached; SetupWithManager sets the manager's.
 	APIReader client.Reader
+	// SpireServer reaches the SPIRE server API for registration entries
+	// (mesh_identity.go); nil: registration off.
+	SpireServer SpireConnector
 }
 
 func (r *MeshReconciler) reader() client.Reader {
@@ -125,6 +128,7 @@ func (r *MeshReconciler) reconcileNormal(ctx context.Context, mesh *meshv1.Mesh,
 	}{
 		{"nodes", r.reconcileNodes},
 		{"components", r.reconcileComponents},
+		{"identity", r.reconcileIdentity},
 		{"rollout", r.reconcileRollout},
 		{"namespaces", r.reconcileNamespaces},
 		{"retire", r.retireComponents},
@@ -162,7 +166,7 @@ func (r *MeshReconciler) reconcileDelete(ctx context.Context, mesh *meshv1.Mesh,
 	// In order, each only once the one before is done: workloads leave the
 	// mesh first, then its components go (the node agent removing its
 	// datapath from every node first), then the node labels.
-	for _, cleanup := range []func(context.Context, *meshv1.Mesh) error{r.releaseNamespaces, r.uninstallComponents, r.releaseNodes} {
+	for _, cleanup := range []func(context.Context, *meshv1.Mesh) error{r.releaseNamespaces, r.removeIdentity, r.uninstallComponents, r.releaseNodes} {
 		if err := cleanup(ctx, mesh); err != nil {
 			obs.applyErr = err
 			if errors.Is(err, errWaiting) {
@@ -238,6 +242,8 @@ func (r *MeshReconciler) SetupWithManager(mgr ctrl.Manager) error {
 		WatchesMetadata(&corev1.ConfigMap{}, handler.EnqueueRequestsFromMapFunc(r.allMeshes), builder.WithPredicates(managedObject())).
 		WatchesMetadata(&corev1.Service{}, handler.EnqueueRequestsFromMapFunc(r.allMeshes), builder.WithPredicates(managedObject())).
 		WatchesMetadata(&corev1.ServiceAccount{}, handler.EnqueueRequestsFromMapFunc(r.allMeshes), builder.WithPredicates(managedObject())).
+		// Service accounts coming and going: SPIRE registration entries.
+		WatchesMetadata(&corev1.ServiceAccount{}, handler.EnqueueRequestsFromMapFunc(r.allMeshes), builder.WithPredicates(serviceAccountChurn())).
 		Named("mesh").
 		Complete(r)
 }

@@ -20,6 +20,7 @@ import (
 	"crypto/hmac"
 	"crypto/sha256"
 	"encoding/hex"
+	"errors"
 	"fmt"
 	"slices"
 	"strings"
@@ -136,3 +137,7 @@ func Desired(owner Owner, trustDomain string, svidTTL time.Duration, workloads [
 	}
 	return out
 }
+
+// ErrNotConfigured is what a connector returns when meshkeeper has no way to
+// reach a SPIRE server API: registration is then off, and status says so.
+var ErrNotConfigured = errors.New("no SPIRE server API configured")
