@@ -151,7 +151,7 @@ func run(ctx context.Context, o options) error {
 	}).SetupWithManager(mgr); err != nil {
 		return fmt.Errorf("set up mesh controller: %w", err)
 	}
-	if err := webhooks.SetupWithManager(mgr); err != nil {
+	if err := webhooks.SetupWithManager(mgr, webhooks.WithCatalog(catalog)); err != nil {
 		return fmt.Errorf("set up mesh webhook: %w", err)
 	}
 	if err := mgr.Add(webhooks.NewCertRefresher(direct, certOpts, time.Hour)); err != nil {

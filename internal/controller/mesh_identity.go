@@ -17,6 +17,7 @@ import (
 
 	meshv1 "github.com/meshkeeper/meshkeeper/api/v1alpha1"
 	"github.com/meshkeeper/meshkeeper/internal/identity"
+	"github.com/meshkeeper/meshkeeper/webhooks"
 )
 
 // SpireConnector reaches the SPIRE server API of the Mesh's spire-server
@@ -294,14 +295,13 @@ func (r *MeshReconciler) spireAgentGate(ctx context.Context, server *meshv1.Comp
 	return ""
 }
 
-// trustDomainChange refuses moving a running mesh to another trust domain.
+// trustDomainChange refuses moving a running mesh to another trust domain
+// (the webhook's rule, for a spec that got past admission).
 func trustDomainChange(mesh *meshv1.Mesh) string {
-	st, s := mesh.Status.Identity, mesh.Spec.Identity.Spire
-	if st == nil || st.TrustDomain == "" || s == nil || !s.Enabled || s.TrustDomain == st.TrustDomain {
-		return ""
+	if err := webhooks.ValidateTrustDomainChange(&mesh.Spec, &mesh.Status); err != nil {
+		return err.Error()
 	}
-	return fmt.Sprintf("spec.identity.spire.trustDomain %q: the mesh runs with trust domain %q and meshkeeper never moves a running mesh to another one (every identity and every policy naming it would change at once); set it back to %q, or delete the Mesh and create it again with the new trust domain",
-		s.TrustDomain, st.TrustDomain, st.TrustDomain)
+	return ""
 }
 
 // identityDegraded is the Degraded condition identity asks for, or "".
