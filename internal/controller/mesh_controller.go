@@ -153,6 +153,10 @@ func (r *MeshReconciler) reconcileNormal(ctx context.Context, mesh *meshv1.Mesh,
 		return ctrl.Result{RequeueAfter: obs.requeueAfter}, nil
 	case !obs.converged():
 		return ctrl.Result{RequeueAfter: jitter(3 * time.Second)}, nil
+	case obs.identity.observed:
+		// The SPIRE server is not watched: look again for entries changed
+		// there and agents attested since (mesh_identity.go).
+		return ctrl.Result{RequeueAfter: jitter(identityResync)}, nil
 	}
 	return ctrl.Result{}, nil
 }

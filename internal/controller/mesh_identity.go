@@ -67,6 +67,14 @@ func (o identityObservation) pending() string {
 	return ""
 }
 
+// identityResync is how often a settled Mesh with SPIRE looks at the server
+// again: an entry of meshkeeper's deleted or changed there is put back.
+const identityResync = 30 * time.Second
+
+// spireTimeout bounds each use of the SPIRE server API in a reconcile: a
+// server that hangs is as unavailable as one that refuses.
+const spireTimeout = 15 * time.Second
+
 func (r *MeshReconciler) connectSpire(ctx context.Context) (identity.Server, error) {
 	if r.SpireServer == nil {
 		return nil, identity.ErrNotConfigured
@@ -106,6 +114,8 @@ func (r *MeshReconciler) reconcileIdentity(ctx context.Context, mesh *meshv1.Mes
 	st.Bundle = r.ComponentsNamespace + "/" + spireBundleConfigMap
 	st.Message = ""
 
+	ctx, cancel := context.WithTimeout(ctx, spireTimeout)
+	defer cancel()
 	srv, err := r.connectSpire(ctx)
 	if errors.Is(err, identity.ErrNotConfigured) {
 		st.Message = "registration off: the manager has no SPIRE server API to reach (--spire-server-address)"
@@ -256,6 +266,8 @@ func (r *MeshReconciler) removeIdentity(ctx context.Context, mesh *meshv1.Mesh) 
 	if !spireEnabled(mesh) && mesh.Status.Identity == nil {
 		return nil
 	}
+	ctx, cancel := context.WithTimeout(ctx, spireTimeout)
+	defer cancel()
 	srv, err := r.connectSpire(ctx)
 	if errors.Is(err, identity.ErrNotConfigured) {
 		return nil
@@ -281,6 +293,8 @@ func (r *MeshReconciler) spireAgentGate(ctx context.Context, server *meshv1.Comp
 	if server == nil || !server.Ready {
 		return "waiting for spire-server to be ready before the agents roll out"
 	}
+	ctx, cancel := context.WithTimeout(ctx, spireTimeout)
+	defer cancel()
 	srv, err := r.connectSpire(ctx)
 	if errors.Is(err, identity.ErrNotConfigured) {
 		return ""
