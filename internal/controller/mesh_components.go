@@ -32,6 +32,7 @@ func inputsFor(mesh *meshv1.Mesh, namespace string) bundle.Inputs {
 		Namespace:   namespace,
 	}
 	if s := mesh.Spec.Identity.Spire; s != nil && s.Enabled {
+		in.Spire = true
 		in.TrustDomain = s.TrustDomain
 		if s.SVIDTTL != nil {
 			in.SVIDTTL = s.SVIDTTL.Duration.String()
