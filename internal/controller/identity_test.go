@@ -201,7 +201,7 @@ func TestIdentityRegistration(t *testing.T) {
 		g.Eventually(func() []string { return serverEntries(g, s) }).WithTimeout(10 * time.Second).ShouldNot(ContainElement("spiffe://example.org/ns/id-shop/sa/search"))
 
 		setLabel(g, "id-pay", "id-mesh", "off")
-		g.Eventually(func() []string { return serverEntries(g, s) }).WithTimeout(10 * time.Second).
+		g.Eventually(func() []string { return serverEntries(g, s) }).WithTimeout(10*time.Second).
 			Should(ConsistOf(append(slices.Clone(shopEntries), foreign...)), "a namespace leaving the mesh takes its entries along, and only those")
 	})
 
@@ -311,7 +311,7 @@ func svidIssued(t *testing.T, s *spire.Server) {
 	wl := &corev1.Pod{
 		ObjectMeta: metav1.ObjectMeta{Namespace: "id-shop", Name: "cart-0"},
 		Spec: corev1.PodSpec{NodeName: node, ServiceAccountName: "cart",
-			Containers: []corev1.Container{{Name: "app", Image: "example.com/cart:1"}},
+			Containers:  []corev1.Container{{Name: "app", Image: "example.com/cart:1"}},
 			Tolerations: []corev1.Toleration{{Operator: corev1.TolerationOpExists}}},
 	}
 	g.Expect(k8s.Create(ctx, wl)).To(Succeed())
