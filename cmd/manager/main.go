@@ -28,6 +28,7 @@ import (
 	meshv1 "github.com/meshkeeper/meshkeeper/api/v1alpha1"
 	"github.com/meshkeeper/meshkeeper/internal/bundle"
 	"github.com/meshkeeper/meshkeeper/internal/controller"
+	"github.com/meshkeeper/meshkeeper/internal/identity"
 	"github.com/meshkeeper/meshkeeper/internal/helm"
 	"github.com/meshkeeper/meshkeeper/webhooks"
 )
@@ -45,6 +46,8 @@ type options struct {
 	componentsNamespace    string
 	bundlesDir             string
 	prometheusAddress      string
+	spireServerAddress     string
+	spireTLSDir            string
 }
 
 func main() {
@@ -62,6 +65,8 @@ func main() {
 	flag.StringVar(&o.componentsNamespace, "components-namespace", "istio-system", "Namespace the mesh components are installed in.")
 	flag.StringVar(&o.bundlesDir, "bundles-dir", "", "Load bundles from this directory instead of the embedded catalog (development).")
 	flag.StringVar(&o.prometheusAddress, "prometheus-address", "", "Prometheus base URL for SLO analysis when a Mesh sets no spec.analysis.prometheus; empty: such rollouts only bake.")
+	flag.StringVar(&o.spireServerAddress, "spire-server-address", "", "SPIRE server API for registration entries: unix:///path/api.sock, or host:port over mutual TLS (see --spire-tls-dir); empty: no registration.")
+	flag.StringVar(&o.spireTLSDir, "spire-tls-dir", "", "Directory with tls.crt, tls.key and ca.crt for --spire-server-address host:port.")
 	zapOpts := zap.Options{Development: false}
 	zapOpts.BindFlags(flag.CommandLine)
 	flag.Parse()
@@ -148,6 +153,7 @@ func run(ctx context.Context, o options) error {
 		Catalog:             catalog,
 		ComponentsNamespace: o.componentsNamespace,
 		PrometheusAddress:   o.prometheusAddress,
+		SpireServer:         identity.Connector(o.spireServerAddress, o.spireTLSDir),
 	}).SetupWithManager(mgr); err != nil {
 		return fmt.Errorf("set up mesh controller: %w", err)
 	}
