@@ -27,7 +27,7 @@ if ! complete; then
 	rm -rf "$tmp" && mkdir -p "$tmp"
 	start=$SECONDS
 	(cd "$mod" && CGO_ENABLED=1 go build -trimpath \
-		-ldflags "-s -w -X github.com/spiffe/spire/pkg/common/version.gittag=v1.13.3" \
+		-ldflags "-s -w -X github.com/spiffe/spire/pkg/common/version.gittag=1.13.3" \
 		-o "$tmp/" \
 		github.com/spiffe/spire/cmd/spire-server \
 		github.com/spiffe/spire/cmd/spire-agent)
