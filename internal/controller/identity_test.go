@@ -117,8 +117,8 @@ func TestIdentityRegistration(t *testing.T) {
 		g.Expect(err).NotTo(HaveOccurred())
 	}
 	foreign := serverEntries(g, s)
-	g.Expect(foreign).To(HaveLen(3))
-	// A join token is itself no entry; the three are entries.
+	// The join token made a join-token entry for its agent ID: four in all.
+	g.Expect(foreign).To(HaveLen(4))
 	foreignShown, err := s.CLI("entry", "show", "-output", "json")
 	g.Expect(err).NotTo(HaveOccurred())
 
@@ -165,10 +165,10 @@ func TestIdentityRegistration(t *testing.T) {
 			"create spiffe://example.org/ns/id-shop/sa/cart",
 			"create spiffe://example.org/ns/id-shop/sa/default",
 		))
-		g.Expect([]int32{dr.Create, dr.Update, dr.Delete, dr.Unchanged, dr.LeftAlone}).To(Equal([]int32{3, 0, 0, 0, 3}))
+		g.Expect([]int32{dr.Create, dr.Update, dr.Delete, dr.Unchanged, dr.LeftAlone}).To(Equal([]int32{3, 0, 0, 0, 4}))
 		g.Expect(dr.Conflicts).To(HaveLen(1))
 		g.Expect(dr.Conflicts[0]).To(And(ContainSubstring("spiffe://example.org/legacy/cart"), ContainSubstring("spiffe://example.org/ns/id-shop/sa/cart")))
-		g.Expect(st.Entries).To(Equal(meshv1.EntryCounts{Own: 0, Foreign: 3}))
+		g.Expect(st.Entries).To(Equal(meshv1.EntryCounts{Own: 0, Foreign: 4}))
 		g.Eventually(degraded).Should(And(Not(BeNil()), HaveField("Reason", meshv1.ReasonIdentityDryRun),
 			HaveField("Message", ContainSubstring("acknowledgeDryRun: \""+dr.Digest+"\""))))
 		g.Consistently(func() []string { return serverEntries(g, s) }).WithTimeout(2*time.Second).Should(Equal(foreign), "a dry run writes nothing")
@@ -181,7 +181,7 @@ func TestIdentityRegistration(t *testing.T) {
 		g.Eventually(func() []string { return serverEntries(g, s) }).Should(ConsistOf(append(slices.Clone(shopEntries), foreign...)))
 		g.Eventually(identityStatus).Should(And(
 			HaveField("Registration", meshv1.RegistrationActive),
-			HaveField("Entries", meshv1.EntryCounts{Own: 3, Foreign: 3})))
+			HaveField("Entries", meshv1.EntryCounts{Own: 3, Foreign: 4})))
 		g.Eventually(degraded).Should(BeNil())
 	})
 
