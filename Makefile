@@ -51,10 +51,10 @@ verify: manifests generate ## Fail if generated files are stale or code is unfor
 	go mod tidy -diff
 
 .PHONY: test
-test: cluster-bins node-bins vet test-unit test-e2e ## Unit, integration (envtest) and e2e tests.
+test: cluster-bins node-bins spire-bins vet test-unit test-e2e ## Unit, integration (envtest) and e2e tests.
 
 .PHONY: test-unit
-test-unit: cluster-bins node-bins ## Unit and integration tests (envtest against the real API server).
+test-unit: cluster-bins node-bins spire-bins ## Unit and integration tests (envtest against the real API server).
 	go test $(GO_TEST_FLAGS) $$(go list ./... | grep -v /test/e2e)
 
 .PHONY: test-e2e
@@ -113,6 +113,10 @@ cluster-bins: ## Build (once, cached) etcd, kube-apiserver, kube-controller-mana
 .PHONY: node-bins
 node-bins: ## Build (once, cached) kubelet, kube-proxy, containerd, ctr and the runc shim for the real test node.
 	hack/node-bins.sh >/dev/null
+
+.PHONY: spire-bins
+spire-bins: ## Build (once, cached) spire-server and spire-agent v1.13.3 for the identity tests.
+	hack/spire-bins.sh >/dev/null
 
 $(CONTROLLER_GEN): tools/codegen/go.mod tools/codegen/go.sum
 	cd tools/codegen && go build -o $(CONTROLLER_GEN) sigs.k8s.io/controller-tools/cmd/controller-gen

@@ -13,6 +13,7 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/webhook/admission"
 
 	"github.com/meshkeeper/meshkeeper/api/v1alpha1"
+	"github.com/meshkeeper/meshkeeper/internal/bundle"
 )
 
 // ValidatePath is where the Mesh validating webhook is served.
@@ -26,9 +27,13 @@ var meshGroupKind = schema.GroupKind{Group: v1alpha1.GroupVersion.Group, Kind: "
 
 // SetupWithManager registers the Mesh validating webhook (no mutating
 // webhook: meshkeeper never writes spec) on the manager's webhook server.
-func SetupWithManager(mgr ctrl.Manager) error {
+func SetupWithManager(mgr ctrl.Manager, opts ...Option) error {
+	v := &meshValidator{reader: mgr.GetAPIReader(), catalog: bundle.Default()}
+	for _, o := range opts {
+		o(v)
+	}
 	return ctrl.NewWebhookManagedBy(mgr, &v1alpha1.Mesh{}).
-		WithValidator(&meshValidator{reader: mgr.GetAPIReader()}).
+		WithValidator(v).
 		WithValidatorCustomPath(ValidatePath).
 		Complete()
 }
@@ -38,6 +43,18 @@ type meshValidator struct {
 	// reader lists Meshes without a cache, so two quick creates cannot both
 	// see an empty cluster through a stale cache.
 	reader client.Reader
+	// catalog resolves spec.version for the warnings that depend on the
+	// bundle (SpireWarnings).
+	catalog *bundle.Catalog
+}
+
+// Option configures the webhook.
+type Option func(*meshValidator)
+
+// WithCatalog makes the webhook resolve versions against this catalog (the
+// manager's, e.g. from --bundles-dir) instead of the embedded one.
+func WithCatalog(c *bundle.Catalog) Option {
+	return func(v *meshValidator) { v.catalog = c }
 }
 
 var _ admission.Validator[*v1alpha1.Mesh] = &meshValidator{}
@@ -57,7 +74,7 @@ func (v *meshValidator) ValidateCreate(ctx context.Context, mesh *v1alpha1.Mesh)
 		errs = append(errs, field.Forbidden(field.NewPath("metadata", "name"), detail))
 	}
 	errs = append(errs, ValidateSpec(&mesh.Spec)...)
-	return nil, invalid(mesh.Name, errs)
+	return SpireWarnings(&mesh.Spec, v.catalog), invalid(mesh.Name, errs)
 }
 
 // ValidateUpdate checks a changed spec, including that it does not step back
@@ -72,7 +89,10 @@ func (v *meshValidator) ValidateUpdate(_ context.Context, oldMesh, newMesh *v1al
 	if err := ValidateDowngrade(newMesh.Spec.Version, oldMesh.Status.Version.Installed); err != nil {
 		errs = append(errs, err)
 	}
-	return nil, invalid(newMesh.Name, errs)
+	if err := ValidateTrustDomainChange(&newMesh.Spec, &oldMesh.Status); err != nil {
+		errs = append(errs, err)
+	}
+	return SpireWarnings(&newMesh.Spec, v.catalog), invalid(newMesh.Name, errs)
 }
 
 // ValidateDelete allows every delete.

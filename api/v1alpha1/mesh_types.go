@@ -165,6 +165,15 @@ type SpireSpec struct {
 	// +kubebuilder:validation:Pattern=`^([0-9]+(\.[0-9]+)?(ns|us|ms|s|m|h))+$`
 	// +optional
 	SVIDTTL *metav1.Duration `json:"svidTTL,omitempty"`
+
+	// AcknowledgeDryRun lets meshkeeper start writing registration entries
+	// on a SPIRE server that already held entries, although the dry run in
+	// status.identity.dryRun lists conflicts. Its value must be that dry
+	// run's digest: an acknowledgement is for what was reviewed, and a dry
+	// run that changed since needs a new one.
+	// +kubebuilder:validation:Pattern=`^[a-f0-9]{16}$`
+	// +optional
+	AcknowledgeDryRun string `json:"acknowledgeDryRun,omitempty"`
 }
 
 // RolloutSpec says how changes move.
@@ -418,6 +427,10 @@ type MeshStatus struct {
 	// +kubebuilder:validation:MaxItems=32
 	// +optional
 	History []HistoryEntry `json:"history,omitempty"`
+
+	// Identity is workload identity (SPIRE) as it runs.
+	// +optional
+	Identity *IdentityStatus `json:"identity,omitempty"`
 }
 
 // VersionStatus is the installed and target version.

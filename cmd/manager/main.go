@@ -32,6 +32,7 @@ import (
 	"github.com/meshkeeper/meshkeeper/internal/bundle"
 	"github.com/meshkeeper/meshkeeper/internal/controller"
 	"github.com/meshkeeper/meshkeeper/internal/helm"
+	"github.com/meshkeeper/meshkeeper/internal/identity"
 	"github.com/meshkeeper/meshkeeper/webhooks"
 )
 
@@ -52,6 +53,8 @@ type options struct {
 	agentImage             string
 	images                 map[string]string
 	componentValues        map[string]string
+	spireServerAddress     string
+	spireTLSDir            string
 }
 
 func main() {
@@ -69,6 +72,8 @@ func main() {
 	flag.StringVar(&o.componentsNamespace, "components-namespace", "istio-system", "Namespace the mesh components are installed in.")
 	flag.StringVar(&o.bundlesDir, "bundles-dir", "", "Load bundles from this directory instead of the embedded catalog (development).")
 	flag.StringVar(&o.prometheusAddress, "prometheus-address", "", "Prometheus base URL for SLO analysis when a Mesh sets no spec.analysis.prometheus; empty: such rollouts only bake.")
+	flag.StringVar(&o.spireServerAddress, "spire-server-address", "", "SPIRE server API for registration entries: unix:///path/api.sock, or host:port over mutual TLS (see --spire-tls-dir); empty: no registration.")
+	flag.StringVar(&o.spireTLSDir, "spire-tls-dir", "", "Directory with tls.crt, tls.key and ca.crt for --spire-server-address host:port.")
 	zapOpts := zap.Options{Development: false}
 	flag.DurationVar(&o.notEnrolledGrace, "pod-enrolment-grace", controller.DefaultNotEnrolledGrace, "How long a node agent may leave a pod it should redirect unenrolled before the Mesh is Degraded (PodsNotEnrolled).")
 	flag.StringVar(&o.agentImage, "agent-image", "", "Node agent image every bundle runs instead of its own (e.g. the one built for this cluster); empty: the bundle's.")
@@ -183,10 +188,11 @@ func run(ctx context.Context, o options) error {
 		ComponentsNamespace: o.componentsNamespace,
 		PrometheusAddress:   o.prometheusAddress,
 		NotEnrolledGrace:    o.notEnrolledGrace,
+		SpireServer:         identity.Connector(o.spireServerAddress, o.spireTLSDir),
 	}).SetupWithManager(mgr); err != nil {
 		return fmt.Errorf("set up mesh controller: %w", err)
 	}
-	if err := webhooks.SetupWithManager(mgr); err != nil {
+	if err := webhooks.SetupWithManager(mgr, webhooks.WithCatalog(catalog)); err != nil {
 		return fmt.Errorf("set up mesh webhook: %w", err)
 	}
 	if err := mgr.Add(webhooks.NewCertRefresher(direct, certOpts, time.Hour)); err != nil {

@@ -78,6 +78,9 @@ type Bundle struct {
 	UpgradeFrom []string
 	// SpireVersion is the SPIRE release of spire-server and spire-agent.
 	SpireVersion string
+	// SpireSupport says, per dataplane mode (Sidecar, Ambient), whether
+	// this release's proxies can take their identities from SPIRE.
+	SpireSupport map[string]bool
 	// Images maps an image name (ImagePilot, ...) to its reference, a tag
 	// and optionally a pinned digest.
 	Images map[string]string
@@ -129,3 +132,9 @@ func joinComponents(cs []Component) string {
 	}
 	return strings.Join(s, ", ")
 }
+
+// Values of a catalog manifest's spire.support.<mode>.
+const (
+	SpireSupported   = "Supported"
+	SpireUnsupported = "Unsupported"
+)

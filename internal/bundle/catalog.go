@@ -58,6 +58,9 @@ type manifest struct {
 	UpgradeFrom []string `json:"upgradeFrom"`
 	Spire       struct {
 		Version string `json:"version"`
+		// Support says, per dataplane mode, whether this bundle's Istio
+		// can take workload identities from SPIRE.
+		Support map[string]string `json:"support"`
 	} `json:"spire"`
 	Images     map[string]string            `json:"images"`
 	Components map[string]componentManifest `json:"components"`
@@ -151,6 +154,20 @@ func loadBundle(fsys fs.FS, file string) (*Bundle, error) {
 	}
 	if _, err := parseRelease(m.Spire.Version); err != nil {
 		fail("spire.version", "%q: %v", m.Spire.Version, err)
+	}
+	b.SpireSupport = map[string]bool{}
+	for _, mode := range []string{"Sidecar", "Ambient"} {
+		switch v := m.Spire.Support[mode]; v {
+		case SpireSupported, SpireUnsupported:
+			b.SpireSupport[mode] = v == SpireSupported
+		default:
+			fail("spire.support."+mode, "%q: want %s or %s (whether this Istio release's %s dataplane can take SPIRE identities)", v, SpireSupported, SpireUnsupported, mode)
+		}
+	}
+	for mode := range m.Spire.Support {
+		if mode != "Sidecar" && mode != "Ambient" {
+			fail("spire.support."+mode, "unknown dataplane mode; want Sidecar and Ambient")
+		}
 	}
 
 	known := knownImages()

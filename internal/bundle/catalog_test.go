@@ -113,7 +113,7 @@ func validManifest() map[string]any {
 		"version":     "1.28.2",
 		"minKernel":   "5.10",
 		"upgradeFrom": []any{"1.27", "1.28"},
-		"spire":       map[string]any{"version": "1.13.3"},
+		"spire":       map[string]any{"version": "1.13.3", "support": map[string]any{"Sidecar": "Supported", "Ambient": "Unsupported"}},
 		"images":      images,
 		"components":  comps,
 	}
@@ -161,6 +161,9 @@ func TestLoadErrors(t *testing.T) {
 			want: `catalog/1.28.2.yaml: upgradeFrom[1]: "1.29" is newer than 1.28`},
 		{name: "spire version missing", mutate: func(m map[string]any) { delete(m, "spire") },
 			want: `catalog/1.28.2.yaml: spire.version: "": not a version`},
+		{name: "spire support per mode", mutate: func(m map[string]any) {
+			m["spire"] = map[string]any{"version": "1.13.3", "support": map[string]any{"Sidecar": "yes", "Ambeint": "Unsupported"}}
+		}, want: `catalog/1.28.2.yaml: spire.support.Sidecar: "yes": want Supported or Unsupported`},
 		{name: "image missing", mutate: func(m map[string]any) { delete(m["images"].(map[string]any), bundle.ImageZtunnel) },
 			want: `catalog/1.28.2.yaml: images.ztunnel: required`},
 		{name: "image unknown", mutate: func(m map[string]any) { m["images"].(map[string]any)["waypoint"] = "example.com/w:1" },
@@ -374,4 +377,17 @@ func TestWithValues(t *testing.T) {
 	}
 	_, err = c.WithValues("node-agnet", map[string]any{"x": 1})
 	g.Expect(err).To(MatchError(ContainSubstring(`component "node-agnet": unknown`)))
+}
+
+// TestSpireSupportMatrix is the README's support matrix: every shipped
+// bundle wires Sidecar proxies to SPIRE, none wires ztunnel (upstream
+// ztunnel cannot take SPIRE identities yet).
+func TestSpireSupportMatrix(t *testing.T) {
+	g := NewWithT(t)
+	c := bundle.Default()
+	for _, v := range c.Versions() {
+		b, err := c.Resolve(v)
+		g.Expect(err).NotTo(HaveOccurred())
+		g.Expect(b.SpireSupport).To(Equal(map[string]bool{"Sidecar": true, "Ambient": false}), v)
+	}
 }

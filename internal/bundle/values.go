@@ -25,6 +25,9 @@ type Inputs struct {
 	// SVIDTTL is the workload certificate lifetime, a Go duration; empty
 	// means 1h.
 	SVIDTTL string
+	// Spire is spec.identity.spire.enabled: in Sidecar mode, where the
+	// bundle supports it, injected proxies take their SVIDs from SPIRE.
+	Spire bool
 	// MaxUnavailable bounds node-component rollouts: a count ("2") or a
 	// percentage ("10%"); empty means 10%.
 	MaxUnavailable string
@@ -93,6 +96,9 @@ func (b *Bundle) Values(c Component, in Inputs) map[string]any {
 		v["trustDomain"] = trustDomain
 		v["ambient"] = map[string]any{"enabled": ambient}
 		v["injection"] = map[string]any{"enabled": !ambient}
+		if in.Spire && !ambient && b.SpireSupport[string(meshv1.ModeSidecar)] {
+			v["spire"] = map[string]any{"enabled": true} // the chart's default is off
+		}
 	case Ztunnel:
 		v["namespace"] = in.Namespace
 		v["maxUnavailable"] = maxUnavailable(in.MaxUnavailable)

@@ -32,6 +32,7 @@ func inputsFor(mesh *meshv1.Mesh, namespace string) bundle.Inputs {
 		Namespace:   namespace,
 	}
 	if s := mesh.Spec.Identity.Spire; s != nil && s.Enabled {
+		in.Spire = true
 		in.TrustDomain = s.TrustDomain
 		if s.SVIDTTL != nil {
 			in.SVIDTTL = s.SVIDTTL.Duration.String()
@@ -79,6 +80,18 @@ func (r *MeshReconciler) reconcileComponents(ctx context.Context, mesh *meshv1.M
 		items = append(items, item{from, bundle.Istiod, "istiod-previous"})
 	}
 	for _, it := range items {
+		if it.c == bundle.SpireAgent {
+			if wait := r.spireAgentGate(ctx, findComponent(obs.components, string(bundle.SpireServer))); wait != "" {
+				// Server first: the agents keep what they run until the
+				// server is ready and its API answers.
+				st := previous[it.name]
+				st.Name, st.Ready, st.Message = it.name, false, wait
+				obs.components = append(obs.components, st)
+				obs.componentsReady = false
+				obs.wantedReleases = append(obs.wantedReleases, releaseName(it.c, it.b))
+				continue
+			}
+		}
 		st := r.reconcileComponent(ctx, mesh, it.b, it.c, in, previous[it.name], obs)
 		st.status.Name = it.name
 		if st.err != nil {

@@ -55,6 +55,9 @@ type MeshReconciler struct {
 	NotEnrolledGrace time.Duration
 	// Clock tells the time for that grace period; nil is the real clock.
 	Clock clock.PassiveClock
+	// SpireServer reaches the SPIRE server API for registration entries
+	// (mesh_identity.go); nil: registration off.
+	SpireServer SpireConnector
 }
 
 func (r *MeshReconciler) now() time.Time {
@@ -146,6 +149,7 @@ func (r *MeshReconciler) reconcileNormal(ctx context.Context, mesh *meshv1.Mesh,
 	}{
 		{"nodes", r.reconcileNodes},
 		{"components", r.reconcileComponents},
+		{"identity", r.reconcileIdentity},
 		{"rollout", r.reconcileRollout},
 		{"namespaces", r.reconcileNamespaces},
 		{"retire", r.retireComponents},
@@ -170,10 +174,18 @@ func (r *MeshReconciler) reconcileNormal(ctx context.Context, mesh *meshv1.Mesh,
 		return ctrl.Result{RequeueAfter: obs.requeueAfter}, nil
 	case !obs.converged():
 		return ctrl.Result{RequeueAfter: jitter(3 * time.Second)}, nil
-	case obs.enrolmentRecheck > 0:
-		// A pod still within its enrolment grace period: look again when
-		// it ends (no MeshNode change would wake this Mesh then).
-		return ctrl.Result{RequeueAfter: obs.enrolmentRecheck + 100*time.Millisecond}, nil
+	case obs.enrolmentRecheck > 0 || obs.identity.observed:
+		// Nothing watched would wake this Mesh: a pod still within its
+		// enrolment grace period (look again when it ends), and the SPIRE
+		// server's entries and attested agents (mesh_identity.go).
+		var after time.Duration
+		if obs.identity.observed {
+			after = jitter(identityResync)
+		}
+		if d := obs.enrolmentRecheck + 100*time.Millisecond; obs.enrolmentRecheck > 0 && (after == 0 || d < after) {
+			after = d
+		}
+		return ctrl.Result{RequeueAfter: after}, nil
 	}
 	return ctrl.Result{}, nil
 }
@@ -187,7 +199,7 @@ func (r *MeshReconciler) reconcileDelete(ctx context.Context, mesh *meshv1.Mesh,
 	// In order, each only once the one before is done: workloads leave the
 	// mesh first, then its components go (the node agent removing its
 	// datapath from every node first), then the node labels.
-	for _, cleanup := range []func(context.Context, *meshv1.Mesh) error{r.releaseNamespaces, r.uninstallComponents, r.releaseNodes} {
+	for _, cleanup := range []func(context.Context, *meshv1.Mesh) error{r.releaseNamespaces, r.removeIdentity, r.uninstallComponents, r.releaseNodes} {
 		if err := cleanup(ctx, mesh); err != nil {
 			obs.applyErr = err
 			if errors.Is(err, errWaiting) {
@@ -263,6 +275,8 @@ func (r *MeshReconciler) SetupWithManager(mgr ctrl.Manager) error {
 		WatchesMetadata(&corev1.ConfigMap{}, handler.EnqueueRequestsFromMapFunc(r.allMeshes), builder.WithPredicates(managedObject())).
 		WatchesMetadata(&corev1.Service{}, handler.EnqueueRequestsFromMapFunc(r.allMeshes), builder.WithPredicates(managedObject())).
 		WatchesMetadata(&corev1.ServiceAccount{}, handler.EnqueueRequestsFromMapFunc(r.allMeshes), builder.WithPredicates(managedObject())).
+		// Service accounts coming and going: SPIRE registration entries.
+		WatchesMetadata(&corev1.ServiceAccount{}, handler.EnqueueRequestsFromMapFunc(r.allMeshes), builder.WithPredicates(serviceAccountChurn())).
 		Named("mesh").
 		Complete(r)
 }

@@ -125,6 +125,13 @@ func (r *MeshReconciler) reconcileNodeWaves(ctx context.Context, mesh *meshv1.Me
 		obs.requeueAfter = nodeWaveRequeue
 		return nil
 	}
+	if missing := obs.identity.unattested(ro.WaveNodes); len(missing) > 0 {
+		// Workloads on these nodes get their identities from the local
+		// SPIRE agent: it must have attested before the wave is judged.
+		ro.Message = fmt.Sprintf("node wave %d/%d (%s): waiting for the SPIRE agent to attest on %s", ro.Wave, ro.Waves, strings.Join(ro.WaveNodes, ", "), strings.Join(missing, ", "))
+		obs.requeueAfter = nodeWaveRequeue
+		return nil
+	}
 	bake := time.Duration(0)
 	if ro.Wave == 1 && split.Canary {
 		bake = mesh.Spec.Rollout.Nodes.EffectiveBake()

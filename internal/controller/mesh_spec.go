@@ -24,6 +24,9 @@ func (r *MeshReconciler) reconcileSpec(ctx context.Context, mesh *meshv1.Mesh, o
 	if errs := webhooks.ValidateSpec(&mesh.Spec); len(errs) > 0 {
 		return stall(errs.ToAggregate().Error())
 	}
+	if reason := trustDomainChange(mesh); reason != "" {
+		return stall(reason)
+	}
 	b, err := r.Catalog.Resolve(mesh.Spec.Version)
 	if err != nil {
 		return stall(err.Error())

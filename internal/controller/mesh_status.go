@@ -61,6 +61,8 @@ type observation struct {
 	// nodeList caches the cluster's nodes, read once per reconcile (see
 	// clusterNodes).
 	nodeList []corev1.Node
+
+	identity identityObservation
 }
 
 // converged is true when every component is ready at the target, the
@@ -78,7 +80,7 @@ func (o *observation) converged() bool {
 // settled is true when the bundle the components follow runs everywhere:
 // ready, namespaces enrolled, nothing left to retire, no rollout in flight.
 func (o *observation) settled() bool {
-	return o.applyErr == nil && o.componentsReady && o.namespacesObserved && o.retired && o.rollout.status == nil
+	return o.applyErr == nil && o.componentsReady && o.namespacesObserved && o.retired && o.rollout.status == nil && o.identity.settled()
 }
 
 // applyStatus writes everything the reconcile learned into mesh.status.
@@ -108,6 +110,11 @@ func applyStatus(mesh *meshv1.Mesh, obs *observation, reconcileErr error) {
 	}
 	if obs.planned {
 		st.Plan = planStates(obs.plan, obs)
+	}
+	if obs.identity.observed {
+		st.Identity = obs.identity.status.DeepCopy()
+	} else if obs.bundle != nil && !spireEnabled(mesh) {
+		st.Identity = nil
 	}
 	if obs.rolloutResolved {
 		st.Rollout = obs.rollout.status
@@ -205,6 +212,8 @@ func setConditions(mesh *meshv1.Mesh, obs *observation, reconcileErr error) {
 		set(meshv1.ConditionDegraded, metav1.ConditionTrue, meshv1.ReasonAnalysisInconclusive, obs.rollout.status.Message)
 	} else if obs.rollout.block != "" && !obs.deleting {
 		set(meshv1.ConditionDegraded, metav1.ConditionTrue, meshv1.ReasonRolledBack, obs.rollout.block)
+	} else if reason, msg := identityDegraded(obs); reason != "" && !obs.deleting {
+		set(meshv1.ConditionDegraded, metav1.ConditionTrue, reason, msg)
 	} else if obs.namespacesObserved || obs.deleting {
 		drop(meshv1.ConditionDegraded)
 	}
@@ -262,6 +271,8 @@ func progressMessage(obs *observation) string {
 		return fmt.Sprintf("Installing %s: waiting for %s", obs.target, waiting)
 	case !obs.namespacesObserved:
 		return "Enrolling namespaces"
+	case obs.identity.pending() != "":
+		return obs.identity.pending()
 	case obs.bundle != nil && obs.target != "" && obs.bundle.Version != obs.target && obs.rollout.block == "":
 		return fmt.Sprintf("%s rolled out on the way to %s; starting the next hop", obs.bundle.Version, obs.target)
 	default:

@@ -97,6 +97,7 @@ func run(m *testing.M) int {
 		Helm:                helmClient,
 		Catalog:             bundle.Default(),
 		ComponentsNamespace: componentsNamespace,
+		SpireServer:         testSpire.connect,
 	}).SetupWithManager(mgr); err != nil {
 		fmt.Println("setup:", err)
 		return 1
