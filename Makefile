@@ -54,6 +54,8 @@ verify: manifests generate ## Fail if generated files are stale or code is unfor
 	@git diff --exit-code -- config api bpf charts || { echo "Generated files are stale: run 'make manifests generate' and commit."; exit 1; }
 	@test -z "$$(git ls-files --others --exclude-standard -- config api bpf charts)" || { echo "Untracked generated files:"; git ls-files --others --exclude-standard -- config api bpf charts; exit 1; }
 	go mod tidy -diff
+	cd test/argocd && go mod tidy -diff
+	cd tools/prometheus && go mod tidy -diff
 
 # make test builds every part a test needs (cluster binaries, Prometheus), so
 # a test that finds one missing fails instead of skipping. Only the
