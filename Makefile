@@ -6,6 +6,9 @@ BIN            ?= $(CURDIR)/bin
 CONTROLLER_GEN := $(BIN)/controller-gen
 GOLANGCI_LINT  := $(BIN)/golangci-lint
 CLUSTER_BINS   := $(BIN)/cluster
+PROMETHEUS     := $(BIN)/prometheus
+# Mesh objects the e2e suite captures at each stage for the Argo CD health test.
+ARGOCD_FIXTURES ?= $(CURDIR)/.tmp/argocd-fixtures
 IMG            ?= ghcr.io/meshkeeper/manager:dev
 AGENT_IMG      ?= ghcr.io/meshkeeper/agent:dev
 GO_TEST_FLAGS  ?=
@@ -18,9 +21,11 @@ all: build
 ##@ Development
 
 .PHONY: manifests
-manifests: $(CONTROLLER_GEN) ## Generate CRDs and RBAC from the API types and markers.
+manifests: $(CONTROLLER_GEN) ## Generate CRDs and RBAC from the API types and markers (and copy both into charts/meshkeeper).
 	$(CONTROLLER_GEN) crd paths=./api/... output:crd:artifacts:config=config/crd/bases
 	$(CONTROLLER_GEN) rbac:roleName=meshkeeper-manager paths="./internal/controller/...;./webhooks/..." output:rbac:artifacts:config=config/rbac
+	cp config/crd/bases/*.yaml charts/meshkeeper/crds/
+	cp config/rbac/role.yaml charts/meshkeeper/files/role.yaml
 
 .PHONY: generate
 generate: $(CONTROLLER_GEN) generate-bpf ## Generate deepcopy code and the bpf2go output.
@@ -46,20 +51,34 @@ lint: $(GOLANGCI_LINT) ## golangci-lint with .golangci.yml.
 .PHONY: verify
 verify: manifests generate ## Fail if generated files are stale or code is unformatted.
 	@test -z "$$(gofmt -l api cmd internal webhooks test)" || { echo "gofmt needed:"; gofmt -l api cmd internal webhooks test; exit 1; }
-	@git diff --exit-code -- config api bpf || { echo "Generated files are stale: run 'make manifests generate' and commit."; exit 1; }
-	@test -z "$$(git ls-files --others --exclude-standard -- config api bpf)" || { echo "Untracked generated files:"; git ls-files --others --exclude-standard -- config api bpf; exit 1; }
+	@git diff --exit-code -- config api bpf charts || { echo "Generated files are stale: run 'make manifests generate' and commit."; exit 1; }
+	@test -z "$$(git ls-files --others --exclude-standard -- config api bpf charts)" || { echo "Untracked generated files:"; git ls-files --others --exclude-standard -- config api bpf charts; exit 1; }
 	go mod tidy -diff
+	cd test/argocd && go mod tidy -diff
+	cd tools/prometheus && go mod tidy -diff
+
+# make test builds every part a test needs (cluster binaries, Prometheus), so
+# a test that finds one missing fails instead of skipping. Only the
+# privileged tests still skip when not root (CI sets MESHKEEPER_REQUIRE_PRIVILEGED=1).
+test test-unit test-e2e: export MESHKEEPER_REQUIRE_CLUSTER ?= 1
 
 .PHONY: test
-test: cluster-bins node-bins spire-bins vet test-unit test-e2e ## Unit, integration (envtest) and e2e tests.
+test: cluster-bins node-bins spire-bins prometheus vet test-unit test-e2e ## Unit, integration (envtest), e2e and Argo CD health tests.
+	$(MAKE) test-argocd MESHKEEPER_ARGOCD_FIXTURES=$(ARGOCD_FIXTURES)
 
 .PHONY: test-unit
-test-unit: cluster-bins node-bins spire-bins ## Unit and integration tests (envtest against the real API server).
+test-unit: cluster-bins node-bins spire-bins prometheus ## Unit and integration tests (envtest against the real API server).
 	go test $(GO_TEST_FLAGS) $$(go list ./... | grep -v /test/e2e)
 
 .PHONY: test-e2e
-test-e2e: cluster-bins node-bins build ## End-to-end: the manager binary against a local cluster with kwok nodes.
-	MESHKEEPER_MANAGER_BIN=$(BIN)/manager MESHKEEPER_AGENT_BIN=$(BIN)/agent go test $(GO_TEST_FLAGS) -timeout 20m ./test/e2e/... -args -ginkgo.v
+test-e2e: cluster-bins node-bins prometheus build ## End-to-end: the manager binary against a local cluster with kwok nodes and a real node.
+	rm -rf $(ARGOCD_FIXTURES)
+	MESHKEEPER_MANAGER_BIN=$(BIN)/manager MESHKEEPER_AGENT_BIN=$(BIN)/agent MESHKEEPER_ARGOCD_FIXTURES=$(ARGOCD_FIXTURES) \
+		go test $(GO_TEST_FLAGS) -timeout 20m ./test/e2e/... -args -ginkgo.v
+
+.PHONY: test-argocd
+test-argocd: ## Argo CD's own Lua engine on config/argocd/health.lua (its own module: test/argocd), on the committed fixtures and $$MESHKEEPER_ARGOCD_FIXTURES.
+	cd test/argocd && go test $(GO_TEST_FLAGS) -count=1 ./...
 
 .PHONY: fuzz
 fuzz: ## Fuzz the Mesh validation for 60s.
@@ -89,7 +108,7 @@ docker-build: ## Build the manager and agent images (needs a Docker engine).
 	docker build -t $(AGENT_IMG) -f Dockerfile.agent .
 
 .PHONY: demo
-demo: cluster-bins build ## Start a local cluster, run the operator, apply the sample Mesh, watch it become Ready.
+demo: cluster-bins prometheus build ## Start a local cluster, run the operator, apply the sample Mesh, watch it become Ready.
 	go run ./test/demo --manager $(BIN)/manager --cluster-bins $(CLUSTER_BINS)
 
 ##@ Deployment
@@ -105,6 +124,10 @@ undeploy: ## Remove what deploy installed (Meshes are deleted first so their fin
 	kubectl delete -k config/default --ignore-not-found
 
 ##@ Tools
+
+.PHONY: prometheus
+prometheus: ## Build (once, cached) the Prometheus server from the pinned module in tools/prometheus.
+	hack/prometheus.sh >/dev/null
 
 .PHONY: cluster-bins
 cluster-bins: ## Build (once, cached) etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kubectl, kwok.

@@ -154,16 +154,21 @@ func run(ctx context.Context, o options) error {
 	if err != nil {
 		return err
 	}
-	managed := cache.ByObject{Label: labels.NewSelector().Add(*managedReq)}
+	// Namespaced objects only in the components' namespace: that is all a
+	// Role there lets meshkeeper read (config/rbac).
+	inComponents := map[string]cache.Config{o.componentsNamespace: {}}
+	managed := cache.ByObject{Label: labels.NewSelector().Add(*managedReq), Namespaces: inComponents}
 	mgr, err := ctrl.NewManager(cfg, ctrl.Options{
 		Scheme: scheme,
 		Cache: cache.Options{ByObject: map[client.Object]cache.ByObject{
-			&appsv1.Deployment{}:     managed,
-			&appsv1.DaemonSet{}:      managed,
-			&appsv1.StatefulSet{}:    managed,
-			&corev1.ConfigMap{}:      managed,
-			&corev1.Service{}:        managed,
-			&corev1.ServiceAccount{}: managed,
+			&appsv1.Deployment{}:         managed,
+			&appsv1.DaemonSet{}:          managed,
+			&appsv1.StatefulSet{}:        managed,
+			&corev1.ConfigMap{}:          managed,
+			&corev1.Service{}:            managed,
+			&corev1.ServiceAccount{}:     managed,
+			&corev1.Pod{}:                {Namespaces: inComponents},
+			&appsv1.ControllerRevision{}: {Namespaces: inComponents},
 		}},
 		Metrics:                 metricsserver.Options{BindAddress: o.metricsAddr},
 		HealthProbeBindAddress:  o.probeAddr,

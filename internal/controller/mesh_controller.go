@@ -88,9 +88,11 @@ func (r *MeshReconciler) reader() client.Reader {
 // +kubebuilder:rbac:groups="",resources=namespaces,verbs=get;list;watch;patch
 // +kubebuilder:rbac:groups="",resources=nodes,verbs=get;list;watch;patch
 // +kubebuilder:rbac:groups=events.k8s.io,resources=events,verbs=create;patch
-// +kubebuilder:rbac:groups="",namespace=meshkeeper-system,resources=secrets,verbs=get;list;watch;create;update;patch
+// Helm's release Secrets (pruned to MaxHistory, deleted on uninstall) and the webhook certificate.
+// +kubebuilder:rbac:groups="",namespace=meshkeeper-system,resources=secrets,verbs=get;list;watch;create;update;patch;delete
 // +kubebuilder:rbac:groups=coordination.k8s.io,namespace=meshkeeper-system,resources=leases,verbs=get;list;watch;create;update;patch;delete
-// +kubebuilder:rbac:groups=admissionregistration.k8s.io,resources=validatingwebhookconfigurations,verbs=get;list;watch;patch
+// Only its own webhook configuration, to keep the caBundle current (webhooks/certs.go).
+// +kubebuilder:rbac:groups=admissionregistration.k8s.io,resources=validatingwebhookconfigurations,verbs=get;patch,resourceNames=meshkeeper-validating-webhook
 
 // Reconcile reads like a table of contents: get, finalizer, deferred status
 // patch, then the delete path or the normal phases.

@@ -1,19 +1,40 @@
 package controller
 
-// Permissions the manager needs to install the mesh components through Helm.
-// The charts create cluster-wide RBAC for istiod, ztunnel, istio-cni, the
-// node agent and SPIRE; `escalate` and `bind` let the manager grant those
-// permissions without holding every one of them itself. Node waves read the
-// node components' ControllerRevisions and delete their pods node by node
-// (mesh_nodewaves.go).
+// Permissions the manager needs to install the mesh components through Helm,
+// and no more: test/rbac renders every bundle's charts and fails when a rule
+// below grants a verb on a kind no chart renders (outside the manager's own
+// short list), when a rendered kind is not granted, or when the names below
+// are not exactly the components' roles.
 //
-// +kubebuilder:rbac:groups="",resources=namespaces,verbs=create
-// +kubebuilder:rbac:groups="",resources=configmaps;services;serviceaccounts;secrets,verbs=get;list;watch;create;update;patch;delete
-// +kubebuilder:rbac:groups=apps,resources=deployments;daemonsets;statefulsets,verbs=get;list;watch;create;update;patch;delete
-// +kubebuilder:rbac:groups=batch,resources=jobs,verbs=get;list;watch;create;update;patch;delete
-// +kubebuilder:rbac:groups=policy,resources=poddisruptionbudgets,verbs=get;list;watch;create;update;patch;delete
-// +kubebuilder:rbac:groups=rbac.authorization.k8s.io,resources=clusterroles;clusterrolebindings;roles;rolebindings,verbs=get;list;watch;create;update;patch;delete;escalate;bind
+// Namespaced objects live only in the components' namespace (istio-system):
+// a Role there, not a ClusterRole. The manager's cache is limited to that
+// namespace for those kinds (cmd/manager). Helm's release Secrets, the
+// webhook certificate and the leader lease are in meshkeeper-system (Role in
+// mesh_controller.go); no Secret anywhere else is readable.
+//
+// Cluster-scoped kinds the charts render: CRDs (never deleted: the crds
+// release keeps them), ClusterRoles and ClusterRoleBindings, istiod's
+// MutatingWebhookConfiguration.
 // +kubebuilder:rbac:groups=apiextensions.k8s.io,resources=customresourcedefinitions,verbs=get;list;watch;create;update;patch
-// +kubebuilder:rbac:groups=admissionregistration.k8s.io,resources=mutatingwebhookconfigurations;validatingwebhookconfigurations,verbs=get;list;watch;create;update;patch;delete
-// +kubebuilder:rbac:groups="",resources=pods,verbs=get;list;watch;delete
-// +kubebuilder:rbac:groups=apps,resources=controllerrevisions,verbs=get;list
+// +kubebuilder:rbac:groups=rbac.authorization.k8s.io,resources=clusterroles;clusterrolebindings,verbs=get;list;watch;create;update;patch;delete
+// +kubebuilder:rbac:groups=admissionregistration.k8s.io,resources=mutatingwebhookconfigurations,verbs=get;list;watch;create;update;patch;delete
+//
+// `bind` and `escalate` let the manager grant the components' permissions
+// without holding them, for exactly the components' roles (a new bundle
+// whose charts name another role makes test/rbac fail until it is listed).
+// +kubebuilder:rbac:groups=rbac.authorization.k8s.io,resources=clusterroles,verbs=bind;escalate,resourceNames=istio-cni;istiod-1-26-4;istiod-1-26-4-gateway-controller;istiod-1-27-2;istiod-1-27-2-gateway-controller;istiod-1-27-3;istiod-1-27-3-gateway-controller;istiod-1-28-2;istiod-1-28-2-gateway-controller;meshkeeper-node-agent;meshkeeper-spire-agent;meshkeeper-spire-server
+// +kubebuilder:rbac:groups=rbac.authorization.k8s.io,namespace=istio-system,resources=roles,verbs=bind;escalate,resourceNames=istiod-1-26-4;istiod-1-27-2;istiod-1-27-3;istiod-1-28-2;spire-server
+//
+// Namespaced kinds the charts render, in the components' namespace only.
+// +kubebuilder:rbac:groups="",namespace=istio-system,resources=configmaps;services;serviceaccounts,verbs=get;list;watch;create;update;patch;delete
+// +kubebuilder:rbac:groups=apps,namespace=istio-system,resources=deployments;daemonsets;statefulsets,verbs=get;list;watch;create;update;patch;delete
+// +kubebuilder:rbac:groups=policy,namespace=istio-system,resources=poddisruptionbudgets,verbs=get;list;watch;create;update;patch;delete
+// +kubebuilder:rbac:groups=rbac.authorization.k8s.io,namespace=istio-system,resources=roles;rolebindings,verbs=get;list;watch;create;update;patch;delete
+//
+// Node waves read the node components' ControllerRevisions and replace their
+// pods node by node (mesh_nodewaves.go), in the components' namespace.
+// +kubebuilder:rbac:groups="",namespace=istio-system,resources=pods,verbs=get;list;watch;delete
+// +kubebuilder:rbac:groups=apps,namespace=istio-system,resources=controllerrevisions,verbs=get;list;watch
+//
+// The components' namespace is created when missing (internal/helm).
+// +kubebuilder:rbac:groups="",resources=namespaces,verbs=create

@@ -68,7 +68,7 @@ func demoMesh(root string, s *slos) (*meshv1.Mesh, string, error) {
 	changes := "version 1.26, no maintenance window, bake 3s, retireAfter 3s"
 	if s == nil {
 		m.Spec.Analysis = nil
-		changes += ", no analysis (no Prometheus binary: apt-get install prometheus); waves only bake"
+		changes += ", no analysis (no Prometheus binary " + prom.Binary() + ": make demo builds it with hack/prometheus.sh); waves only bake"
 	} else {
 		a := m.Spec.Analysis
 		a.Prometheus.Address = s.srv.URL

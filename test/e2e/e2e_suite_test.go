@@ -52,7 +52,7 @@ var _ = BeforeSuite(func(ctx SpecContext) {
 	DeferCleanup(func() { Expect(kc.Stop()).To(Succeed()) })
 	GinkgoWriter.Printf("local cluster with 3 kwok nodes up in %s\n", time.Since(start).Round(time.Millisecond))
 
-	manager, err = localmesh.Install(ctx, kc, localmesh.Options{ManagerBin: bin, LogDir: logDir})
+	manager, err = localmesh.Install(ctx, kc, localmesh.Options{ManagerBin: bin, LogDir: logDir, OwnServiceAccount: true})
 	Expect(err).NotTo(HaveOccurred())
 	DeferCleanup(func() {
 		if CurrentSpecReport().Failed() {
@@ -60,7 +60,8 @@ var _ = BeforeSuite(func(ctx SpecContext) {
 		}
 		Expect(manager.Stop()).To(Succeed())
 	})
-	GinkgoWriter.Printf("meshkeeper manager ready in %s\n", time.Since(start).Round(time.Millisecond))
+	GinkgoWriter.Printf("meshkeeper manager ready in %s, running as ServiceAccount %s/%s with config/rbac\n",
+		time.Since(start).Round(time.Millisecond), localmesh.Namespace, localmesh.ServiceAccount)
 }, NodeTimeout(5*time.Minute))
 
 // kubectl runs the cluster's kubectl and fails the spec on error.

@@ -43,7 +43,15 @@ type Options struct {
 	LogDir string
 	// Args are extra manager flags.
 	Args []string
+	// OwnServiceAccount runs the manager as its own ServiceAccount with the
+	// RBAC of config/rbac (a token from the TokenRequest API), as in a real
+	// deployment, instead of as the cluster admin: every missing or excess
+	// permission shows.
+	OwnServiceAccount bool
 }
+
+// ServiceAccount is the manager's ServiceAccount (config/rbac).
+const ServiceAccount = "meshkeeper-manager"
 
 // Manager is a running manager process.
 type Manager struct {
@@ -56,6 +64,7 @@ type Manager struct {
 	ProbePort   int
 	MetricsPort int
 	certDir     string
+	kubeconfig  string
 }
 
 // Install applies the CRDs, the webhook configuration (pointed at the host
@@ -91,7 +100,18 @@ func Install(ctx context.Context, c *cluster.Cluster, o Options) (*Manager, erro
 		return nil, err
 	}
 	m := &Manager{opts: o, c: c, WebhookPort: ports[0], ProbePort: ports[1], MetricsPort: ports[2],
-		LogPath: filepath.Join(o.LogDir, "manager.log"), certDir: filepath.Join(o.LogDir, "webhook-certs")}
+		LogPath: filepath.Join(o.LogDir, "manager.log"), certDir: filepath.Join(o.LogDir, "webhook-certs"),
+		kubeconfig: c.KubeconfigPath}
+	if o.OwnServiceAccount {
+		if _, stderr, err := c.Kubectl(ctx, "apply", "-k", filepath.Join(o.RepoRoot, "config", "rbac")); err != nil {
+			return nil, fmt.Errorf("apply config/rbac: %w: %s", err, stderr)
+		}
+		path, _, err := c.ServiceAccountKubeconfig(ctx, Namespace, ServiceAccount, 4*time.Hour)
+		if err != nil {
+			return nil, err
+		}
+		m.kubeconfig = path
+	}
 	if err := m.installWebhookConfig(ctx); err != nil {
 		return nil, err
 	}
@@ -137,7 +157,7 @@ func (m *Manager) Start(ctx context.Context) error {
 		return err
 	}
 	args := append([]string{
-		"--kubeconfig", m.c.KubeconfigPath,
+		"--kubeconfig", m.kubeconfig,
 		"--namespace", Namespace,
 		"--webhook-host", "127.0.0.1",
 		"--webhook-port", strconv.Itoa(m.WebhookPort),
@@ -203,6 +223,9 @@ func (m *Manager) waitReady(ctx context.Context) error {
 
 // probeMesh is refused by the webhook (PromQL), never by the schema.
 const probeMesh = `{"apiVersion":"meshkeeper.dev/v1alpha1","kind":"Mesh","metadata":{"name":"readiness-probe"},"spec":{"version":"1.28","analysis":{"prometheus":{"address":"http://p:9090"},"slos":[{"name":"probe","query":"sum(","min":"1"}]}}}`
+
+// Kubeconfig is the kubeconfig the manager runs with.
+func (m *Manager) Kubeconfig() string { return m.kubeconfig }
 
 // Stop ends the manager (SIGTERM, then SIGKILL after 10s).
 func (m *Manager) Stop() error {

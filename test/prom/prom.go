@@ -1,5 +1,6 @@
-// Package prom runs a real Prometheus server for tests: Debian's
-// /usr/bin/prometheus on 127.0.0.1 with a free port, a temporary TSDB and a
+// Package prom runs a real Prometheus server for tests: the one
+// hack/prometheus.sh builds from the pinned github.com/prometheus/prometheus
+// module (bin/prometheus; make test and make demo build it), on 127.0.0.1 with a free port, a temporary TSDB and a
 // 1s scrape interval, scraping loopback targets only, plus a tiny workload
 // exporting the node agent's meshkeeper_agent_connections_total with a
 // success ratio per namespace that the test sets.
@@ -27,18 +28,20 @@ import (
 	"github.com/prometheus/client_golang/api"
 	promv1 "github.com/prometheus/client_golang/api/prometheus/v1"
 	"github.com/prometheus/common/model"
+
+	"github.com/meshkeeper/meshkeeper/test/cluster"
 )
 
 // RequireEnv, when "1", turns a missing Prometheus binary into a test
 // failure instead of a skip. It is test/cluster's variable: CI sets it.
 const RequireEnv = "MESHKEEPER_REQUIRE_CLUSTER"
 
-// BinaryEnv overrides the Prometheus binary (default DefaultBinary).
+// BinaryEnv overrides the Prometheus binary (default: bin/prometheus of the
+// repository, built by hack/prometheus.sh).
 const BinaryEnv = "MESHKEEPER_PROMETHEUS_BIN"
 
-// DefaultBinary is where Debian's prometheus package installs the server
-// (apt-get install prometheus).
-const DefaultBinary = "/usr/bin/prometheus"
+// howToBuild says how to get the binary.
+const howToBuild = "run hack/prometheus.sh (make test and make demo do), which builds it from the pinned module in tools/prometheus"
 
 // ScrapeInterval is the scrape (and evaluation) interval of the server.
 const ScrapeInterval = time.Second
@@ -54,7 +57,11 @@ func Binary() string {
 	if b := os.Getenv(BinaryEnv); b != "" {
 		return b
 	}
-	return DefaultBinary
+	root, err := cluster.RepoRoot()
+	if err != nil {
+		return filepath.Join("bin", "prometheus")
+	}
+	return filepath.Join(root, "bin", "prometheus")
 }
 
 // TB is the part of testing.TB the harness uses; a *testing.T is one, and
@@ -76,9 +83,9 @@ func SkipIfUnavailable(t TB) string {
 	bin := Binary()
 	if _, err := os.Stat(bin); err != nil {
 		if os.Getenv(RequireEnv) == "1" {
-			t.Fatalf("Prometheus binary %s is missing (%s=1): apt-get install prometheus, or set %s", bin, RequireEnv, BinaryEnv)
+			t.Fatalf("Prometheus binary %s is missing (%s=1): %s, or set %s", bin, RequireEnv, howToBuild, BinaryEnv)
 		}
-		t.Skipf("Prometheus binary %s is missing: apt-get install prometheus, or set %s (set %s=1 to fail instead of skipping)", bin, BinaryEnv, RequireEnv)
+		t.Skipf("Prometheus binary %s is missing: %s, or set %s (set %s=1 to fail instead of skipping)", bin, howToBuild, BinaryEnv, RequireEnv)
 	}
 	return bin
 }
