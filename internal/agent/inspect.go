@@ -52,7 +52,7 @@ func LinkedPrograms(pinPath string) ([]Program, error) {
 	}
 	var out []Program
 	for _, e := range entries {
-		l, err := link.LoadPinnedLink(filepath.Join(dir, e.Name()), &ebpf.LoadPinOptions{ReadOnly: true})
+		l, err := link.LoadPinnedLink(filepath.Join(dir, e.Name()), nil)
 		if err != nil {
 			return nil, fmt.Errorf("load pinned link %s: %w", e.Name(), err)
 		}

@@ -408,6 +408,10 @@ func (c *Cluster) stopRealNodeProcesses() error {
 	}
 	kill("containerd")
 	kill("kube-proxy")
+	// Every pod process and shim, even one runc did not know.
+	if err := killNodeProcesses(r.binDir); err != nil {
+		errs = append(errs, err)
+	}
 	return errors.Join(errs...)
 }
 

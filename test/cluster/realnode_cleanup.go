@@ -411,21 +411,8 @@ func cleanupRealNode(dir, binDir string, before *HostSnapshot) error {
 	if err := removeContainers(dir); err != nil {
 		errs = append(errs, err)
 	}
-	// Node processes, shims and whatever still lives in a pod cgroup.
-	for range 50 {
-		procs := nodeProcesses(binDir)
-		if len(procs) == 0 {
-			break
-		}
-		for _, p := range procs {
-			pidStr, _, _ := strings.Cut(p, " ")
-			pid, _ := strconv.Atoi(pidStr)
-			_ = syscall.Kill(pid, syscall.SIGKILL)
-		}
-		time.Sleep(100 * time.Millisecond)
-	}
-	if procs := nodeProcesses(binDir); len(procs) > 0 {
-		errs = append(errs, fmt.Errorf("processes survived SIGKILL: %v", procs))
+	if err := killNodeProcesses(binDir); err != nil {
+		errs = append(errs, err)
 	}
 	// Mounts under the state dir (pod volumes, rootfs, netns bind mounts),
 	// deepest first.
@@ -508,6 +495,27 @@ func cleanupRealNode(dir, binDir string, before *HostSnapshot) error {
 	}
 	if len(errs) > 0 {
 		return fmt.Errorf("cluster: real node cleanup: %w", errors.Join(errs...))
+	}
+	return nil
+}
+
+// killNodeProcesses SIGKILLs node binaries, shims and whatever still lives
+// in a pod cgroup, until none is left.
+func killNodeProcesses(binDir string) error {
+	for range 50 {
+		procs := nodeProcesses(binDir)
+		if len(procs) == 0 {
+			return nil
+		}
+		for _, p := range procs {
+			pidStr, _, _ := strings.Cut(p, " ")
+			pid, _ := strconv.Atoi(pidStr)
+			_ = syscall.Kill(pid, syscall.SIGKILL)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	if procs := nodeProcesses(binDir); len(procs) > 0 {
+		return fmt.Errorf("processes survived SIGKILL: %v", procs)
 	}
 	return nil
 }
