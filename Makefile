@@ -110,6 +110,13 @@ undeploy: ## Remove what deploy installed (Meshes are deleted first so their fin
 cluster-bins: ## Build (once, cached) etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kubectl, kwok.
 	hack/cluster-bins.sh >/dev/null
 
+.PHONY: registry
+registry: ## Build (once, cached) CNCF distribution's OCI registry for the catalog tests.
+	hack/registry.sh >/dev/null
+
+# The OCI catalog tests (internal/bundle/oci, internal/controller) publish to a real registry.
+test-unit: registry
+
 $(CONTROLLER_GEN): tools/codegen/go.mod tools/codegen/go.sum
 	cd tools/codegen && go build -o $(CONTROLLER_GEN) sigs.k8s.io/controller-tools/cmd/controller-gen
 

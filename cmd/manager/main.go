@@ -3,6 +3,7 @@ package main
 
 import (
 	"context"
+	"crypto/ed25519"
 	"errors"
 	"flag"
 	"fmt"
@@ -20,6 +21,7 @@ import (
 	ctrl "sigs.k8s.io/controller-runtime"
 	"sigs.k8s.io/controller-runtime/pkg/cache"
 	"sigs.k8s.io/controller-runtime/pkg/client"
+	"sigs.k8s.io/controller-runtime/pkg/event"
 	"sigs.k8s.io/controller-runtime/pkg/healthz"
 	"sigs.k8s.io/controller-runtime/pkg/log/zap"
 	metricsserver "sigs.k8s.io/controller-runtime/pkg/metrics/server"
@@ -27,6 +29,7 @@ import (
 
 	meshv1 "github.com/meshkeeper/meshkeeper/api/v1alpha1"
 	"github.com/meshkeeper/meshkeeper/internal/bundle"
+	"github.com/meshkeeper/meshkeeper/internal/bundle/oci"
 	"github.com/meshkeeper/meshkeeper/internal/controller"
 	"github.com/meshkeeper/meshkeeper/internal/helm"
 	"github.com/meshkeeper/meshkeeper/webhooks"
@@ -45,6 +48,10 @@ type options struct {
 	componentsNamespace    string
 	bundlesDir             string
 	prometheusAddress      string
+	catalogSource          string
+	catalogInterval        time.Duration
+	catalogPublicKey       string
+	catalogPlainHTTP       bool
 }
 
 func main() {
@@ -62,6 +69,10 @@ func main() {
 	flag.StringVar(&o.componentsNamespace, "components-namespace", "istio-system", "Namespace the mesh components are installed in.")
 	flag.StringVar(&o.bundlesDir, "bundles-dir", "", "Load bundles from this directory instead of the embedded catalog (development).")
 	flag.StringVar(&o.prometheusAddress, "prometheus-address", "", "Prometheus base URL for SLO analysis when a Mesh sets no spec.analysis.prometheus; empty: such rollouts only bake.")
+	flag.StringVar(&o.catalogSource, "catalog-source", "", "OCI reference of a bundle catalog to poll and merge with the embedded one, e.g. oci://registry.example.com/meshkeeper/catalog:stable (or pinned: ...@sha256:<digest>); empty: the embedded catalog only.")
+	flag.DurationVar(&o.catalogInterval, "catalog-interval", 5*time.Minute, "How often --catalog-source is polled.")
+	flag.StringVar(&o.catalogPublicKey, "catalog-public-key", "", "PEM file of the ed25519 public key catalog artifacts must be signed with; required unless --catalog-source pins a digest.")
+	flag.BoolVar(&o.catalogPlainHTTP, "catalog-plain-http", false, "Talk plain HTTP to the catalog registry (a registry on loopback; never across a network).")
 	zapOpts := zap.Options{Development: false}
 	zapOpts.BindFlags(flag.CommandLine)
 	flag.Parse()
@@ -141,11 +152,17 @@ func run(ctx context.Context, o options) error {
 		return fmt.Errorf("create manager: %w", err)
 	}
 
+	live, checked, err := catalogSource(mgr, catalog, o)
+	if err != nil {
+		return err
+	}
 	if err := (&controller.MeshReconciler{
 		Client:              mgr.GetClient(),
 		Recorder:            mgr.GetEventRecorder("meshkeeper"),
 		Helm:                helmClient,
 		Catalog:             catalog,
+		Catalogs:            live,
+		CatalogChecked:      checked,
 		ComponentsNamespace: o.componentsNamespace,
 		PrometheusAddress:   o.prometheusAddress,
 	}).SetupWithManager(mgr); err != nil {
@@ -195,6 +212,45 @@ func loadCatalog(dir string) (*bundle.Catalog, error) {
 		return nil, fmt.Errorf("load bundles from %s: %w", dir, err)
 	}
 	return c, nil
+}
+
+// catalogSource sets up the poller of --catalog-source: the live catalog it
+// feeds and the channel that wakes the Meshes after each check. Without a
+// source the embedded catalog is all there is.
+func catalogSource(mgr ctrl.Manager, embedded *bundle.Catalog, o options) (*bundle.Live, chan event.GenericEvent, error) {
+	live := bundle.NewLive(embedded, "")
+	if o.catalogSource == "" {
+		return live, nil, nil
+	}
+	var key ed25519.PublicKey
+	if o.catalogPublicKey != "" {
+		raw, err := os.ReadFile(o.catalogPublicKey)
+		if err != nil {
+			return nil, nil, fmt.Errorf("--catalog-public-key: %w", err)
+		}
+		if key, err = oci.ParsePublicKey(raw); err != nil {
+			return nil, nil, fmt.Errorf("--catalog-public-key %s: %w", o.catalogPublicKey, err)
+		}
+	}
+	src, err := oci.NewSource(o.catalogSource, key, o.catalogPlainHTTP)
+	if err != nil {
+		return nil, nil, fmt.Errorf("--catalog-source: %w", err)
+	}
+	if o.catalogInterval < time.Second {
+		return nil, nil, fmt.Errorf("--catalog-interval %s: want at least 1s", o.catalogInterval)
+	}
+	live = bundle.NewLive(embedded, src.String())
+	checked := make(chan event.GenericEvent, 1)
+	poller := &oci.Poller{Source: src, Interval: o.catalogInterval, Live: live, Checked: func() {
+		select {
+		case checked <- event.GenericEvent{Object: &meshv1.Mesh{}}:
+		default: // a wake-up is already pending
+		}
+	}}
+	if err := mgr.Add(poller); err != nil {
+		return nil, nil, fmt.Errorf("add catalog poller: %w", err)
+	}
+	return live, checked, nil
 }
 
 func splitList(s string) []string {

@@ -13,15 +13,18 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	"k8s.io/klog/v2"
+	"k8s.io/utils/clock"
 	ctrl "sigs.k8s.io/controller-runtime"
 	"sigs.k8s.io/controller-runtime/pkg/builder"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 	"sigs.k8s.io/controller-runtime/pkg/controller/controllerutil"
+	"sigs.k8s.io/controller-runtime/pkg/event"
 	"sigs.k8s.io/controller-runtime/pkg/handler"
 	"sigs.k8s.io/controller-runtime/pkg/log"
 	"sigs.k8s.io/controller-runtime/pkg/predicate"
 	"sigs.k8s.io/controller-runtime/pkg/reconcile"
 	"sigs.k8s.io/controller-runtime/pkg/recorder"
+	"sigs.k8s.io/controller-runtime/pkg/source"
 
 	meshv1 "github.com/meshkeeper/meshkeeper/api/v1alpha1"
 	"github.com/meshkeeper/meshkeeper/internal/analysis"
@@ -38,6 +41,15 @@ type MeshReconciler struct {
 	Helm *helm.Client
 	// Catalog holds the bundles spec.version resolves against.
 	Catalog *bundle.Catalog
+	// Catalogs, when set, replaces Catalog: the embedded bundles merged with
+	// what the catalog source served (internal/bundle/oci). Each reconcile
+	// resolves against one snapshot of it.
+	Catalogs *bundle.Live
+	// CatalogChecked, when set, wakes every Mesh after each check of the
+	// catalog source (see SetupWithManager).
+	CatalogChecked <-chan event.GenericEvent
+	// Clock is what maintenance windows are read from; nil is the real clock.
+	Clock clock.PassiveClock
 	// ComponentsNamespace is where the mesh components run (istio-system).
 	ComponentsNamespace string
 	// PrometheusAddress is where SLOs are checked when a Mesh does not say
@@ -48,6 +60,16 @@ type MeshReconciler struct {
 	NewProvider func(address string) (analysis.Provider, error)
 	// APIReader reads Meshes uncached; SetupWithManager sets the manager's.
 	APIReader client.Reader
+
+	catalogState bundle.SourceState // of the Catalogs snapshot
+}
+
+// now is the time maintenance windows are checked at.
+func (r *MeshReconciler) now() time.Time {
+	if r.Clock != nil {
+		return r.Clock.Now()
+	}
+	return time.Now()
 }
 
 func (r *MeshReconciler) reader() client.Reader {
@@ -74,6 +96,13 @@ func (r *MeshReconciler) Reconcile(ctx context.Context, req ctrl.Request) (resul
 	// Read past the cache: status.rollout is the rollout's memory, and a
 	// reconcile triggered by its own writes must not decide from a copy
 	// older than them.
+	if r.Catalogs != nil {
+		// One catalog for the whole reconcile, however the source moves on.
+		snapshot := *r
+		snapshot.Catalog, snapshot.Catalogs = r.Catalogs.Catalog(), nil
+		snapshot.catalogState = r.Catalogs.State()
+		return snapshot.Reconcile(ctx, req)
+	}
 	mesh := &meshv1.Mesh{}
 	if err := r.reader().Get(ctx, req.NamespacedName, mesh); err != nil {
 		return ctrl.Result{}, client.IgnoreNotFound(err)
@@ -111,6 +140,7 @@ func (r *MeshReconciler) Reconcile(ctx context.Context, req ctrl.Request) (resul
 
 // reconcileNormal runs the phases in order; each one records what it saw in obs.
 func (r *MeshReconciler) reconcileNormal(ctx context.Context, mesh *meshv1.Mesh, obs *observation) (ctrl.Result, error) {
+	obs.catalog = catalogStatus(r.Catalog, r.catalogState)
 	if err := r.reconcileSpec(ctx, mesh, obs); err != nil {
 		return ctrl.Result{}, err
 	}
@@ -149,6 +179,8 @@ func (r *MeshReconciler) reconcileNormal(ctx context.Context, mesh *meshv1.Mesh,
 		return ctrl.Result{RequeueAfter: obs.requeueAfter}, nil
 	case !obs.converged():
 		return ctrl.Result{RequeueAfter: jitter(3 * time.Second)}, nil
+	case obs.requeueAfter > 0 && obs.rollout.deferred != "":
+		return ctrl.Result{RequeueAfter: obs.requeueAfter}, nil // the window an automatic upgrade waits for
 	}
 	return ctrl.Result{}, nil
 }
@@ -218,7 +250,13 @@ func (r *MeshReconciler) SetupWithManager(mgr ctrl.Manager) error {
 	if r.APIReader == nil {
 		r.APIReader = mgr.GetAPIReader()
 	}
-	return ctrl.NewControllerManagedBy(mgr).
+	b := ctrl.NewControllerManagedBy(mgr)
+	if r.CatalogChecked != nil {
+		// The catalog source was checked: new bundles to resolve against,
+		// and status.catalog to bring up to date.
+		b = b.WatchesRawSource(source.Channel(r.CatalogChecked, handler.EnqueueRequestsFromMapFunc(r.allMeshes)))
+	}
+	return b.
 		For(&meshv1.Mesh{}, builder.WithPredicates(predicate.Or(
 			predicate.GenerationChangedPredicate{},
 			predicate.AnnotationChangedPredicate{},

@@ -4,7 +4,6 @@ import (
 	"context"
 	"fmt"
 	"slices"
-	"time"
 
 	meshv1 "github.com/meshkeeper/meshkeeper/api/v1alpha1"
 	"github.com/meshkeeper/meshkeeper/internal/plan"
@@ -25,7 +24,7 @@ func (r *MeshReconciler) computePlan(ctx context.Context, mesh *meshv1.Mesh, obs
 	p, err := plan.Compute(plan.Inputs{
 		Spec: mesh.Spec, Generation: mesh.Generation, ObservedGeneration: mesh.Status.ObservedGeneration,
 		Installed: plan.InstalledFrom(mesh.Status), History: mesh.Status.History,
-		Namespaces: names, Nodes: nodeInfos(nodes), Catalog: r.Catalog, Now: time.Now(),
+		Namespaces: names, Nodes: nodeInfos(nodes), Catalog: r.Catalog, Now: r.now(),
 	})
 	obs.planned = true
 	if err != nil {

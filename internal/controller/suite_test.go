@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"sync"
 	"testing"
 	"time"
 
@@ -14,6 +15,7 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	ctrl "sigs.k8s.io/controller-runtime"
 	"sigs.k8s.io/controller-runtime/pkg/client"
+	"sigs.k8s.io/controller-runtime/pkg/event"
 	"sigs.k8s.io/controller-runtime/pkg/log/zap"
 	metricsserver "sigs.k8s.io/controller-runtime/pkg/metrics/server"
 
@@ -37,7 +39,39 @@ var (
 	k8s        client.Client
 	kc         *cluster.Cluster
 	helmClient *helm.Client
+	// liveCatalog is the suite reconciler's catalog: the embedded one,
+	// merged with what a test's catalog poller serves (the OCI catalog test
+	// adds only releases of a minor no other test uses, 1.29).
+	liveCatalog    = bundle.NewLive(bundle.Default(), "")
+	catalogChecked = make(chan event.GenericEvent, 1)
+	// windowClock is what the reconciler reads maintenance windows from:
+	// the real time unless a test sets one.
+	windowClock = &settableClock{}
 )
+
+// settableClock is the real clock until Set, then a fixed time.
+type settableClock struct {
+	mu sync.Mutex
+	at time.Time
+}
+
+func (c *settableClock) Now() time.Time {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.at.IsZero() {
+		return time.Now()
+	}
+	return c.at
+}
+
+func (c *settableClock) Since(t time.Time) time.Duration { return c.Now().Sub(t) }
+
+// Set fixes the time; the zero time is the real clock again.
+func (c *settableClock) Set(at time.Time) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.at = at
+}
 
 func TestMain(m *testing.M) {
 	if _, err := cluster.Available(); err != nil {
@@ -95,7 +129,9 @@ func run(m *testing.M) int {
 		Client:              mgr.GetClient(),
 		Recorder:            mgr.GetEventRecorder("meshkeeper"),
 		Helm:                helmClient,
-		Catalog:             bundle.Default(),
+		Catalogs:            liveCatalog,
+		CatalogChecked:      catalogChecked,
+		Clock:               windowClock,
 		ComponentsNamespace: componentsNamespace,
 	}).SetupWithManager(mgr); err != nil {
 		fmt.Println("setup:", err)
