@@ -141,6 +141,7 @@ func (r *MeshReconciler) Reconcile(ctx context.Context, req ctrl.Request) (resul
 // reconcileNormal runs the phases in order; each one records what it saw in obs.
 func (r *MeshReconciler) reconcileNormal(ctx context.Context, mesh *meshv1.Mesh, obs *observation) (ctrl.Result, error) {
 	obs.catalog = catalogStatus(r.Catalog, r.catalogState)
+	recordCatalog(r.Catalog, r.catalogState)
 	if err := r.reconcileSpec(ctx, mesh, obs); err != nil {
 		return ctrl.Result{}, err
 	}
@@ -209,6 +210,7 @@ func (r *MeshReconciler) reconcileDelete(ctx context.Context, mesh *meshv1.Mesh,
 	if err := r.Patch(ctx, mesh, client.MergeFrom(before)); err != nil && !apierrors.IsNotFound(err) {
 		return ctrl.Result{}, fmt.Errorf("remove finalizer: %w", err)
 	}
+	forgetMetrics(mesh.Name)
 	log.FromContext(ctx).Info("Cleaned up, finalizer removed")
 	return ctrl.Result{}, nil
 }
@@ -227,6 +229,8 @@ func (r *MeshReconciler) patchStatus(ctx context.Context, base, mesh *meshv1.Mes
 			return fmt.Errorf("patch status: %w", err)
 		}
 		log.FromContext(ctx).Error(err, "Patch status")
+	} else if err == nil {
+		recordMetrics(mesh, obs.rollout.ended, time.Now())
 	}
 	r.recordTransition(mesh, prevReady)
 	return reconcileErr

@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"os"
+	"net"
 	"path/filepath"
 	"sync"
 	"testing"
@@ -44,6 +45,8 @@ var (
 	// adds only releases of a minor no other test uses, 1.29).
 	liveCatalog    = bundle.NewLive(bundle.Default(), "")
 	catalogChecked = make(chan event.GenericEvent, 1)
+	// metricsAddr is where the suite's manager serves /metrics.
+	metricsAddr string
 	// windowClock is what the reconciler reads maintenance windows from:
 	// the real time unless a test sets one.
 	windowClock = &settableClock{}
@@ -120,7 +123,13 @@ func run(m *testing.M) int {
 		fmt.Println("helm:", err)
 		return 1
 	}
-	mgr, err := ctrl.NewManager(kc.Config, ctrl.Options{Scheme: kc.Scheme, Metrics: metricsserver.Options{BindAddress: "0"}})
+	// The manager serves its real /metrics (TestDashboardAndRules scrapes it).
+	metricsAddr, err = freeLoopbackAddr()
+	if err != nil {
+		fmt.Println("metrics port:", err)
+		return 1
+	}
+	mgr, err := ctrl.NewManager(kc.Config, ctrl.Options{Scheme: kc.Scheme, Metrics: metricsserver.Options{BindAddress: metricsAddr}})
 	if err != nil {
 		fmt.Println("manager:", err)
 		return 1
@@ -142,6 +151,15 @@ func run(m *testing.M) int {
 }
 
 func ptr[T any](v T) *T { return &v }
+
+func freeLoopbackAddr() (string, error) {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return "", err
+	}
+	defer l.Close() //nolint:errcheck // only its port is wanted
+	return l.Addr().String(), nil
+}
 
 // slow is the timeout for anything that waits on workloads becoming ready.
 const slow = 90 * time.Second
