@@ -3,8 +3,8 @@ package controller
 import (
 	"context"
 	"fmt"
-	"os"
 	"net"
+	"os"
 	"path/filepath"
 	"sync"
 	"testing"
