@@ -82,6 +82,7 @@ bench-datapath: ## As root: conns/s and latency direct vs eBPF vs iptables REDIR
 build: ## Build the manager and agent binaries.
 	go build -o $(BIN)/manager ./cmd/manager
 	go build -o $(BIN)/agent ./cmd/agent
+	go build -o $(BIN)/kubectl-meshkeeper ./cmd/kubectl-meshkeeper
 
 .PHONY: docker-build
 docker-build: ## Build the manager and agent images (needs a Docker engine).
