@@ -41,6 +41,10 @@ Commands:
                             the dry run of FILE (a Mesh) against the live cluster:
                             the steps the operator would take; nothing is applied
 
+  catalog push -d DIR --to oci://HOST/REPO:TAG --key KEY.pem [--plain-http]
+                            publish a bundles tree as a signed catalog artifact
+                            (what operators with --catalog-source poll)
+
 Common flags: --kubeconfig FILE, --context NAME, --components-namespace NS
 (istio-system). plan also takes --catalog-source REF --catalog-public-key FILE
 [--catalog-plain-http] to plan against the operator's OCI catalog.
@@ -77,6 +81,12 @@ func run(ctx context.Context, args []string, out io.Writer, cfg *rest.Config) er
 		return nil
 	}
 	cmd := args[0]
+	if cmd == "catalog" {
+		if len(args) < 2 || args[1] != "push" {
+			return fmt.Errorf("catalog: want catalog push\n\n%s", usage)
+		}
+		return catalogPush(ctx, args[2:], out)
+	}
 	fs := flag.NewFlagSet("kubectl meshkeeper "+cmd, flag.ContinueOnError)
 	fs.SetOutput(out)
 	o := options{now: time.Now, restConfigOverride: cfg}

@@ -5,6 +5,7 @@ import (
 	"context"
 	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"testing"
 	"time"
@@ -19,7 +20,9 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/envtest"
 
 	meshv1 "github.com/meshkeeper/meshkeeper/api/v1alpha1"
+	"github.com/meshkeeper/meshkeeper/internal/bundle/oci"
 	"github.com/meshkeeper/meshkeeper/test/cluster"
+	"github.com/meshkeeper/meshkeeper/test/registry"
 )
 
 // The plugin runs against a real local cluster (etcd, kube-apiserver, kwok
@@ -279,4 +282,33 @@ spec: {version: "1.26", namespaces: {selector: {matchLabels: {mesh: "on"}}}}
 	after := &meshv1.Mesh{}
 	g.Expect(kc.Client.Get(context.Background(), client.ObjectKey{Name: "default"}, after)).To(Succeed())
 	g.Expect(after.ResourceVersion).To(Equal(before.ResourceVersion), "plan applies nothing")
+}
+
+// TestCatalogPush: a tree published with the openssl-made key is what an
+// operator configured with the public key pulls and verifies.
+func TestCatalogPush(t *testing.T) {
+	g := NewWithT(t)
+	ctx := context.Background()
+	reg := registry.Start(ctx, t)
+	dir := t.TempDir()
+	priv := filepath.Join(dir, "key.pem")
+	pub := filepath.Join(dir, "key.pub.pem")
+	for _, args := range [][]string{{"genpkey", "-algorithm", "ed25519", "-out", priv}, {"pkey", "-in", priv, "-pubout", "-out", pub}} {
+		out, err := exec.Command("openssl", args...).CombinedOutput()
+		g.Expect(err).NotTo(HaveOccurred(), string(out))
+	}
+	ref := "oci://" + reg.Addr + "/meshkeeper/catalog:stable"
+	var out bytes.Buffer
+	g.Expect(run(ctx, []string{"catalog", "push", "-d", filepath.Join("..", "..", "bundles"), "--to", ref, "--key", priv, "--plain-http"}, &out, nil)).To(Succeed())
+	g.Expect(out.String()).To(MatchRegexp(`Published .* to oci://.*:stable \(sha256:[0-9a-f]{64}\)`))
+
+	raw, err := os.ReadFile(pub)
+	g.Expect(err).NotTo(HaveOccurred())
+	key, err := oci.ParsePublicKey(raw)
+	g.Expect(err).NotTo(HaveOccurred())
+	src, err := oci.NewSource(ref, key, true)
+	g.Expect(err).NotTo(HaveOccurred())
+	cat, _, err := src.Pull(ctx)
+	g.Expect(err).NotTo(HaveOccurred())
+	g.Expect(cat.Versions()).To(Equal([]string{"1.26.4", "1.27.2", "1.27.3", "1.28.2"}))
 }
