@@ -52,6 +52,7 @@ type options struct {
 	catalogInterval        time.Duration
 	catalogPublicKey       string
 	catalogPlainHTTP       bool
+	catalogCacheDir        string
 }
 
 func main() {
@@ -73,6 +74,7 @@ func main() {
 	flag.DurationVar(&o.catalogInterval, "catalog-interval", 5*time.Minute, "How often --catalog-source is polled.")
 	flag.StringVar(&o.catalogPublicKey, "catalog-public-key", "", "PEM file of the ed25519 public key catalog artifacts must be signed with; required unless --catalog-source pins a digest.")
 	flag.BoolVar(&o.catalogPlainHTTP, "catalog-plain-http", false, "Talk plain HTTP to the catalog registry (a registry on loopback; never across a network).")
+	flag.StringVar(&o.catalogCacheDir, "catalog-cache-dir", "", "Keep the last verified catalog artifact here (an emptyDir or a volume), so a restarted manager has its releases before the source answers; empty: memory only.")
 	zapOpts := zap.Options{Development: false}
 	zapOpts.BindFlags(flag.CommandLine)
 	flag.Parse()
@@ -236,6 +238,9 @@ func catalogSource(mgr ctrl.Manager, embedded *bundle.Catalog, o options) (*bund
 	if err != nil {
 		return nil, nil, fmt.Errorf("--catalog-source: %w", err)
 	}
+	if o.catalogCacheDir != "" {
+		src = src.WithCache(o.catalogCacheDir)
+	}
 	if o.catalogInterval < time.Second {
 		return nil, nil, fmt.Errorf("--catalog-interval %s: want at least 1s", o.catalogInterval)
 	}
@@ -247,6 +252,14 @@ func catalogSource(mgr ctrl.Manager, embedded *bundle.Catalog, o options) (*bund
 		default: // a wake-up is already pending
 		}
 	}}
+	// Check once before the controller starts, so the first reconcile
+	// already resolves against the releases the source serves (a Mesh on a
+	// release only the source has would otherwise stall until the next
+	// check). A source that does not answer delays the start by at most the
+	// check's timeout; the catalog is then the embedded one until it does.
+	logCtx := ctrl.LoggerInto(context.Background(), ctrl.Log.WithName("catalog"))
+	poller.Restore(logCtx)
+	poller.Check(logCtx)
 	if err := mgr.Add(poller); err != nil {
 		return nil, nil, fmt.Errorf("add catalog poller: %w", err)
 	}

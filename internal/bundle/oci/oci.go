@@ -31,7 +31,9 @@ import (
 	"fmt"
 	"io"
 	"io/fs"
+	"os"
 	"path"
+	"path/filepath"
 	"slices"
 	"strings"
 	"testing/fstest"
@@ -74,6 +76,7 @@ type Source struct {
 	ref       registry.Reference
 	key       ed25519.PublicKey
 	plainHTTP bool
+	cacheDir  string
 }
 
 // NewSource parses a reference, with or without the oci:// prefix
@@ -130,6 +133,7 @@ func (s *Source) Resolve(ctx context.Context) (digest.Digest, error) {
 
 // Pull fetches the artifact, verifies it and loads its catalog; each bundle's
 // Source is host/repository@<manifest digest>. It returns that digest too.
+// With a cache directory the verified artifact is kept there (see Restore).
 func (s *Source) Pull(ctx context.Context) (*bundle.Catalog, digest.Digest, error) {
 	r, err := s.repo()
 	if err != nil {
@@ -147,14 +151,7 @@ func (s *Source) Pull(ctx context.Context) (*bundle.Catalog, digest.Digest, erro
 	if err != nil {
 		return nil, "", fmt.Errorf("%s: manifest does not match its digest: %w", s, err)
 	}
-	if want, pinned := pinnedDigest(s.ref); pinned && digest.FromBytes(raw) != want {
-		return nil, "", fmt.Errorf("%s: manifest digest %s is not the pinned %s: refused", s, digest.FromBytes(raw), want)
-	}
-	var m ocispec.Manifest
-	if err := json.Unmarshal(raw, &m); err != nil {
-		return nil, "", fmt.Errorf("%s: manifest: %w", s, err)
-	}
-	layer, err := s.checkManifest(m)
+	layer, err := s.verifyManifest(raw)
 	if err != nil {
 		return nil, "", err
 	}
@@ -167,16 +164,108 @@ func (s *Source) Pull(ctx context.Context) (*bundle.Catalog, digest.Digest, erro
 	if err != nil {
 		return nil, "", fmt.Errorf("%s: layer does not match its digest %s (tampered or corrupt in the registry): %w", s, layer.Digest, err)
 	}
+	cat, err := s.load(digest.FromBytes(raw), layer, blob)
+	if err != nil {
+		return nil, "", err
+	}
+	if s.cacheDir != "" {
+		if err := s.save(raw, blob); err != nil {
+			return nil, "", fmt.Errorf("catalog cache %s: %w", s.cacheDir, err)
+		}
+	}
+	return cat, digest.FromBytes(raw), nil
+}
+
+// WithCache keeps the last verified artifact in dir (the manager's
+// --catalog-cache-dir), so a restarted operator has the releases it had even
+// while the source does not answer.
+func (s *Source) WithCache(dir string) *Source {
+	c := *s
+	c.cacheDir = dir
+	return &c
+}
+
+// Restore loads the artifact the cache holds, verified again exactly as a
+// pulled one (the cache is no more trusted than the registry). It returns
+// fs.ErrNotExist when the cache is empty.
+func (s *Source) Restore() (*bundle.Catalog, digest.Digest, error) {
+	if s.cacheDir == "" {
+		return nil, "", fs.ErrNotExist
+	}
+	raw, err := os.ReadFile(filepath.Join(s.cacheDir, cacheManifest))
+	if err != nil {
+		return nil, "", err
+	}
+	layer, err := s.verifyManifest(raw)
+	if err != nil {
+		return nil, "", fmt.Errorf("cached artifact: %w", err)
+	}
+	blob, err := os.ReadFile(filepath.Join(s.cacheDir, cacheLayer))
+	if err != nil {
+		return nil, "", err
+	}
+	if int64(len(blob)) != layer.Size || digest.FromBytes(blob) != layer.Digest {
+		return nil, "", fmt.Errorf("cached artifact: layer in %s does not match its digest %s: refused", s.cacheDir, layer.Digest)
+	}
+	cat, err := s.load(digest.FromBytes(raw), layer, blob)
+	if err != nil {
+		return nil, "", err
+	}
+	return cat, digest.FromBytes(raw), nil
+}
+
+const (
+	cacheManifest = "manifest.json"
+	cacheLayer    = "layer.tar.gz"
+)
+
+// save writes the artifact, layer first, each by rename, so a crash leaves
+// the old pair or a pair that fails verification, never a wrong catalog.
+func (s *Source) save(manifest, layer []byte) error {
+	if err := os.MkdirAll(s.cacheDir, 0o700); err != nil {
+		return err
+	}
+	for _, f := range []struct {
+		name string
+		data []byte
+	}{{cacheLayer, layer}, {cacheManifest, manifest}} {
+		tmp := filepath.Join(s.cacheDir, f.name+".tmp")
+		if err := os.WriteFile(tmp, f.data, 0o600); err != nil {
+			return err
+		}
+		if err := os.Rename(tmp, filepath.Join(s.cacheDir, f.name)); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// verifyManifest checks a manifest's bytes against the pinned digest (if
+// any), its type and, with a key, its signature; it returns the layer.
+func (s *Source) verifyManifest(raw []byte) (ocispec.Descriptor, error) {
+	if want, pinned := pinnedDigest(s.ref); pinned && digest.FromBytes(raw) != want {
+		return ocispec.Descriptor{}, fmt.Errorf("%s: manifest digest %s is not the pinned %s: refused", s, digest.FromBytes(raw), want)
+	}
+	var m ocispec.Manifest
+	if err := json.Unmarshal(raw, &m); err != nil {
+		return ocispec.Descriptor{}, fmt.Errorf("%s: manifest: %w", s, err)
+	}
+	return s.checkManifest(m)
+}
+
+// load unpacks a verified layer into a catalog whose bundles name the
+// artifact they came from.
+func (s *Source) load(manifest digest.Digest, layer ocispec.Descriptor, blob []byte) (*bundle.Catalog, error) {
 	fsys, err := untar(blob)
 	if err != nil {
-		return nil, "", fmt.Errorf("%s: layer %s: %w", s, layer.Digest, err)
+		return nil, fmt.Errorf("%s: layer %s: %w", s, layer.Digest, err)
 	}
-	at := s.repository() + "@" + desc.Digest.String()
+	at := s.repository() + "@" + manifest.String()
 	cat, err := bundle.LoadFrom(fsys, at)
 	if err != nil {
-		return nil, "", fmt.Errorf("%s: %w", at, err)
+		return nil, fmt.Errorf("%s: %w", at, err)
 	}
-	return cat, desc.Digest, nil
+	return cat, nil
 }
 
 // checkManifest returns the catalog layer once the manifest is a catalog

@@ -5,6 +5,7 @@ import (
 	"crypto/ed25519"
 	"crypto/rand"
 	"os"
+	"path/filepath"
 	"testing"
 	"testing/fstest"
 	"time"
@@ -233,4 +234,43 @@ func TestPollerKeepsTheCatalogWhenTheRegistryIsDown(t *testing.T) {
 	g.Expect(live.Catalog()).To(BeIdenticalTo(before), "the same artifact again: nothing to merge")
 	g.Expect(live.State().Message).To(BeEmpty())
 	g.Expect(checks).To(Equal(3))
+}
+
+// TestRestartWithTheRegistryDown: with a cache directory, an operator
+// restarted while the registry is down still has the releases it merged;
+// the cache is verified like the registry (a changed byte is refused).
+func TestRestartWithTheRegistryDown(t *testing.T) {
+	g := NewWithT(t)
+	f := newFixture(t)
+	ctx := context.Background()
+	cache := t.TempDir()
+	d, err := oci.Publish(ctx, f.ref("meshkeeper/catalog:stable"), tree(t, "1.27.4"), f.priv, true)
+	g.Expect(err).NotTo(HaveOccurred())
+	src, err := oci.NewSource(f.ref("meshkeeper/catalog:stable"), f.pub, true)
+	g.Expect(err).NotTo(HaveOccurred())
+	src = src.WithCache(cache)
+	(&oci.Poller{Source: src, Interval: time.Hour, Live: bundle.NewLive(bundle.Default(), src.String())}).Check(ctx)
+
+	f.reg.Stop()
+	restarted := bundle.NewLive(bundle.Default(), src.String())
+	p := &oci.Poller{Source: src, Interval: time.Hour, Live: restarted}
+	p.Restore(ctx)
+	p.Check(ctx)
+	g.Expect(restarted.Catalog().Versions()).To(ContainElement("1.27.4"), "the release merged before the restart")
+	b, err := restarted.Catalog().Resolve("1.27.4")
+	g.Expect(err).NotTo(HaveOccurred())
+	g.Expect(b.Source).To(Equal(f.reg.Addr + "/meshkeeper/catalog@" + d.String()))
+	g.Expect(restarted.State().Message).To(ContainSubstring("connection refused"))
+
+	// A cache someone edited is refused.
+	layer := filepath.Join(cache, "layer.tar.gz")
+	data, err := os.ReadFile(layer)
+	g.Expect(err).NotTo(HaveOccurred())
+	data[len(data)/2] ^= 0xff
+	g.Expect(os.WriteFile(layer, data, 0o600)).To(Succeed())
+	_, _, err = src.Restore()
+	g.Expect(err).To(MatchError(ContainSubstring("does not match its digest")))
+	again := bundle.NewLive(bundle.Default(), src.String())
+	(&oci.Poller{Source: src, Interval: time.Hour, Live: again}).Restore(ctx)
+	g.Expect(again.Catalog()).To(BeIdenticalTo(bundle.Default()))
 }

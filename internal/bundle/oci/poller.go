@@ -2,6 +2,8 @@ package oci
 
 import (
 	"context"
+	"errors"
+	"io/fs"
 	"time"
 
 	"k8s.io/utils/clock"
@@ -46,6 +48,26 @@ func (p *Poller) Start(ctx context.Context) error {
 		case <-t.C():
 		}
 	}
+}
+
+// Restore merges the artifact the source's cache holds, if any and if it
+// verifies: what a restarted operator resolves against before (or without)
+// the source answering.
+func (p *Poller) Restore(ctx context.Context) {
+	logger := log.FromContext(ctx).WithValues("source", p.Source.String())
+	cat, d, err := p.Source.Restore()
+	switch {
+	case errors.Is(err, fs.ErrNotExist):
+		return
+	case err != nil:
+		logger.Error(err, "Cached catalog artifact refused; starting from the embedded catalog")
+		return
+	}
+	added, err := p.Live.Update(cat, d.String(), time.Time{})
+	if err != nil {
+		logger.Error(err, "Some bundles of the cached catalog artifact were refused", "digest", d.String())
+	}
+	logger.Info("Catalog restored from the cache", "digest", d.String(), "newVersions", added)
 }
 
 // Check polls the source once.
