@@ -15,6 +15,7 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/event"
 
 	meshv1 "github.com/meshkeeper/meshkeeper/api/v1alpha1"
+	"github.com/meshkeeper/meshkeeper/internal/bundle"
 	"github.com/meshkeeper/meshkeeper/internal/bundle/oci"
 	"github.com/meshkeeper/meshkeeper/test/registry"
 )
@@ -26,8 +27,7 @@ import (
 // there is merged and shown in status, but waits while the window is
 // closed; a tampered artifact and the registry going down change nothing;
 // when the window opens the new patch rolls out as a canary by itself.
-// (The releases are 1.29.x, a minor no other test of the suite uses: the
-// suite's catalog only grows.)
+// The suite's reconciler resolves against this test's catalog until it ends.
 func TestAutomaticUpgradeFromRegistry(t *testing.T) {
 	g := NewWithT(t)
 	ctx, cancel := context.WithCancel(context.Background())
@@ -51,6 +51,8 @@ func TestAutomaticUpgradeFromRegistry(t *testing.T) {
 
 	src, err := oci.NewSource(ref, pub, true)
 	g.Expect(err).NotTo(HaveOccurred())
+	liveCatalog := bundle.NewLive(bundle.Default(), src.String())
+	suiteCatalog.Use(t, liveCatalog)
 	poller := &oci.Poller{Source: src, Interval: 500 * time.Millisecond, Live: liveCatalog, Checked: func() {
 		select {
 		case catalogChecked <- event.GenericEvent{Object: &meshv1.Mesh{}}:

@@ -42,9 +42,9 @@ type MeshReconciler struct {
 	// Catalog holds the bundles spec.version resolves against.
 	Catalog *bundle.Catalog
 	// Catalogs, when set, replaces Catalog: the embedded bundles merged with
-	// what the catalog source served (internal/bundle/oci). Each reconcile
-	// resolves against one snapshot of it.
-	Catalogs *bundle.Live
+	// what the catalog source served (a *bundle.Live fed by
+	// internal/bundle/oci). Each reconcile resolves against one snapshot.
+	Catalogs CatalogSource
 	// CatalogChecked, when set, wakes every Mesh after each check of the
 	// catalog source (see SetupWithManager).
 	CatalogChecked <-chan event.GenericEvent
@@ -62,6 +62,13 @@ type MeshReconciler struct {
 	APIReader client.Reader
 
 	catalogState bundle.SourceState // of the Catalogs snapshot
+}
+
+// CatalogSource is a catalog that changes while the operator runs, and what
+// is known about where it comes from (*bundle.Live).
+type CatalogSource interface {
+	Catalog() *bundle.Catalog
+	State() bundle.SourceState
 }
 
 // now is the time maintenance windows are checked at.

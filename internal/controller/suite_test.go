@@ -7,6 +7,7 @@ import (
 	"os"
 	"path/filepath"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -40,10 +41,9 @@ var (
 	k8s        client.Client
 	kc         *cluster.Cluster
 	helmClient *helm.Client
-	// liveCatalog is the suite reconciler's catalog: the embedded one,
-	// merged with what a test's catalog poller serves (the OCI catalog test
-	// adds only releases of a minor no other test uses, 1.29).
-	liveCatalog    = bundle.NewLive(bundle.Default(), "")
+	// suiteCatalog is the suite reconciler's catalog: the embedded one,
+	// unless a test swaps in its own live catalog (and swaps it back).
+	suiteCatalog   = &swappableCatalog{}
 	catalogChecked = make(chan event.GenericEvent, 1)
 	// metricsAddr is where the suite's manager serves /metrics.
 	metricsAddr string
@@ -51,6 +51,27 @@ var (
 	// the real time unless a test sets one.
 	windowClock = &settableClock{}
 )
+
+// swappableCatalog is the embedded catalog until a test Uses another.
+type swappableCatalog struct{ live atomic.Pointer[bundle.Live] }
+
+func (s *swappableCatalog) current() *bundle.Live {
+	if l := s.live.Load(); l != nil {
+		return l
+	}
+	return embeddedLive
+}
+
+var embeddedLive = bundle.NewLive(bundle.Default(), "")
+
+func (s *swappableCatalog) Catalog() *bundle.Catalog  { return s.current().Catalog() }
+func (s *swappableCatalog) State() bundle.SourceState { return s.current().State() }
+
+// Use makes l the reconciler's catalog until the test ends.
+func (s *swappableCatalog) Use(t interface{ Cleanup(func()) }, l *bundle.Live) {
+	s.live.Store(l)
+	t.Cleanup(func() { s.live.Store(nil) })
+}
 
 // settableClock is the real clock until Set, then a fixed time.
 type settableClock struct {
@@ -138,7 +159,7 @@ func run(m *testing.M) int {
 		Client:              mgr.GetClient(),
 		Recorder:            mgr.GetEventRecorder("meshkeeper"),
 		Helm:                helmClient,
-		Catalogs:            liveCatalog,
+		Catalogs:            suiteCatalog,
 		CatalogChecked:      catalogChecked,
 		Clock:               windowClock,
 		ComponentsNamespace: componentsNamespace,
