@@ -126,6 +126,12 @@ func TestAutomaticUpgradeFromRegistry(t *testing.T) {
 			"outside the window an automatic upgrade does not start, not even the new control plane")
 		g.Expect(getMesh().Status.Catalog.LastCheckedAt.Time).To(BeTemporally(">", checked.Time), "the source is checked all along")
 		g.Expect(meshReady()).NotTo(BeNil(), "the Mesh stays Ready on what it runs")
+		plan := getMesh().Status.Plan
+		g.Expect(plan).NotTo(BeEmpty(), "the waiting upgrade is published as a dry run")
+		for _, s := range plan {
+			g.Expect(s.State).To(Equal(meshv1.StepPending), "%s %s has not started", s.Action, s.Target)
+		}
+		g.Expect(plan[0]).To(And(HaveField("Action", "UpgradeControlPlane"), HaveField("Target", "1.29.1")))
 	})
 
 	t.Run("a tampered artifact is refused", func(t *testing.T) {

@@ -38,8 +38,8 @@ func (r *MeshReconciler) computePlan(ctx context.Context, mesh *meshv1.Mesh, obs
 // planStates marks the published steps with what this reconcile saw: the
 // steps of the hop being rolled out are Done, Running or Failed.
 func planStates(steps []meshv1.PlanStep, obs *observation) []meshv1.PlanStep {
-	if len(steps) == 0 || obs.paused {
-		return steps
+	if len(steps) == 0 || obs.paused || obs.rollout.deferred != "" {
+		return steps // nothing of it runs yet: every step Pending
 	}
 	out := slices.Clone(steps)
 	ro := obs.rollout.status
