@@ -92,6 +92,10 @@ func run(ctx context.Context, o options) error {
 	utilruntime.Must(clientgoscheme.AddToScheme(scheme))
 	utilruntime.Must(meshv1.AddToScheme(scheme))
 
+	src, err := catalogSourceFlags(o)
+	if err != nil {
+		return err
+	}
 	cfg, err := ctrl.GetConfig()
 	if err != nil {
 		return fmt.Errorf("load kubeconfig: %w", err)
@@ -154,7 +158,7 @@ func run(ctx context.Context, o options) error {
 		return fmt.Errorf("create manager: %w", err)
 	}
 
-	live, checked, err := catalogSource(mgr, catalog, o)
+	live, checked, err := catalogSource(mgr, catalog, src, o)
 	if err != nil {
 		return err
 	}
@@ -219,30 +223,42 @@ func loadCatalog(dir string) (*bundle.Catalog, error) {
 // catalogSource sets up the poller of --catalog-source: the live catalog it
 // feeds and the channel that wakes the Meshes after each check. Without a
 // source the embedded catalog is all there is.
-func catalogSource(mgr ctrl.Manager, embedded *bundle.Catalog, o options) (*bundle.Live, chan event.GenericEvent, error) {
-	live := bundle.NewLive(embedded, "")
+// catalogSourceFlags checks the --catalog-* flags before anything starts
+// (bad flags fail at once, with the flag's name); nil without a source.
+func catalogSourceFlags(o options) (*oci.Source, error) {
 	if o.catalogSource == "" {
-		return live, nil, nil
+		if o.catalogPublicKey != "" || o.catalogCacheDir != "" {
+			return nil, errors.New("--catalog-public-key and --catalog-cache-dir need --catalog-source")
+		}
+		return nil, nil
 	}
 	var key ed25519.PublicKey
 	if o.catalogPublicKey != "" {
 		raw, err := os.ReadFile(o.catalogPublicKey)
 		if err != nil {
-			return nil, nil, fmt.Errorf("--catalog-public-key: %w", err)
+			return nil, fmt.Errorf("--catalog-public-key: %w", err)
 		}
 		if key, err = oci.ParsePublicKey(raw); err != nil {
-			return nil, nil, fmt.Errorf("--catalog-public-key %s: %w", o.catalogPublicKey, err)
+			return nil, fmt.Errorf("--catalog-public-key %s: %w", o.catalogPublicKey, err)
 		}
 	}
 	src, err := oci.NewSource(o.catalogSource, key, o.catalogPlainHTTP)
 	if err != nil {
-		return nil, nil, fmt.Errorf("--catalog-source: %w", err)
+		return nil, fmt.Errorf("--catalog-source: %w", err)
 	}
 	if o.catalogCacheDir != "" {
 		src = src.WithCache(o.catalogCacheDir)
 	}
 	if o.catalogInterval < time.Second {
-		return nil, nil, fmt.Errorf("--catalog-interval %s: want at least 1s", o.catalogInterval)
+		return nil, fmt.Errorf("--catalog-interval %s: want at least 1s", o.catalogInterval)
+	}
+	return src, nil
+}
+
+func catalogSource(mgr ctrl.Manager, embedded *bundle.Catalog, src *oci.Source, o options) (*bundle.Live, chan event.GenericEvent, error) {
+	live := bundle.NewLive(embedded, "")
+	if src == nil {
+		return live, nil, nil
 	}
 	live = bundle.NewLive(embedded, src.String())
 	checked := make(chan event.GenericEvent, 1)
