@@ -101,6 +101,7 @@ bench-datapath: ## As root: conns/s and latency direct vs eBPF vs iptables REDIR
 build: ## Build the manager and agent binaries.
 	go build -o $(BIN)/manager ./cmd/manager
 	go build -o $(BIN)/agent ./cmd/agent
+	go build -o $(BIN)/kubectl-meshkeeper ./cmd/kubectl-meshkeeper
 
 .PHONY: docker-build
 docker-build: ## Build the manager and agent images (needs a Docker engine).
@@ -140,6 +141,13 @@ node-bins: ## Build (once, cached) kubelet, kube-proxy, containerd, ctr and the 
 .PHONY: spire-bins
 spire-bins: ## Build (once, cached) spire-server and spire-agent v1.13.3 for the identity tests.
 	hack/spire-bins.sh >/dev/null
+
+.PHONY: registry
+registry: ## Build (once, cached) CNCF distribution's OCI registry for the catalog tests.
+	hack/registry.sh >/dev/null
+
+# The OCI catalog tests (internal/bundle/oci, internal/controller) publish to a real registry.
+test-unit: registry
 
 $(CONTROLLER_GEN): tools/codegen/go.mod tools/codegen/go.sum
 	cd tools/codegen && go build -o $(CONTROLLER_GEN) sigs.k8s.io/controller-tools/cmd/controller-gen

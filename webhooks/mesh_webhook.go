@@ -86,7 +86,12 @@ func (v *meshValidator) ValidateUpdate(_ context.Context, oldMesh, newMesh *v1al
 		return nil, nil
 	}
 	errs := ValidateSpec(&newMesh.Spec)
-	if err := ValidateDowngrade(newMesh.Spec.Version, oldMesh.Status.Version.Installed); err != nil {
+	// With upgrade.minor: Automatic, spec.version is the oldest minor to
+	// run, not what runs: a mesh that followed newer minors by itself is
+	// not being downgraded when another field of its spec changes.
+	followsMinors := newMesh.Spec.Upgrade.EffectiveMinor() == v1alpha1.UpgradeAutomatic &&
+		oldMesh.Spec.Upgrade.EffectiveMinor() == v1alpha1.UpgradeAutomatic && newMesh.Spec.Version == oldMesh.Spec.Version
+	if err := ValidateDowngrade(newMesh.Spec.Version, oldMesh.Status.Version.Installed); err != nil && !followsMinors {
 		errs = append(errs, err)
 	}
 	if err := ValidateTrustDomainChange(&newMesh.Spec, &oldMesh.Status); err != nil {

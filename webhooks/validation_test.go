@@ -1,6 +1,7 @@
 package webhooks
 
 import (
+	"context"
 	"strings"
 	"testing"
 	"time"
@@ -324,4 +325,30 @@ func BenchmarkValidateSpec(b *testing.B) {
 			b.Fatal(errs.ToAggregate())
 		}
 	}
+}
+
+// TestFollowingMinorsIsNoDowngrade: with upgrade.minor: Automatic a mesh
+// that moved past spec.version by itself may still have its other fields
+// edited; changing spec.version itself to far below is still refused.
+func TestFollowingMinorsIsNoDowngrade(t *testing.T) {
+	g := NewWithT(t)
+	old := &v1alpha1.Mesh{
+		ObjectMeta: metav1.ObjectMeta{Name: "default"},
+		Spec:       v1alpha1.MeshSpec{Version: "1.26", Upgrade: v1alpha1.UpgradeSpec{Minor: v1alpha1.UpgradeAutomatic}},
+		Status:     v1alpha1.MeshStatus{Version: v1alpha1.VersionStatus{Installed: "1.28.2"}},
+	}
+	edited := old.DeepCopy()
+	edited.Spec.Paused = true
+	_, err := (&meshValidator{}).ValidateUpdate(context.Background(), old, edited)
+	g.Expect(err).NotTo(HaveOccurred())
+
+	manual := edited.DeepCopy()
+	manual.Spec.Upgrade.Minor = v1alpha1.UpgradeManual
+	_, err = (&meshValidator{}).ValidateUpdate(context.Background(), old, manual)
+	g.Expect(err).To(MatchError(ContainSubstring("downgrade from installed 1.28.2 is more than one minor")), "back to Manual pins 1.26: a downgrade")
+
+	lower := edited.DeepCopy()
+	lower.Spec.Version = "1.25"
+	_, err = (&meshValidator{}).ValidateUpdate(context.Background(), old, lower)
+	g.Expect(err).To(MatchError(ContainSubstring("downgrade from installed 1.28.2")))
 }

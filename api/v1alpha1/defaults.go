@@ -90,6 +90,15 @@ func (u UpgradeSpec) EffectiveAutomatic() bool {
 	return u.Automatic == nil || *u.Automatic
 }
 
+// EffectiveMinor is whether new minor releases are followed, with its
+// default (Manual).
+func (u UpgradeSpec) EffectiveMinor() UpgradePolicy {
+	if u.Minor == "" {
+		return UpgradeManual
+	}
+	return u.Minor
+}
+
 // EffectiveRetireAfter is the retirement grace period with its default (1m).
 func (r RolloutSpec) EffectiveRetireAfter() time.Duration {
 	if r.RetireAfter == nil {

@@ -352,16 +352,40 @@ const (
 )
 
 // UpgradeSpec says how new releases are followed.
+// +kubebuilder:validation:XValidation:rule="!(has(self.minor) && self.minor == 'Automatic' && has(self.automatic) && !self.automatic)",message="spec.upgrade.minor: Automatic needs spec.upgrade.automatic: true (new minors are followed only where new patches are)"
 type UpgradeSpec struct {
 	// Automatic follows new patch releases of spec.version's minor (default true).
+	// A new patch found in the catalog (embedded, or published to the
+	// operator's catalog source) starts a canary rollout by itself, only
+	// inside a maintenance window.
 	// +optional
 	Automatic *bool `json:"automatic,omitempty"`
+
+	// Minor says whether new minor releases are followed too: Automatic
+	// moves to the next minor once the catalog has one that upgrades from
+	// the installed release, one minor at a time, each a full canary rollout
+	// started only inside a maintenance window; spec.version (a minor) is
+	// then the oldest minor to run. Manual (the default) stays on
+	// spec.version's minor.
+	// +kubebuilder:validation:Enum=Automatic;Manual
+	// +optional
+	Minor UpgradePolicy `json:"minor,omitempty"`
 
 	// Windows are when waves may start; none means any time.
 	// +kubebuilder:validation:MaxItems=16
 	// +optional
 	Windows []MaintenanceWindow `json:"windows,omitempty"`
 }
+
+// UpgradePolicy is whether a kind of release is followed by itself.
+type UpgradePolicy string
+
+const (
+	// UpgradeAutomatic follows new releases by itself, inside maintenance windows.
+	UpgradeAutomatic UpgradePolicy = "Automatic"
+	// UpgradeManual waits for spec.version to name them.
+	UpgradeManual UpgradePolicy = "Manual"
+)
 
 // MaintenanceWindow opens at each cron time and stays open for Duration.
 type MaintenanceWindow struct {
@@ -431,6 +455,50 @@ type MeshStatus struct {
 	// Identity is workload identity (SPIRE) as it runs.
 	// +optional
 	Identity *IdentityStatus `json:"identity,omitempty"`
+
+	// Catalog says where the bundles spec.version resolves against came
+	// from and when the operator's catalog source was last checked.
+	// +optional
+	Catalog *CatalogStatus `json:"catalog,omitempty"`
+}
+
+// CatalogStatus is the catalog the operator resolves versions against: the
+// embedded bundles merged with those of its catalog source (an OCI artifact).
+type CatalogStatus struct {
+	// Source is the configured catalog source, e.g.
+	// oci://registry.example.com/meshkeeper/catalog:stable; empty when the
+	// operator runs with the embedded catalog only.
+	// +optional
+	Source string `json:"source,omitempty"`
+	// Digest is the digest of the last artifact pulled from Source and
+	// verified, e.g. sha256:4f1c...
+	// +optional
+	Digest string `json:"digest,omitempty"`
+	// LastCheckedAt is when Source was last polled, successfully or not.
+	// +optional
+	LastCheckedAt *metav1.Time `json:"lastCheckedAt,omitempty"`
+	// LastUpdatedAt is when a new artifact from Source was last verified and
+	// merged.
+	// +optional
+	LastUpdatedAt *metav1.Time `json:"lastUpdatedAt,omitempty"`
+	// Message says why the last check did not update the catalog (the
+	// source unreachable, an artifact refused), empty when it did or had
+	// nothing new.
+	// +optional
+	Message string `json:"message,omitempty"`
+	// Bundles lists every release in the catalog and where it came from.
+	// +kubebuilder:validation:MaxItems=256
+	// +optional
+	Bundles []CatalogBundle `json:"bundles,omitempty"`
+}
+
+// CatalogBundle is one release of the catalog and its origin.
+type CatalogBundle struct {
+	// Version is the release, e.g. "1.27.4".
+	Version string `json:"version"`
+	// From is "embedded" (the operator binary's catalog) or the OCI
+	// reference@digest of the artifact that carried it.
+	From string `json:"from"`
 }
 
 // VersionStatus is the installed and target version.

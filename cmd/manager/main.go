@@ -3,6 +3,7 @@ package main
 
 import (
 	"context"
+	"crypto/ed25519"
 	"errors"
 	"flag"
 	"fmt"
@@ -22,6 +23,7 @@ import (
 	ctrl "sigs.k8s.io/controller-runtime"
 	"sigs.k8s.io/controller-runtime/pkg/cache"
 	"sigs.k8s.io/controller-runtime/pkg/client"
+	"sigs.k8s.io/controller-runtime/pkg/event"
 	"sigs.k8s.io/controller-runtime/pkg/healthz"
 	"sigs.k8s.io/controller-runtime/pkg/log/zap"
 	metricsserver "sigs.k8s.io/controller-runtime/pkg/metrics/server"
@@ -30,6 +32,7 @@ import (
 
 	meshv1 "github.com/meshkeeper/meshkeeper/api/v1alpha1"
 	"github.com/meshkeeper/meshkeeper/internal/bundle"
+	"github.com/meshkeeper/meshkeeper/internal/bundle/oci"
 	"github.com/meshkeeper/meshkeeper/internal/controller"
 	"github.com/meshkeeper/meshkeeper/internal/helm"
 	"github.com/meshkeeper/meshkeeper/internal/identity"
@@ -55,6 +58,11 @@ type options struct {
 	componentValues        map[string]string
 	spireServerAddress     string
 	spireTLSDir            string
+	catalogSource          string
+	catalogInterval        time.Duration
+	catalogPublicKey       string
+	catalogPlainHTTP       bool
+	catalogCacheDir        string
 }
 
 func main() {
@@ -74,6 +82,11 @@ func main() {
 	flag.StringVar(&o.prometheusAddress, "prometheus-address", "", "Prometheus base URL for SLO analysis when a Mesh sets no spec.analysis.prometheus; empty: such rollouts only bake.")
 	flag.StringVar(&o.spireServerAddress, "spire-server-address", "", "SPIRE server API for registration entries: unix:///path/api.sock, or host:port over mutual TLS (see --spire-tls-dir); empty: no registration.")
 	flag.StringVar(&o.spireTLSDir, "spire-tls-dir", "", "Directory with tls.crt, tls.key and ca.crt for --spire-server-address host:port.")
+	flag.StringVar(&o.catalogSource, "catalog-source", "", "OCI reference of a bundle catalog to poll and merge with the embedded one, e.g. oci://registry.example.com/meshkeeper/catalog:stable (or pinned: ...@sha256:<digest>); empty: the embedded catalog only.")
+	flag.DurationVar(&o.catalogInterval, "catalog-interval", 5*time.Minute, "How often --catalog-source is polled.")
+	flag.StringVar(&o.catalogPublicKey, "catalog-public-key", "", "PEM file of the ed25519 public key catalog artifacts must be signed with; required unless --catalog-source pins a digest.")
+	flag.BoolVar(&o.catalogPlainHTTP, "catalog-plain-http", false, "Talk plain HTTP to the catalog registry (a registry on loopback; never across a network).")
+	flag.StringVar(&o.catalogCacheDir, "catalog-cache-dir", "", "Keep the last verified catalog artifact here (an emptyDir or a volume), so a restarted manager has its releases before the source answers; empty: memory only.")
 	zapOpts := zap.Options{Development: false}
 	flag.DurationVar(&o.notEnrolledGrace, "pod-enrolment-grace", controller.DefaultNotEnrolledGrace, "How long a node agent may leave a pod it should redirect unenrolled before the Mesh is Degraded (PodsNotEnrolled).")
 	flag.StringVar(&o.agentImage, "agent-image", "", "Node agent image every bundle runs instead of its own (e.g. the one built for this cluster); empty: the bundle's.")
@@ -111,6 +124,10 @@ func run(ctx context.Context, o options) error {
 	utilruntime.Must(clientgoscheme.AddToScheme(scheme))
 	utilruntime.Must(meshv1.AddToScheme(scheme))
 
+	src, err := catalogSourceFlags(o)
+	if err != nil {
+		return err
+	}
 	cfg, err := ctrl.GetConfig()
 	if err != nil {
 		return fmt.Errorf("load kubeconfig: %w", err)
@@ -185,11 +202,17 @@ func run(ctx context.Context, o options) error {
 		return fmt.Errorf("create manager: %w", err)
 	}
 
+	live, checked, err := catalogSource(mgr, catalog, src, o)
+	if err != nil {
+		return err
+	}
 	if err := (&controller.MeshReconciler{
 		Client:              mgr.GetClient(),
 		Recorder:            mgr.GetEventRecorder("meshkeeper"),
 		Helm:                helmClient,
 		Catalog:             catalog,
+		Catalogs:            live,
+		CatalogChecked:      checked,
 		ComponentsNamespace: o.componentsNamespace,
 		PrometheusAddress:   o.prometheusAddress,
 		NotEnrolledGrace:    o.notEnrolledGrace,
@@ -259,6 +282,68 @@ func loadCatalog(dir string, images, componentValues map[string]string) (*bundle
 		}
 	}
 	return c, nil
+}
+
+// catalogSource sets up the poller of --catalog-source: the live catalog it
+// feeds and the channel that wakes the Meshes after each check. Without a
+// source the embedded catalog is all there is.
+// catalogSourceFlags checks the --catalog-* flags before anything starts
+// (bad flags fail at once, with the flag's name); nil without a source.
+func catalogSourceFlags(o options) (*oci.Source, error) {
+	if o.catalogSource == "" {
+		if o.catalogPublicKey != "" || o.catalogCacheDir != "" {
+			return nil, errors.New("--catalog-public-key and --catalog-cache-dir need --catalog-source")
+		}
+		return nil, nil
+	}
+	var key ed25519.PublicKey
+	if o.catalogPublicKey != "" {
+		raw, err := os.ReadFile(o.catalogPublicKey)
+		if err != nil {
+			return nil, fmt.Errorf("--catalog-public-key: %w", err)
+		}
+		if key, err = oci.ParsePublicKey(raw); err != nil {
+			return nil, fmt.Errorf("--catalog-public-key %s: %w", o.catalogPublicKey, err)
+		}
+	}
+	src, err := oci.NewSource(o.catalogSource, key, o.catalogPlainHTTP)
+	if err != nil {
+		return nil, fmt.Errorf("--catalog-source: %w", err)
+	}
+	if o.catalogCacheDir != "" {
+		src = src.WithCache(o.catalogCacheDir)
+	}
+	if o.catalogInterval < time.Second {
+		return nil, fmt.Errorf("--catalog-interval %s: want at least 1s", o.catalogInterval)
+	}
+	return src, nil
+}
+
+func catalogSource(mgr ctrl.Manager, embedded *bundle.Catalog, src *oci.Source, o options) (*bundle.Live, chan event.GenericEvent, error) {
+	live := bundle.NewLive(embedded, "")
+	if src == nil {
+		return live, nil, nil
+	}
+	live = bundle.NewLive(embedded, src.String())
+	checked := make(chan event.GenericEvent, 1)
+	poller := &oci.Poller{Source: src, Interval: o.catalogInterval, Live: live, Checked: func() {
+		select {
+		case checked <- event.GenericEvent{Object: &meshv1.Mesh{}}:
+		default: // a wake-up is already pending
+		}
+	}}
+	// Check once before the controller starts, so the first reconcile
+	// already resolves against the releases the source serves (a Mesh on a
+	// release only the source has would otherwise stall until the next
+	// check). A source that does not answer delays the start by at most the
+	// check's timeout; the catalog is then the embedded one until it does.
+	logCtx := ctrl.LoggerInto(context.Background(), ctrl.Log.WithName("catalog"))
+	poller.Restore(logCtx)
+	poller.Check(logCtx)
+	if err := mgr.Add(poller); err != nil {
+		return nil, nil, fmt.Errorf("add catalog poller: %w", err)
+	}
+	return live, checked, nil
 }
 
 func splitList(s string) []string {

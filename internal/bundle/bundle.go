@@ -7,6 +7,7 @@
 package bundle
 
 import (
+	"crypto/sha256"
 	"fmt"
 	"io/fs"
 	"path"
@@ -84,12 +85,56 @@ type Bundle struct {
 	// Images maps an image name (ImagePilot, ...) to its reference, a tag
 	// and optionally a pinned digest.
 	Images map[string]string
+	// Source is where the bundle came from: SourceEmbedded, a bundles
+	// directory, or the OCI reference@digest of a catalog artifact.
+	Source string
 
 	file   string
 	semver semver
 	charts map[Component]string         // chart directory under charts/
 	values map[Component]map[string]any // per-release values from the manifest
 	fsys   fs.FS
+	digest func() (string, error)
+}
+
+// SourceEmbedded is the Source of the bundles compiled into the binary.
+const SourceEmbedded = "embedded"
+
+// Digest is the sha256 of everything the bundle installs: its manifest and
+// every file of the charts it names. Two bundles of one version with the
+// same Digest are the same release.
+func (b *Bundle) Digest() (string, error) {
+	return b.digest()
+}
+
+func (b *Bundle) computeDigest() (string, error) {
+	h := sha256.New()
+	write := func(name string) error {
+		raw, err := fs.ReadFile(b.fsys, name)
+		if err != nil {
+			return err
+		}
+		// Length-prefixed name and content: no two trees hash alike.
+		fmt.Fprintf(h, "%d:%s%d:", len(name), name, len(raw))
+		h.Write(raw)
+		return nil
+	}
+	if err := write(b.file); err != nil {
+		return "", fmt.Errorf("bundle %s: digest: %w", b.Version, err)
+	}
+	for _, c := range AllComponents {
+		root := path.Join("charts", b.charts[c])
+		err := fs.WalkDir(b.fsys, root, func(p string, d fs.DirEntry, err error) error {
+			if err != nil || d.IsDir() {
+				return err
+			}
+			return write(p)
+		})
+		if err != nil {
+			return "", fmt.Errorf("bundle %s: digest of chart %s: %w", b.Version, b.charts[c], err)
+		}
+	}
+	return fmt.Sprintf("sha256:%x", h.Sum(nil)), nil
 }
 
 // Revision is the control-plane revision of this release: its version with

@@ -27,7 +27,7 @@ func Default() *Catalog {
 }
 
 var defaultCatalog = sync.OnceValue(func() *Catalog {
-	c, err := Load(bundles.FS)
+	c, err := LoadFrom(bundles.FS, SourceEmbedded)
 	if err != nil {
 		panic(fmt.Sprintf("embedded bundle catalog is invalid: %v", err))
 	}
@@ -44,7 +44,7 @@ func FromDir(dir string) (*Catalog, error) {
 	if !info.IsDir() {
 		return nil, fmt.Errorf("bundles directory %s: not a directory", dir)
 	}
-	c, err := Load(os.DirFS(dir))
+	c, err := LoadFrom(os.DirFS(dir), "directory "+dir)
 	if err != nil {
 		return nil, fmt.Errorf("bundles directory %s: %w", dir, err)
 	}
@@ -72,6 +72,18 @@ type componentManifest struct {
 	// Values are merged over the values meshkeeper computes, for what only
 	// this release needs (a feature flag, a changed default).
 	Values map[string]any `json:"values,omitempty"`
+}
+
+// LoadFrom is Load with every bundle's Source set to source.
+func LoadFrom(fsys fs.FS, source string) (*Catalog, error) {
+	c, err := Load(fsys)
+	if err != nil {
+		return nil, err
+	}
+	for _, b := range c.bundles {
+		b.Source = source
+	}
+	return c, nil
 }
 
 // Load reads and validates every catalog/*.yaml manifest of fsys and the
@@ -129,6 +141,7 @@ func loadBundle(fsys fs.FS, file string) (*Bundle, error) {
 		values:       map[Component]map[string]any{},
 		fsys:         fsys,
 	}
+	b.digest = sync.OnceValues(b.computeDigest)
 
 	if v, err := parseRelease(m.Version); err != nil {
 		fail("version", "%q: %v", m.Version, err)

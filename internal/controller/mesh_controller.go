@@ -18,11 +18,13 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/builder"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 	"sigs.k8s.io/controller-runtime/pkg/controller/controllerutil"
+	"sigs.k8s.io/controller-runtime/pkg/event"
 	"sigs.k8s.io/controller-runtime/pkg/handler"
 	"sigs.k8s.io/controller-runtime/pkg/log"
 	"sigs.k8s.io/controller-runtime/pkg/predicate"
 	"sigs.k8s.io/controller-runtime/pkg/reconcile"
 	"sigs.k8s.io/controller-runtime/pkg/recorder"
+	"sigs.k8s.io/controller-runtime/pkg/source"
 
 	meshv1 "github.com/meshkeeper/meshkeeper/api/v1alpha1"
 	"github.com/meshkeeper/meshkeeper/internal/analysis"
@@ -39,6 +41,16 @@ type MeshReconciler struct {
 	Helm *helm.Client
 	// Catalog holds the bundles spec.version resolves against.
 	Catalog *bundle.Catalog
+	// Catalogs, when set, replaces Catalog: the embedded bundles merged with
+	// what the catalog source served (a *bundle.Live fed by
+	// internal/bundle/oci). Each reconcile resolves against one snapshot.
+	Catalogs CatalogSource
+	// CatalogChecked, when set, wakes every Mesh after each check of the
+	// catalog source (see SetupWithManager).
+	CatalogChecked <-chan event.GenericEvent
+	// Clock is what maintenance windows and the pods' enrolment grace period
+	// are read from; nil is the real clock.
+	Clock clock.PassiveClock
 	// ComponentsNamespace is where the mesh components run (istio-system).
 	ComponentsNamespace string
 	// PrometheusAddress is where SLOs are checked when a Mesh does not say
@@ -53,13 +65,21 @@ type MeshReconciler struct {
 	// unenrolled before the Mesh is Degraded (PodsNotEnrolled); 0 is
 	// DefaultNotEnrolledGrace.
 	NotEnrolledGrace time.Duration
-	// Clock tells the time for that grace period; nil is the real clock.
-	Clock clock.PassiveClock
 	// SpireServer reaches the SPIRE server API for registration entries
 	// (mesh_identity.go); nil: registration off.
 	SpireServer SpireConnector
+
+	catalogState bundle.SourceState // of the Catalogs snapshot
 }
 
+// CatalogSource is a catalog that changes while the operator runs, and what
+// is known about where it comes from (*bundle.Live).
+type CatalogSource interface {
+	Catalog() *bundle.Catalog
+	State() bundle.SourceState
+}
+
+// now is the time maintenance windows are checked at.
 func (r *MeshReconciler) now() time.Time {
 	if r.Clock != nil {
 		return r.Clock.Now()
@@ -100,6 +120,13 @@ func (r *MeshReconciler) Reconcile(ctx context.Context, req ctrl.Request) (resul
 	// Read past the cache: status.rollout is the rollout's memory, and a
 	// reconcile triggered by its own writes must not decide from a copy
 	// older than them.
+	if r.Catalogs != nil {
+		// One catalog for the whole reconcile, however the source moves on.
+		snapshot := *r
+		snapshot.Catalog, snapshot.Catalogs = r.Catalogs.Catalog(), nil
+		snapshot.catalogState = r.Catalogs.State()
+		return snapshot.Reconcile(ctx, req)
+	}
 	mesh := &meshv1.Mesh{}
 	if err := r.reader().Get(ctx, req.NamespacedName, mesh); err != nil {
 		return ctrl.Result{}, client.IgnoreNotFound(err)
@@ -137,6 +164,8 @@ func (r *MeshReconciler) Reconcile(ctx context.Context, req ctrl.Request) (resul
 
 // reconcileNormal runs the phases in order; each one records what it saw in obs.
 func (r *MeshReconciler) reconcileNormal(ctx context.Context, mesh *meshv1.Mesh, obs *observation) (ctrl.Result, error) {
+	obs.catalog = catalogStatus(r.Catalog, r.catalogState)
+	recordCatalog(r.Catalog, r.catalogState)
 	if err := r.reconcileSpec(ctx, mesh, obs); err != nil {
 		return ctrl.Result{}, err
 	}
@@ -176,16 +205,25 @@ func (r *MeshReconciler) reconcileNormal(ctx context.Context, mesh *meshv1.Mesh,
 		return ctrl.Result{RequeueAfter: obs.requeueAfter}, nil
 	case !obs.converged():
 		return ctrl.Result{RequeueAfter: jitter(3 * time.Second)}, nil
-	case obs.enrolmentRecheck > 0 || obs.identity.observed:
+	case obs.enrolmentRecheck > 0 || obs.identity.observed || (obs.requeueAfter > 0 && obs.rollout.deferred != ""):
 		// Nothing watched would wake this Mesh: a pod still within its
-		// enrolment grace period (look again when it ends), and the SPIRE
-		// server's entries and attested agents (mesh_identity.go).
+		// enrolment grace period (look again when it ends), the SPIRE
+		// server's entries and attested agents (mesh_identity.go), and the
+		// window an automatic upgrade waits for. The soonest wins.
 		var after time.Duration
-		if obs.identity.observed {
-			after = jitter(identityResync)
+		soonest := func(d time.Duration) {
+			if d > 0 && (after == 0 || d < after) {
+				after = d
+			}
 		}
-		if d := obs.enrolmentRecheck + 100*time.Millisecond; obs.enrolmentRecheck > 0 && (after == 0 || d < after) {
-			after = d
+		if obs.identity.observed {
+			soonest(jitter(identityResync))
+		}
+		if obs.enrolmentRecheck > 0 {
+			soonest(obs.enrolmentRecheck + 100*time.Millisecond)
+		}
+		if obs.rollout.deferred != "" {
+			soonest(obs.requeueAfter)
 		}
 		return ctrl.Result{RequeueAfter: after}, nil
 	}
@@ -216,6 +254,7 @@ func (r *MeshReconciler) reconcileDelete(ctx context.Context, mesh *meshv1.Mesh,
 	if err := r.Patch(ctx, mesh, client.MergeFrom(before)); err != nil && !apierrors.IsNotFound(err) {
 		return ctrl.Result{}, fmt.Errorf("remove finalizer: %w", err)
 	}
+	forgetMetrics(mesh.Name)
 	log.FromContext(ctx).Info("Cleaned up, finalizer removed")
 	return ctrl.Result{}, nil
 }
@@ -234,6 +273,8 @@ func (r *MeshReconciler) patchStatus(ctx context.Context, base, mesh *meshv1.Mes
 			return fmt.Errorf("patch status: %w", err)
 		}
 		log.FromContext(ctx).Error(err, "Patch status")
+	} else if err == nil {
+		recordMetrics(mesh, obs.rollout.ended, time.Now())
 	}
 	r.recordTransition(mesh, prevReady)
 	return reconcileErr
@@ -257,7 +298,13 @@ func (r *MeshReconciler) SetupWithManager(mgr ctrl.Manager) error {
 	if r.APIReader == nil {
 		r.APIReader = mgr.GetAPIReader()
 	}
-	return ctrl.NewControllerManagedBy(mgr).
+	b := ctrl.NewControllerManagedBy(mgr)
+	if r.CatalogChecked != nil {
+		// The catalog source was checked: new bundles to resolve against,
+		// and status.catalog to bring up to date.
+		b = b.WatchesRawSource(source.Channel(r.CatalogChecked, handler.EnqueueRequestsFromMapFunc(r.allMeshes)))
+	}
+	return b.
 		For(&meshv1.Mesh{}, builder.WithPredicates(predicate.Or(
 			predicate.GenerationChangedPredicate{},
 			predicate.AnnotationChangedPredicate{},

@@ -4,7 +4,6 @@ import (
 	"context"
 	"fmt"
 	"slices"
-	"time"
 
 	meshv1 "github.com/meshkeeper/meshkeeper/api/v1alpha1"
 	"github.com/meshkeeper/meshkeeper/internal/plan"
@@ -25,7 +24,7 @@ func (r *MeshReconciler) computePlan(ctx context.Context, mesh *meshv1.Mesh, obs
 	p, err := plan.Compute(plan.Inputs{
 		Spec: mesh.Spec, Generation: mesh.Generation, ObservedGeneration: mesh.Status.ObservedGeneration,
 		Installed: plan.InstalledFrom(mesh.Status), History: mesh.Status.History,
-		Namespaces: names, Nodes: nodeInfos(nodes), Catalog: r.Catalog, Now: time.Now(),
+		Namespaces: names, Nodes: nodeInfos(nodes), Catalog: r.Catalog, Now: r.now(),
 	})
 	obs.planned = true
 	if err != nil {
@@ -39,8 +38,8 @@ func (r *MeshReconciler) computePlan(ctx context.Context, mesh *meshv1.Mesh, obs
 // planStates marks the published steps with what this reconcile saw: the
 // steps of the hop being rolled out are Done, Running or Failed.
 func planStates(steps []meshv1.PlanStep, obs *observation) []meshv1.PlanStep {
-	if len(steps) == 0 || obs.paused {
-		return steps
+	if len(steps) == 0 || obs.paused || obs.rollout.deferred != "" {
+		return steps // nothing of it runs yet: every step Pending
 	}
 	out := slices.Clone(steps)
 	ro := obs.rollout.status

@@ -49,6 +49,9 @@ type rolloutState struct {
 	waveOf map[string]int        // a namespace's wave (from 0): moving back goes newest first
 	ended  *meshv1.HistoryEntry  // set when the rollout finished this reconcile
 	block  string                // why the target is not rolled out (failed before)
+	// deferred says why an automatic upgrade (a new patch or minor the
+	// catalog offers) has not started: no maintenance window is open.
+	deferred string
 	// holdComponents: no wave has started and no maintenance window is open:
 	// the new control plane is installed beside the old one, but identity and
 	// the node components stay on From until a window opens.
@@ -127,6 +130,17 @@ func (r *MeshReconciler) resolveRollout(ctx context.Context, mesh *meshv1.Mesh, 
 		log.FromContext(ctx).Info("Installed version is not in the catalog; upgrading in place", "installed", installed)
 		return
 	}
+	if obs.automatic {
+		// Nobody asked for this one in the spec: not even the new control
+		// plane starts outside a maintenance window.
+		if open, next, err := plan.WindowOpen(mesh.Spec.Upgrade.Windows, r.now()); err == nil && !open {
+			obs.bundle = from
+			obs.rollout.deferred = fmt.Sprintf("%s is available (from %s); the automatic upgrade starts in the next maintenance window (%s)",
+				obs.target, obs.targetSource(), next.UTC().Format(time.RFC3339))
+			obs.requeueAfter = min(next.Sub(r.now())+time.Second, 5*time.Minute)
+			return
+		}
+	}
 	// One minor at a time: the planner's first hop is this rollout's target.
 	to := obs.bundle
 	if len(obs.hops) > 0 {
@@ -153,7 +167,7 @@ func (r *MeshReconciler) resolveRollout(ctx context.Context, mesh *meshv1.Mesh, 
 // node components have moved and are never held back.
 func (r *MeshReconciler) holdComponents(mesh *meshv1.Mesh, ro *meshv1.RolloutStatus) bool {
 	first := ro.Step == meshv1.RolloutStepNodes || (ro.Step == meshv1.RolloutStepNamespaces && !hasNodeComponents(mesh))
-	return first && ro.Wave == 0 && !windowOpen(mesh)
+	return first && ro.Wave == 0 && !r.windowOpen(mesh)
 }
 
 // blockMessage says why a rolled-back target is not rolled out again and how
@@ -165,8 +179,8 @@ func blockMessage(e *meshv1.HistoryEntry, installed string) string {
 
 // windowOpen says whether a maintenance window is open now (no windows:
 // always). A bad window counts as closed; admission refuses those.
-func windowOpen(mesh *meshv1.Mesh) bool {
-	open, _, err := plan.WindowOpen(mesh.Spec.Upgrade.Windows, time.Now())
+func (r *MeshReconciler) windowOpen(mesh *meshv1.Mesh) bool {
+	open, _, err := plan.WindowOpen(mesh.Spec.Upgrade.Windows, r.now())
 	return err == nil && open
 }
 
@@ -372,13 +386,14 @@ func (r *MeshReconciler) reportClusterWide(mesh *meshv1.Mesh, ro *meshv1.Rollout
 // window (a wave in flight always finishes). Outside one, the rollout says
 // when the next opens and looks again then.
 func (r *MeshReconciler) windowForWave(mesh *meshv1.Mesh, obs *observation, wave string, now time.Time) (bool, error) {
+	now = r.now()
 	open, next, err := plan.WindowOpen(mesh.Spec.Upgrade.Windows, now)
 	if err != nil {
 		return false, fmt.Errorf("spec.upgrade.windows: %w", err)
 	}
 	if !open {
 		obs.rollout.status.Message = fmt.Sprintf("waiting for a maintenance window to start %s (next opens %s)", wave, next.UTC().Format(time.RFC3339))
-		obs.requeueAfter = min(time.Until(next)+time.Second, time.Minute)
+		obs.requeueAfter = min(next.Sub(now)+time.Second, time.Minute)
 	}
 	return open, nil
 }

@@ -8,6 +8,7 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/reconcile"
 
 	meshv1 "github.com/meshkeeper/meshkeeper/api/v1alpha1"
+	"github.com/meshkeeper/meshkeeper/internal/plan"
 	"github.com/meshkeeper/meshkeeper/webhooks"
 )
 
@@ -27,10 +28,10 @@ func (r *MeshReconciler) reconcileSpec(ctx context.Context, mesh *meshv1.Mesh, o
 	if reason := trustDomainChange(mesh); reason != "" {
 		return stall(reason)
 	}
-	b, err := r.Catalog.Resolve(mesh.Spec.Version)
+	t, err := plan.ResolveTarget(&mesh.Spec, mesh.Status.Version.Installed, r.Catalog)
 	if err != nil {
 		return stall(err.Error())
 	}
-	obs.bundle, obs.target = b, b.Version
+	obs.bundle, obs.target, obs.automatic = t.Bundle, t.Version, t.Automatic
 	return nil
 }

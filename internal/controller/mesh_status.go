@@ -21,7 +21,9 @@ const maxHistory = 32
 // computed from it once, in the deferred patch.
 type observation struct {
 	target      string
+	automatic   bool // the upgrade policy chose target (plan.Target.Automatic)
 	bundle      *bundle.Bundle
+	catalog     *meshv1.CatalogStatus
 	invalidSpec string
 	applyErr    error
 	paused      bool
@@ -73,7 +75,7 @@ type observation struct {
 // target that was rolled back is the exception: the installed bundle is
 // then what is meant to run.
 func (o *observation) converged() bool {
-	atTarget := o.bundle == nil || o.bundle.Version == o.target || o.rollout.block != ""
+	atTarget := o.bundle == nil || o.bundle.Version == o.target || o.rollout.block != "" || o.rollout.deferred != ""
 	return o.settled() && atTarget
 }
 
@@ -86,6 +88,9 @@ func (o *observation) settled() bool {
 // applyStatus writes everything the reconcile learned into mesh.status.
 func applyStatus(mesh *meshv1.Mesh, obs *observation, reconcileErr error) {
 	st := &mesh.Status
+	if obs.catalog != nil {
+		st.Catalog = obs.catalog
+	}
 	if obs.target != "" {
 		st.Version.Target = obs.target
 	}
@@ -285,6 +290,9 @@ func readyMessage(mesh *meshv1.Mesh, obs *observation) string {
 	noun := "namespaces"
 	if obs.namespaces == 1 {
 		noun = "namespace"
+	}
+	if obs.rollout.deferred != "" && obs.bundle != nil {
+		return fmt.Sprintf("%s %s: %d components ready, %d %s enrolled; %s", mode, obs.bundle.Version, len(obs.components), obs.namespaces, noun, obs.rollout.deferred)
 	}
 	return fmt.Sprintf("%s %s: %d components ready, %d %s enrolled", mode, obs.target, len(obs.components), obs.namespaces, noun)
 }

@@ -3,8 +3,11 @@ package controller
 import (
 	"context"
 	"fmt"
+	"net"
 	"os"
 	"path/filepath"
+	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -14,6 +17,7 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	ctrl "sigs.k8s.io/controller-runtime"
 	"sigs.k8s.io/controller-runtime/pkg/client"
+	"sigs.k8s.io/controller-runtime/pkg/event"
 	"sigs.k8s.io/controller-runtime/pkg/log/zap"
 	metricsserver "sigs.k8s.io/controller-runtime/pkg/metrics/server"
 
@@ -37,7 +41,61 @@ var (
 	k8s        client.Client
 	kc         *cluster.Cluster
 	helmClient *helm.Client
+	// suiteCatalog is the suite reconciler's catalog: the embedded one,
+	// unless a test swaps in its own live catalog (and swaps it back).
+	suiteCatalog   = &swappableCatalog{}
+	catalogChecked = make(chan event.GenericEvent, 1)
+	// metricsAddr is where the suite's manager serves /metrics.
+	metricsAddr string
+	// windowClock is what the reconciler reads maintenance windows from:
+	// the real time unless a test sets one.
+	windowClock = &settableClock{}
 )
+
+// swappableCatalog is the embedded catalog until a test Uses another.
+type swappableCatalog struct{ live atomic.Pointer[bundle.Live] }
+
+func (s *swappableCatalog) current() *bundle.Live {
+	if l := s.live.Load(); l != nil {
+		return l
+	}
+	return embeddedLive
+}
+
+var embeddedLive = bundle.NewLive(bundle.Default(), "")
+
+func (s *swappableCatalog) Catalog() *bundle.Catalog  { return s.current().Catalog() }
+func (s *swappableCatalog) State() bundle.SourceState { return s.current().State() }
+
+// Use makes l the reconciler's catalog until the test ends.
+func (s *swappableCatalog) Use(t interface{ Cleanup(func()) }, l *bundle.Live) {
+	s.live.Store(l)
+	t.Cleanup(func() { s.live.Store(nil) })
+}
+
+// settableClock is the real clock until Set, then a fixed time.
+type settableClock struct {
+	mu sync.Mutex
+	at time.Time
+}
+
+func (c *settableClock) Now() time.Time {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.at.IsZero() {
+		return time.Now()
+	}
+	return c.at
+}
+
+func (c *settableClock) Since(t time.Time) time.Duration { return c.Now().Sub(t) }
+
+// Set fixes the time; the zero time is the real clock again.
+func (c *settableClock) Set(at time.Time) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.at = at
+}
 
 func TestMain(m *testing.M) {
 	if _, err := cluster.Available(); err != nil {
@@ -86,7 +144,13 @@ func run(m *testing.M) int {
 		fmt.Println("helm:", err)
 		return 1
 	}
-	mgr, err := ctrl.NewManager(kc.Config, ctrl.Options{Scheme: kc.Scheme, Metrics: metricsserver.Options{BindAddress: "0"}})
+	// The manager serves its real /metrics (TestDashboardAndRules scrapes it).
+	metricsAddr, err = freeLoopbackAddr()
+	if err != nil {
+		fmt.Println("metrics port:", err)
+		return 1
+	}
+	mgr, err := ctrl.NewManager(kc.Config, ctrl.Options{Scheme: kc.Scheme, Metrics: metricsserver.Options{BindAddress: metricsAddr}})
 	if err != nil {
 		fmt.Println("manager:", err)
 		return 1
@@ -95,7 +159,9 @@ func run(m *testing.M) int {
 		Client:              mgr.GetClient(),
 		Recorder:            mgr.GetEventRecorder("meshkeeper"),
 		Helm:                helmClient,
-		Catalog:             bundle.Default(),
+		Catalogs:            suiteCatalog,
+		CatalogChecked:      catalogChecked,
+		Clock:               windowClock,
 		ComponentsNamespace: componentsNamespace,
 		SpireServer:         testSpire.connect,
 	}).SetupWithManager(mgr); err != nil {
@@ -107,6 +173,15 @@ func run(m *testing.M) int {
 }
 
 func ptr[T any](v T) *T { return &v }
+
+func freeLoopbackAddr() (string, error) {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return "", err
+	}
+	defer l.Close() //nolint:errcheck // only its port is wanted
+	return l.Addr().String(), nil
+}
 
 // slow is the timeout for anything that waits on workloads becoming ready.
 const slow = 90 * time.Second

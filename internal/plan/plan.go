@@ -151,6 +151,10 @@ type Plan struct {
 	Blocked string
 	// Window is whether a windowed step may start at Inputs.Now.
 	Window Window
+	// Automatic is true when the upgrade policy, not spec.version, chose
+	// Target (a new patch, or the next minor with upgrade.minor: Automatic):
+	// every step of such an upgrade waits for a maintenance window.
+	Automatic bool
 	// Summary is one line for status messages and events.
 	Summary string
 }
@@ -280,11 +284,12 @@ func Compute(in Inputs) (Plan, error) {
 	if in.Catalog == nil {
 		return Plan{}, errNoCatalog
 	}
-	target, err := resolveTarget(&in.Spec, in.Installed.Version, in.Catalog)
+	resolved, err := ResolveTarget(&in.Spec, in.Installed.Version, in.Catalog)
 	if err != nil {
 		return Plan{}, err
 	}
-	p := Plan{Target: target.Version, Paused: in.Spec.Paused}
+	target := resolved.Bundle
+	p := Plan{Target: target.Version, Paused: in.Spec.Paused, Automatic: resolved.Automatic}
 	p.Window.Open, p.Window.Next, err = WindowOpen(in.Spec.Upgrade.Windows, in.Now)
 	if err != nil {
 		return Plan{}, err
@@ -337,6 +342,16 @@ func Compute(in Inputs) (Plan, error) {
 		return Plan{}, err
 	}
 	p.Steps = b.steps
+	if p.Automatic {
+		// Nobody asked for this upgrade in the spec: nothing of it, not
+		// even the new control plane, starts outside a window.
+		// (Retiring the old revision comes after the last wave of a rollout
+		// that, once started, finishes.)
+		for i := range p.Steps {
+			p.Steps[i].Windowed = p.Steps[i].Action != ActionRetireControlPlane
+		}
+		p.Summary = "automatic upgrade (spec.upgrade): " + p.Summary
+	}
 	return p, nil
 }
 

@@ -208,14 +208,18 @@ func TestComputeGolden(t *testing.T) {
 			}))
 			g.Expect(p.Steps[0].Revision).To(Equal("1-27-3"))
 			g.Expect(p.Steps[3].Revision).To(Equal("1-27-2"), "the old revision is retired")
-			g.Expect(p.Steps[0].Windowed).To(BeFalse(), "a side-by-side revision serves nobody yet")
-			g.Expect(p.Steps[1].Windowed).To(BeTrue())
-			g.Expect(p.Steps[2].Windowed).To(BeTrue())
+			g.Expect(p.Automatic).To(BeTrue(), "1.27.2 satisfies spec.version 1.27: the new patch is the upgrade policy's choice")
+			for _, s := range p.Steps[:3] {
+				g.Expect(s.Windowed).To(BeTrue(), "nothing of an automatic upgrade starts outside a window, not even the side-by-side revision: %s", s.Action)
+			}
 		},
 	}, {
 		name: "minor-upgrade",
 		in:   inputs(spec("1.28"), ambient("1.27.3")),
 		check: func(g Gomega, p Plan) {
+			g.Expect(p.Automatic).To(BeFalse(), "spec.version asks for 1.28")
+			g.Expect(p.Steps[0].Windowed).To(BeFalse(), "a side-by-side revision serves nobody yet")
+			g.Expect(p.Steps[1].Windowed).To(BeTrue())
 			g.Expect(p.Hops).To(Equal([]string{"1.28.2"}))
 			g.Expect(actions(p)).To(Equal([]string{
 				"UpgradeControlPlane 1.28.2",

@@ -115,30 +115,66 @@ func CheckSpireSkew(server, agents string) error {
 	return nil
 }
 
-// resolveTarget is the bundle spec.version asks for. A minor follows its
-// newest patch in the catalog unless spec.upgrade.automatic is false and the
-// installed release is of that minor and still in the catalog: then the mesh
-// stays on the installed release until spec.version names another one.
-func resolveTarget(spec *meshv1.MeshSpec, installed string, cat *bundle.Catalog) (*bundle.Bundle, error) {
+// Target is what spec.version resolves to for a mesh running installed.
+type Target struct {
+	// Bundle is the release to run.
+	*bundle.Bundle
+	// Automatic is true when the upgrade policy chose it, not spec.version:
+	// the installed release already satisfies spec.version and Bundle is a
+	// newer patch (upgrade.automatic) or the next minor (upgrade.minor:
+	// Automatic) that the catalog offers. Such an upgrade starts only inside
+	// a maintenance window, the control plane included.
+	Automatic bool
+}
+
+// ResolveTarget is the release spec.version asks for, given what runs and the
+// catalog:
+//
+//   - an exact version is that release;
+//   - a minor follows its newest patch in the catalog (upgrade.automatic,
+//     the default); with automatic: false a mesh already on that minor stays
+//     on its installed release;
+//   - with upgrade.minor: Automatic, spec.version is the oldest minor to
+//     run: a mesh on that minor or a newer one moves to the newest patch of
+//     the next minor once the catalog has one that upgrades from the
+//     installed release (one minor at a time; each a full rollout), else
+//     follows the newest patch of the minor it runs.
+func ResolveTarget(spec *meshv1.MeshSpec, installed string, cat *bundle.Catalog) (Target, error) {
 	b, err := cat.Resolve(spec.Version)
 	if err != nil {
-		return nil, err
-	}
-	if spec.Upgrade.EffectiveAutomatic() || installed == "" {
-		return b, nil
+		return Target{}, err
 	}
 	want, err := parseMinor(spec.Version)
-	if err != nil || want.patch {
-		return b, nil
+	have, errHave := parseMinor(installed)
+	if err != nil || want.patch || installed == "" || errHave != nil || !have.patch {
+		return Target{Bundle: b}, nil
 	}
-	have, err := parseMinor(installed)
-	if err != nil || have.String() != want.String() {
-		return b, nil
+	ahead, sameMajor := minorsAhead(have, want)
+	if !sameMajor || ahead < 0 {
+		return Target{Bundle: b}, nil // spec.version asks for a newer minor: not automatic
 	}
-	if ib, err := cat.Resolve(installed); err == nil {
-		return ib, nil
+	if !spec.Upgrade.EffectiveAutomatic() {
+		if ib, err := cat.Resolve(installed); err == nil && ahead == 0 {
+			return Target{Bundle: ib}, nil
+		}
+		return Target{Bundle: b}, nil
 	}
-	return b, nil
+	if spec.Upgrade.EffectiveMinor() == meshv1.UpgradeAutomatic {
+		next := fmt.Sprintf("%d.%d", have.major, have.minor+1)
+		if nb, err := cat.Resolve(next); err == nil && nb.CanUpgradeFrom(installed) {
+			return Target{Bundle: nb, Automatic: true}, nil
+		}
+		if ahead > 0 {
+			// On a newer minor than spec.version: follow its patches.
+			if hb, err := cat.Resolve(have.String()); err == nil {
+				return Target{Bundle: hb, Automatic: hb.Version != installed}, nil
+			}
+		}
+	}
+	if ahead > 0 {
+		return Target{Bundle: b}, nil
+	}
+	return Target{Bundle: b, Automatic: b.Version != installed}, nil
 }
 
 // upgradePath is the bundles the mesh moves through from installed to
