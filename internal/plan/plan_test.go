@@ -601,7 +601,7 @@ func testCatalog(t *testing.T, releases map[string]manifest) *bundle.Catalog {
 		yaml := fmt.Sprintf(`version: %q
 minKernel: "5.10"
 upgradeFrom: [%s]
-spire: {version: %q}
+spire: {version: %q, support: {Sidecar: Supported, Ambient: Unsupported}}
 images:
   pilot: docker.io/istio/pilot:%[1]s
   proxy: docker.io/istio/proxyv2:%[1]s
