@@ -28,8 +28,8 @@ import (
 	meshv1 "github.com/meshkeeper/meshkeeper/api/v1alpha1"
 	"github.com/meshkeeper/meshkeeper/internal/bundle"
 	"github.com/meshkeeper/meshkeeper/internal/controller"
-	"github.com/meshkeeper/meshkeeper/internal/identity"
 	"github.com/meshkeeper/meshkeeper/internal/helm"
+	"github.com/meshkeeper/meshkeeper/internal/identity"
 	"github.com/meshkeeper/meshkeeper/webhooks"
 )
 
