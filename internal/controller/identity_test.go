@@ -309,7 +309,8 @@ func svidIssued(t *testing.T, s *spire.Server) {
 
 	// The workload's pod, on the same node.
 	wl := &corev1.Pod{
-		ObjectMeta: metav1.ObjectMeta{Namespace: "id-shop", Name: "cart-0"},
+		// No istiod runs here to inject a sidecar; the SVID is the agent's.
+		ObjectMeta: metav1.ObjectMeta{Namespace: "id-shop", Name: "cart-0", Labels: map[string]string{"sidecar.istio.io/inject": "false"}},
 		Spec: corev1.PodSpec{NodeName: node, ServiceAccountName: "cart",
 			Containers:  []corev1.Container{{Name: "app", Image: "example.com/cart:1"}},
 			Tolerations: []corev1.Toleration{{Operator: corev1.TolerationOpExists}}},
@@ -337,10 +338,16 @@ func svidIssued(t *testing.T, s *spire.Server) {
 	})
 	agent := spire.StartAgent(t, s, spire.AgentOptions{PSATTokenFile: tokenFile, NodeName: node, KubeletPort: port})
 
-	// The agent attested as the node through k8s_psat.
-	agents, err := s.CLI("agent", "list")
+	// The agent attested as the node through k8s_psat, as meshkeeper's
+	// node-wave gate reads it.
+	srv, err := identity.Dial("unix://"+s.Socket, nil)
 	g.Expect(err).NotTo(HaveOccurred())
-	g.Expect(agents).To(And(ContainSubstring("k8s_psat:agent_node_name:"+node), ContainSubstring("k8s_psat:cluster:meshkeeper")))
+	defer srv.Close()
+	agents, err := srv.ListAgents(ctx)
+	g.Expect(err).NotTo(HaveOccurred())
+	g.Expect(agents).To(HaveLen(1))
+	g.Expect(agents[0].NodeName()).To(Equal(node))
+	g.Expect(agents[0].Selectors).To(ContainElement("k8s_psat:cluster:meshkeeper"))
 
 	// The workload process, in the pod's cgroup (pids hierarchy).
 	cg := filepath.Join("/sys/fs/cgroup/pids", "meshkeeper-test-"+containerID[:8])
