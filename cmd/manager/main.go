@@ -178,12 +178,15 @@ func run(ctx context.Context, o options) error {
 	mgr, err := ctrl.NewManager(cfg, ctrl.Options{
 		Scheme: scheme,
 		Cache: cache.Options{ByObject: map[client.Object]cache.ByObject{
-			&appsv1.Deployment{}:         managed,
-			&appsv1.DaemonSet{}:          managed,
-			&appsv1.StatefulSet{}:        managed,
-			&corev1.ConfigMap{}:          managed,
-			&corev1.Service{}:            managed,
-			&corev1.ServiceAccount{}:     managed,
+			&appsv1.Deployment{}:  managed,
+			&appsv1.DaemonSet{}:   managed,
+			&appsv1.StatefulSet{}: managed,
+			&corev1.ConfigMap{}:   managed,
+			&corev1.Service{}:     managed,
+			// Every namespace's service accounts, metadata only: SPIRE
+			// registration writes an entry per service account of each
+			// meshed namespace (read-only, config/rbac).
+			&corev1.ServiceAccount{}:     {},
 			&corev1.Pod{}:                {Namespaces: inComponents},
 			&appsv1.ControllerRevision{}: {Namespaces: inComponents},
 		}},

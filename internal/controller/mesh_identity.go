@@ -234,6 +234,8 @@ func dryRunStatus(p identity.Plan) *meshv1.IdentityDryRun {
 	}
 }
 
+// +kubebuilder:rbac:groups="",resources=serviceaccounts,verbs=get;list;watch
+
 // meshWorkloads are the service accounts of the meshed namespaces, sorted.
 // Service accounts are read from the metadata cache the manager keeps anyway.
 func (r *MeshReconciler) meshWorkloads(ctx context.Context, mesh *meshv1.Mesh, obs *observation) ([]identity.Workload, error) {

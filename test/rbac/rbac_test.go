@@ -55,6 +55,12 @@ var ownNamespaced = map[string]string{
 	"coordination.k8s.io/leases": "meshkeeper-system",
 }
 
+// readAnywhere are rendered namespaced kinds the manager also reads (only
+// reads) in every namespace, each with why.
+var readAnywhere = map[string]string{
+	"/serviceaccounts": "SPIRE registration: one entry per service account of every meshed namespace (mesh_identity.go)",
+}
+
 // helmVerbs are what Helm and drift repair need on a rendered kind.
 var helmVerbs = []string{"get", "create", "update", "patch"}
 
@@ -198,6 +204,12 @@ func TestManagerRBACMatchesWhatTheChartsRender(t *testing.T) {
 			r, isRendered := kinds[key]
 			o, isOwn := own[key]
 			switch {
+			case isRendered && r.namespaced && namespace == "" && readAnywhere[key] != "":
+				for v := range g.verbs {
+					if !slices.Contains([]string{"get", "list", "watch"}, v) {
+						t.Errorf("ClusterRole grants %q on %s: only reads may be cluster-wide (%s)", v, key, readAnywhere[key])
+					}
+				}
 			case isRendered:
 				if r.namespaced && namespace == "" {
 					t.Errorf("ClusterRole grants %v on %s, which the charts render only in %s: grant it in a Role there", verbsOf(g), key, componentsNamespace)
