@@ -112,6 +112,9 @@ func (r *MeshReconciler) resolveRollout(ctx context.Context, mesh *meshv1.Mesh, 
 		}
 		log.FromContext(ctx).Info("Dropping a rollout whose versions left the catalog", "from", cur.From, "to", cur.To)
 	}
+	if obs.planFailed != "" {
+		return // no plan: nothing new starts (reconcileNormal stops here)
+	}
 	if e := failedTarget(mesh); e != nil && installed != "" {
 		if b, err := r.Catalog.Resolve(installed); err == nil {
 			obs.bundle = b

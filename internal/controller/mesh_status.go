@@ -54,6 +54,9 @@ type observation struct {
 	planned bool
 	plan    []meshv1.PlanStep
 	hops    []string
+	// planFailed is the planner's error: no new rollout starts (see
+	// reconcileNormal), one recorded in status.rollout carries on.
+	planFailed string
 
 	// selected caches the names of the namespaces the Mesh selects, read
 	// once per reconcile (see selectedNamespaces).
@@ -79,6 +82,12 @@ func (o *observation) converged() bool {
 // ready, namespaces enrolled, nothing left to retire, no rollout in flight.
 func (o *observation) settled() bool {
 	return o.applyErr == nil && o.componentsReady && o.namespacesObserved && o.retired && o.rollout.status == nil
+}
+
+// stalledOnPlan: the planner failed and no rollout is in flight, so the
+// reconcile started nothing.
+func (o *observation) stalledOnPlan() bool {
+	return o.planFailed != "" && o.rollout.status == nil
 }
 
 // applyStatus writes everything the reconcile learned into mesh.status.
@@ -135,7 +144,7 @@ func settled(obs *observation, reconcileErr error) bool {
 	switch {
 	case obs.deleting || obs.applyErr != nil:
 		return false
-	case obs.invalidSpec != "":
+	case obs.invalidSpec != "" || obs.stalledOnPlan():
 		return true
 	case reconcileErr != nil:
 		return false
@@ -171,6 +180,11 @@ func setConditions(mesh *meshv1.Mesh, obs *observation, reconcileErr error) {
 		msg := "Invalid spec: " + obs.invalidSpec
 		set(meshv1.ConditionReady, metav1.ConditionFalse, meshv1.ReasonInvalidSpec, msg)
 		set(meshv1.ConditionStalled, metav1.ConditionTrue, meshv1.ReasonInvalidSpec, msg)
+		drop(meshv1.ConditionReconciling)
+	case obs.stalledOnPlan() && !obs.paused:
+		msg := "No plan, so nothing new starts: " + obs.planFailed
+		set(meshv1.ConditionReady, metav1.ConditionFalse, meshv1.ReasonPlanFailed, msg)
+		set(meshv1.ConditionStalled, metav1.ConditionTrue, meshv1.ReasonPlanFailed, msg)
 		drop(meshv1.ConditionReconciling)
 	case obs.applyErr != nil:
 		progressing(meshv1.ReasonApplyFailed, "Retrying: "+obs.applyErr.Error())
