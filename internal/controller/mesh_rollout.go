@@ -4,7 +4,6 @@ import (
 	"context"
 	"fmt"
 	"slices"
-	"strings"
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
@@ -233,7 +232,12 @@ func (r *MeshReconciler) reconcileRollout(ctx context.Context, mesh *meshv1.Mesh
 	if ro.Wave == 0 || ro.WaveStartedAt == nil {
 		return r.startWave(mesh, obs, waves, time.Now())
 	}
-	return r.judgeWave(ctx, mesh, obs, ro.WaveNamespaces, mesh.Spec.Rollout.Namespaces.EffectiveBake(), false, func(now time.Time) error {
+	judged := ro.WaveNamespaces
+	if ro.WaveNamespacesOmitted > 0 && int(ro.Wave) <= len(waves) {
+		// status keeps only the first maxWaveMembers: judge the whole wave.
+		judged = waves[ro.Wave-1]
+	}
+	return r.judgeWave(ctx, mesh, obs, judged, mesh.Spec.Rollout.Namespaces.EffectiveBake(), false, func(now time.Time) error {
 		return r.startWave(mesh, obs, waves, now) // after the last wave: retire
 	})
 }
@@ -339,12 +343,12 @@ func (r *MeshReconciler) startWave(mesh *meshv1.Mesh, obs *observation, waves []
 		return err
 	}
 	ro.Wave++
-	ro.WaveNamespaces = waves[ro.Wave-1]
+	setWaveNamespaces(ro, waves[ro.Wave-1])
 	ro.WaveStartedAt = &metav1.Time{Time: now}
 	resetChecks(ro)
-	ro.Message = fmt.Sprintf("wave %d/%d moved (%s); baking %s", ro.Wave, len(waves), strings.Join(ro.WaveNamespaces, ", "),
+	ro.Message = fmt.Sprintf("wave %d/%d moved (%s); baking %s", ro.Wave, len(waves), nameList(waves[ro.Wave-1]),
 		mesh.Spec.Rollout.Namespaces.EffectiveBake())
-	r.event(mesh, corev1.EventTypeNormal, "WaveStarted", "Wave %d/%d to %s: %s", ro.Wave, len(waves), ro.To, strings.Join(ro.WaveNamespaces, ", "))
+	r.event(mesh, corev1.EventTypeNormal, "WaveStarted", "Wave %d/%d to %s: %s", ro.Wave, len(waves), ro.To, nameList(waves[ro.Wave-1]))
 	// Record first, act next: the namespaces move in the next reconcile,
 	// from the status this one writes. A status write refused as a conflict
 	// then leaves nothing moved that the status does not show.
@@ -357,7 +361,8 @@ func (r *MeshReconciler) startWave(mesh *meshv1.Mesh, obs *observation, waves []
 func (r *MeshReconciler) startRetire(mesh *meshv1.Mesh, obs *observation, now time.Time) {
 	ro := obs.rollout.status
 	grace := mesh.Spec.Rollout.EffectiveRetireAfter()
-	ro.Step, ro.WaveStartedAt, ro.WaveNamespaces = meshv1.RolloutStepRetire, &metav1.Time{Time: now}, nil
+	ro.Step, ro.WaveStartedAt = meshv1.RolloutStepRetire, &metav1.Time{Time: now}
+	setWaveNamespaces(ro, nil)
 	ro.Message = fmt.Sprintf("every wave passed; %s is retired after %s", ro.From, grace)
 	obs.requeueAfter = max(grace, 100*time.Millisecond)
 }

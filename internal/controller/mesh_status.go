@@ -103,6 +103,7 @@ func applyStatus(mesh *meshv1.Mesh, obs *observation, reconcileErr error) {
 		st.Components = obs.components
 		slices.Sort(obs.ignored)
 		st.Ignored = slices.Compact(obs.ignored)
+		st.IgnoredOmitted = 0 // counted again by boundStatus
 	}
 	if obs.namespacesObserved {
 		d := mesh.Spec.Dataplane
@@ -113,7 +114,7 @@ func applyStatus(mesh *meshv1.Mesh, obs *observation, reconcileErr error) {
 		}
 		st.Dataplane.Namespaces = obs.namespaces
 		slices.Sort(obs.conflicts)
-		st.Dataplane.Conflicts = obs.conflicts
+		st.Dataplane.Conflicts, st.Dataplane.ConflictsOmitted = obs.conflicts, 0 // capped by boundStatus
 	}
 	if obs.planned {
 		st.Plan = planStates(obs.plan, obs)
@@ -121,10 +122,7 @@ func applyStatus(mesh *meshv1.Mesh, obs *observation, reconcileErr error) {
 	if obs.rolloutResolved {
 		st.Rollout = obs.rollout.status
 		if e := obs.rollout.ended; e != nil {
-			st.History = append(st.History, *e)
-			if over := len(st.History) - maxHistory; over > 0 {
-				st.History = st.History[over:]
-			}
+			st.History = append(st.History, *e) // capped by boundStatus
 		}
 	}
 	if reconcileErr == nil && obs.bundle != nil && obs.settled() {
@@ -132,6 +130,7 @@ func applyStatus(mesh *meshv1.Mesh, obs *observation, reconcileErr error) {
 		// a rollback returned to.
 		st.Version.Installed = obs.bundle.Version
 	}
+	boundStatus(st)
 	setConditions(mesh, obs, reconcileErr)
 	if settled(obs, reconcileErr) {
 		st.ObservedGeneration = mesh.Generation
