@@ -68,9 +68,14 @@ func boundStatus(st *meshv1.MeshStatus) {
 // event's note is at most 1 KiB, a condition's message 32 KiB):
 // "a, b, c and 1097 more".
 func nameList(names []string) string {
+	return someOf(names, ", ")
+}
+
+// someOf joins at most ten of items with sep, then says how many more.
+func someOf(items []string, sep string) string {
 	const shown = 10
-	if len(names) <= shown {
-		return strings.Join(names, ", ")
+	if len(items) <= shown {
+		return strings.Join(items, sep)
 	}
-	return fmt.Sprintf("%s and %d more", strings.Join(names[:shown], ", "), len(names)-shown)
+	return fmt.Sprintf("%s and %d more", strings.Join(items[:shown], sep), len(items)-shown)
 }

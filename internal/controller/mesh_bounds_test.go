@@ -12,6 +12,7 @@ import (
 	. "github.com/onsi/gomega"
 	corev1 "k8s.io/api/core/v1"
 	apiextensionsv1 "k8s.io/apiextensions-apiserver/pkg/apis/apiextensions/v1"
+	"k8s.io/apimachinery/pkg/api/meta"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 	"sigs.k8s.io/yaml"
@@ -88,6 +89,17 @@ func TestBoundStatus(t *testing.T) {
 
 func TestNameList(t *testing.T) {
 	g := NewWithT(t)
+	// A condition message is at most 32 KiB: thousands of conflicting
+	// namespaces are named ten at a time.
+	mesh := &meshv1.Mesh{}
+	applyStatus(mesh, &observation{namespacesObserved: true, conflicts: names("conflict-with-a-long-name: istio.io/rev=other", 5000)}, nil)
+	degraded := meta.FindStatusCondition(mesh.Status.Conditions, meshv1.ConditionDegraded)
+	g.Expect(degraded).NotTo(BeNil())
+	g.Expect(degraded.Message).To(ContainSubstring("and 4990 more"))
+	g.Expect(len(degraded.Message)).To(BeNumerically("<", 1024))
+	g.Expect(mesh.Status.Dataplane.Conflicts).To(HaveLen(maxConflicts))
+	g.Expect(mesh.Status.Dataplane.ConflictsOmitted).To(BeEquivalentTo(5000 - maxConflicts))
+
 	g.Expect(nameList([]string{"a", "b"})).To(Equal("a, b"))
 	g.Expect(nameList(names("ns", 1100))).To(Equal(strings.Join(names("ns", 10), ", ") + " and 1090 more"))
 }

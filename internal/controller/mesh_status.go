@@ -213,7 +213,7 @@ func setConditions(mesh *meshv1.Mesh, obs *observation, reconcileErr error) {
 	} else if len(obs.conflicts) > 0 && !obs.deleting {
 		set(meshv1.ConditionDegraded, metav1.ConditionTrue, meshv1.ReasonLabelConflict,
 			fmt.Sprintf("meshkeeper leaves namespaces whose dataplane label another manager set: %s; remove that label to enroll them",
-				strings.Join(obs.conflicts, "; ")))
+				someOf(obs.conflicts, "; ")))
 	} else if obs.rollout.degraded && !obs.deleting {
 		set(meshv1.ConditionDegraded, metav1.ConditionTrue, meshv1.ReasonAnalysisInconclusive, obs.rollout.status.Message)
 	} else if obs.rollout.block != "" && !obs.deleting {
