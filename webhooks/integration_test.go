@@ -138,7 +138,7 @@ func TestWebhookAgainstAPIServer(t *testing.T) {
 		setInstalled(t, c, mesh.Name, "1.27.3")
 		err := refusedUpdate(t, func(m *v1alpha1.Mesh) { m.Spec.Version = "1.25.0" })
 		expectRefused(t, err, "webhook", "spec.version",
-			`spec.version: Invalid value: "1.25.0": downgrade from installed 1.27.3 is more than one minor; step back one minor at a time (1.26) or roll forward`)
+			`spec.version: Invalid value: "1.25.0": 1.25.0 is 2 minors below installed 1.27.3: a downgrade steps back one minor at a time, each a canary rollout; set spec.version to 1.26 first, then 1.25.0`)
 		// One minor back is fine.
 		g.Expect(refusedUpdate(t, func(m *v1alpha1.Mesh) { m.Spec.Version = "1.26" })).To(Succeed())
 	})

@@ -23,6 +23,7 @@ import (
 
 	"github.com/meshkeeper/meshkeeper/api/v1alpha1"
 	"github.com/meshkeeper/meshkeeper/internal/analysis"
+	"github.com/meshkeeper/meshkeeper/internal/plan"
 )
 
 // Limits, mirroring the CRD schema where it has them.
@@ -76,34 +77,15 @@ func ValidateSpec(spec *v1alpha1.MeshSpec) field.ErrorList {
 	return errs
 }
 
-// ValidateDowngrade refuses a spec.version more than one minor below the
-// installed version: the mesh steps back one minor at a time, like it steps
-// forward. An empty installed version (nothing installed yet), a version that
-// does not parse (ValidateSpec reports it) and any upgrade are fine.
+// ValidateDowngrade applies the one downgrade rule (plan.CheckDowngrade),
+// the same the planner applies: one minor back from the installed version is
+// a canary rollout to the older release; more than one minor back, or across
+// a major version, is refused naming the path. An empty installed version
+// (nothing installed yet), a version that does not parse (ValidateSpec
+// reports it) and any upgrade are fine.
 func ValidateDowngrade(version, installed string) *field.Error {
-	if installed == "" {
-		return nil
-	}
-	want, ok := parseVersion(version)
-	if !ok {
-		return nil
-	}
-	have, ok := parseVersion(installed)
-	if !ok {
-		return nil
-	}
-	p := field.NewPath("spec", "version")
-	switch {
-	case want.major > have.major:
-		return nil
-	case want.major < have.major:
-		return field.Invalid(p, version, fmt.Sprintf(
-			"downgrade from installed %s crosses a major version; keep %d.%d or roll forward",
-			installed, have.major, have.minor))
-	case have.minor > want.minor+1:
-		return field.Invalid(p, version, fmt.Sprintf(
-			"downgrade from installed %s is more than one minor; step back one minor at a time (%d.%d) or roll forward",
-			installed, have.major, have.minor-1))
+	if err := plan.CheckDowngrade(version, installed); err != nil {
+		return field.Invalid(field.NewPath("spec", "version"), version, err.Error())
 	}
 	return nil
 }

@@ -293,10 +293,11 @@ func TestValidateDowngrade(t *testing.T) {
 		{version: "not-a-version", installed: "1.27.3"}, // ValidateSpec reports it
 		{version: "1.25", installed: "garbage"},
 		{version: "1.25.0", installed: "1.27.3", refused: true, detail: []string{
-			`spec.version: Invalid value: "1.25.0": downgrade from installed 1.27.3 is more than one minor; step back one minor at a time (1.26) or roll forward`,
+			`spec.version: Invalid value: "1.25.0": 1.25.0 is 2 minors below installed 1.27.3: a downgrade steps back one minor at a time, each a canary rollout; set spec.version to 1.26 first, then 1.25.0`,
 		}},
-		{version: "1.25", installed: "1.27", refused: true, detail: []string{"(1.26)"}},
-		{version: "0.99", installed: "1.0.1", refused: true, detail: []string{"crosses a major version", "keep 1.0"}},
+		{version: "1.25", installed: "1.28.2", refused: true, detail: []string{"set spec.version to 1.27 first, then 1.26, then 1.25"}},
+		{version: "1.25", installed: "1.27", refused: true, detail: []string{"set spec.version to 1.26 first, then 1.25"}},
+		{version: "0.99", installed: "1.0.1", refused: true, detail: []string{"across a major version", "keep 1.0"}},
 	}
 	for _, tt := range tests {
 		t.Run(tt.version+" over "+tt.installed, func(t *testing.T) {

@@ -54,6 +54,11 @@ const (
 	// redirected have not been enrolled for longer than the grace period
 	// (their traffic bypasses the mesh); the message names the nodes and pods.
 	ReasonPodsNotEnrolled = "PodsNotEnrolled"
+	// ReasonPlanFailed: the planner found no safe way from what runs to the
+	// spec (e.g. a downgrade of two minors); nothing new starts until the
+	// spec, the catalog or the cluster changes. The message is the planner's:
+	// what is wrong and how to fix it.
+	ReasonPlanFailed = "PlanFailed"
 )
 
 // Well-known labels, annotations and names.

@@ -434,6 +434,10 @@ type MeshStatus struct {
 	// +kubebuilder:validation:MaxItems=64
 	// +optional
 	Ignored []string `json:"ignored,omitempty"`
+	// IgnoredOmitted counts the ignored objects left out of Ignored, which
+	// keeps the first 64 (sorted).
+	// +optional
+	IgnoredOmitted int32 `json:"ignoredOmitted,omitempty"`
 
 	// Plan is the ordered steps meshkeeper will take, with their state.
 	// +optional
@@ -451,6 +455,10 @@ type MeshStatus struct {
 	// +kubebuilder:validation:MaxItems=32
 	// +optional
 	History []HistoryEntry `json:"history,omitempty"`
+	// HistoryOmitted counts the oldest entries dropped from History, which
+	// keeps the newest 32.
+	// +optional
+	HistoryOmitted int32 `json:"historyOmitted,omitempty"`
 
 	// Identity is workload identity (SPIRE) as it runs.
 	// +optional
@@ -530,6 +538,10 @@ type DataplaneStatus struct {
 	// +kubebuilder:validation:MaxItems=64
 	// +optional
 	Conflicts []string `json:"conflicts,omitempty"`
+	// ConflictsOmitted counts the conflicting namespaces left out of
+	// Conflicts, which keeps the first 64 (sorted).
+	// +optional
+	ConflictsOmitted int32 `json:"conflictsOmitted,omitempty"`
 }
 
 // ComponentStatus is one mesh component as installed.
@@ -618,10 +630,19 @@ type RolloutStatus struct {
 	// +kubebuilder:validation:MaxItems=1024
 	// +optional
 	WaveNamespaces []string `json:"waveNamespaces,omitempty"`
+	// WaveNamespacesOmitted counts the namespaces of the current wave left
+	// out of WaveNamespaces, which keeps the first 1024 (sorted). The wave
+	// still moves and is judged in full.
+	// +optional
+	WaveNamespacesOmitted int32 `json:"waveNamespacesOmitted,omitempty"`
 	// WaveNodes are the nodes of the current node wave.
 	// +kubebuilder:validation:MaxItems=1024
 	// +optional
 	WaveNodes []string `json:"waveNodes,omitempty"`
+	// WaveNodesOmitted counts the nodes of the current node wave left out of
+	// WaveNodes, which keeps the first 1024. The wave still moves in full.
+	// +optional
+	WaveNodesOmitted int32 `json:"waveNodesOmitted,omitempty"`
 	// WaveStartedAt is when the current wave moved; the bake counts from it.
 	// +optional
 	WaveStartedAt *metav1.Time `json:"waveStartedAt,omitempty"`

@@ -188,6 +188,16 @@ func (r *MeshReconciler) reconcileNormal(ctx context.Context, mesh *meshv1.Mesh,
 	}
 	r.resolveRollout(ctx, mesh, obs)
 	obs.rolloutResolved = true
+	if obs.stalledOnPlan() {
+		// A failed plan starts nothing: no install, no rollout, no change to
+		// what runs (not even straight to the target, which would skip the
+		// minors in between). The Mesh is Stalled with the planner's error.
+		// A rollout recorded in status.rollout, if any, still runs its
+		// course above. The planner's inputs include nodes, namespaces and
+		// the catalog, so look again now and then.
+		log.FromContext(ctx).Info("No plan; starting nothing", "reason", obs.planFailed)
+		return ctrl.Result{RequeueAfter: jitter(time.Minute)}, nil
+	}
 	for _, p := range phases {
 		if err := p.run(ctx, mesh, obs); err != nil {
 			if errors.Is(err, errWaiting) {

@@ -121,7 +121,7 @@ func (r *MeshReconciler) reconcileNodeWaves(ctx context.Context, mesh *meshv1.Me
 		if progress.done {
 			msg = "waiting for " + obs.waitingFor()
 		}
-		ro.Message = fmt.Sprintf("node wave %d/%d (%s): %s", ro.Wave, ro.Waves, strings.Join(ro.WaveNodes, ", "), msg)
+		ro.Message = fmt.Sprintf("node wave %d/%d (%s): %s", ro.Wave, ro.Waves, nameList(ro.WaveNodes), msg)
 		obs.requeueAfter = nodeWaveRequeue
 		return nil
 	}
@@ -161,7 +161,8 @@ func (r *MeshReconciler) startNodeWave(mesh *meshv1.Mesh, obs *observation, wave
 		if len(waves) > 0 {
 			r.event(mesh, corev1.EventTypeNormal, "NodesMoved", "Every node runs the node components of %s; namespaces move next", ro.To)
 		}
-		ro.Step, ro.Wave, ro.Waves, ro.WaveNodes, ro.WaveStartedAt = meshv1.RolloutStepNamespaces, 0, int32(len(nsWaves)), nil, nil
+		ro.Step, ro.Wave, ro.Waves, ro.WaveStartedAt = meshv1.RolloutStepNamespaces, 0, int32(len(nsWaves)), nil
+		setWaveNodes(ro, nil)
 		resetChecks(ro)
 		return r.startWave(mesh, obs, nsWaves, now)
 	}
@@ -169,11 +170,11 @@ func (r *MeshReconciler) startNodeWave(mesh *meshv1.Mesh, obs *observation, wave
 		return err
 	}
 	ro.Wave++
-	ro.WaveNodes = waves[ro.Wave-1]
+	setWaveNodes(ro, waves[ro.Wave-1])
 	ro.WaveStartedAt = &metav1.Time{Time: now}
 	resetChecks(ro)
-	ro.Message = fmt.Sprintf("node wave %d/%d (%s) started: replacing the node components' pods with %s", ro.Wave, len(waves), strings.Join(ro.WaveNodes, ", "), ro.To)
-	r.event(mesh, corev1.EventTypeNormal, "NodeWaveStarted", "Node wave %d/%d to %s: %s", ro.Wave, len(waves), ro.To, strings.Join(ro.WaveNodes, ", "))
+	ro.Message = fmt.Sprintf("node wave %d/%d (%s) started: replacing the node components' pods with %s", ro.Wave, len(waves), nameList(waves[ro.Wave-1]), ro.To)
+	r.event(mesh, corev1.EventTypeNormal, "NodeWaveStarted", "Node wave %d/%d to %s: %s", ro.Wave, len(waves), ro.To, nameList(waves[ro.Wave-1]))
 	// The status says which nodes move before any pod is replaced: the
 	// next reconcile replaces them.
 	obs.requeueAfter = 100 * time.Millisecond

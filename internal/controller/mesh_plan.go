@@ -29,6 +29,7 @@ func (r *MeshReconciler) computePlan(ctx context.Context, mesh *meshv1.Mesh, obs
 	obs.planned = true
 	if err != nil {
 		obs.plan = []meshv1.PlanStep{{Action: "Plan", State: meshv1.StepFailed, Message: err.Error()}}
+		obs.planFailed = err.Error()
 		return
 	}
 	obs.hops = p.Hops

@@ -115,6 +115,9 @@ func (r *MeshReconciler) resolveRollout(ctx context.Context, mesh *meshv1.Mesh, 
 		}
 		log.FromContext(ctx).Info("Dropping a rollout whose versions left the catalog", "from", cur.From, "to", cur.To)
 	}
+	if obs.planFailed != "" {
+		return // no plan: nothing new starts (reconcileNormal stops here)
+	}
 	if e := failedTarget(mesh); e != nil && installed != "" {
 		if b, err := r.Catalog.Resolve(installed); err == nil {
 			obs.bundle = b
@@ -249,9 +252,14 @@ func (r *MeshReconciler) reconcileRollout(ctx context.Context, mesh *meshv1.Mesh
 	if ro.Wave == 0 || ro.WaveStartedAt == nil {
 		return r.startWave(mesh, obs, waves, time.Now())
 	}
+	judged := ro.WaveNamespaces
+	if ro.WaveNamespacesOmitted > 0 && int(ro.Wave) <= len(waves) {
+		// status keeps only the first maxWaveMembers: judge the whole wave.
+		judged = waves[ro.Wave-1]
+	}
 	// The wave is judged on the pods of the new revision; the baseline is
 	// the namespaces still on the old one (none after the last wave).
-	scope := waveScope{namespaces: ro.WaveNamespaces, hasBaseline: len(obs.rollout.moved) < len(selected)}
+	scope := waveScope{namespaces: judged, hasBaseline: len(obs.rollout.moved) < len(selected)}
 	return r.judgeWave(ctx, mesh, obs, scope, mesh.Spec.Rollout.Namespaces.EffectiveBake(), func(now time.Time) error {
 		return r.startWave(mesh, obs, waves, now) // after the last wave: retire
 	})
@@ -410,12 +418,12 @@ func (r *MeshReconciler) startWave(mesh *meshv1.Mesh, obs *observation, waves []
 		return err
 	}
 	ro.Wave++
-	ro.WaveNamespaces = waves[ro.Wave-1]
+	setWaveNamespaces(ro, waves[ro.Wave-1])
 	ro.WaveStartedAt = &metav1.Time{Time: now}
 	resetChecks(ro)
-	ro.Message = fmt.Sprintf("wave %d/%d moved (%s); baking %s", ro.Wave, len(waves), strings.Join(ro.WaveNamespaces, ", "),
+	ro.Message = fmt.Sprintf("wave %d/%d moved (%s); baking %s", ro.Wave, len(waves), nameList(waves[ro.Wave-1]),
 		mesh.Spec.Rollout.Namespaces.EffectiveBake())
-	r.event(mesh, corev1.EventTypeNormal, "WaveStarted", "Wave %d/%d to %s: %s", ro.Wave, len(waves), ro.To, strings.Join(ro.WaveNamespaces, ", "))
+	r.event(mesh, corev1.EventTypeNormal, "WaveStarted", "Wave %d/%d to %s: %s", ro.Wave, len(waves), ro.To, nameList(waves[ro.Wave-1]))
 	// Record first, act next: the namespaces move in the next reconcile,
 	// from the status this one writes. A status write refused as a conflict
 	// then leaves nothing moved that the status does not show.
@@ -428,7 +436,8 @@ func (r *MeshReconciler) startWave(mesh *meshv1.Mesh, obs *observation, waves []
 func (r *MeshReconciler) startRetire(mesh *meshv1.Mesh, obs *observation, now time.Time) {
 	ro := obs.rollout.status
 	grace := mesh.Spec.Rollout.EffectiveRetireAfter()
-	ro.Step, ro.WaveStartedAt, ro.WaveNamespaces = meshv1.RolloutStepRetire, &metav1.Time{Time: now}, nil
+	ro.Step, ro.WaveStartedAt = meshv1.RolloutStepRetire, &metav1.Time{Time: now}
+	setWaveNamespaces(ro, nil)
 	ro.Message = fmt.Sprintf("every wave passed; %s is retired after %s", ro.From, grace)
 	obs.requeueAfter = max(grace, 100*time.Millisecond)
 }

@@ -56,6 +56,9 @@ type observation struct {
 	planned bool
 	plan    []meshv1.PlanStep
 	hops    []string
+	// planFailed is the planner's error: no new rollout starts (see
+	// reconcileNormal), one recorded in status.rollout carries on.
+	planFailed string
 
 	// selected caches the names of the namespaces the Mesh selects, read
 	// once per reconcile (see selectedNamespaces).
@@ -85,6 +88,12 @@ func (o *observation) settled() bool {
 	return o.applyErr == nil && o.componentsReady && o.namespacesObserved && o.retired && o.rollout.status == nil && o.identity.settled()
 }
 
+// stalledOnPlan: the planner failed and no rollout is in flight, so the
+// reconcile started nothing.
+func (o *observation) stalledOnPlan() bool {
+	return o.planFailed != "" && o.rollout.status == nil
+}
+
 // applyStatus writes everything the reconcile learned into mesh.status.
 func applyStatus(mesh *meshv1.Mesh, obs *observation, reconcileErr error) {
 	st := &mesh.Status
@@ -101,6 +110,7 @@ func applyStatus(mesh *meshv1.Mesh, obs *observation, reconcileErr error) {
 		st.Components = obs.components
 		slices.Sort(obs.ignored)
 		st.Ignored = slices.Compact(obs.ignored)
+		st.IgnoredOmitted = 0 // counted again by boundStatus
 	}
 	if obs.namespacesObserved {
 		d := mesh.Spec.Dataplane
@@ -111,7 +121,7 @@ func applyStatus(mesh *meshv1.Mesh, obs *observation, reconcileErr error) {
 		}
 		st.Dataplane.Namespaces = obs.namespaces
 		slices.Sort(obs.conflicts)
-		st.Dataplane.Conflicts = obs.conflicts
+		st.Dataplane.Conflicts, st.Dataplane.ConflictsOmitted = obs.conflicts, 0 // capped by boundStatus
 	}
 	if obs.planned {
 		st.Plan = planStates(obs.plan, obs)
@@ -124,10 +134,7 @@ func applyStatus(mesh *meshv1.Mesh, obs *observation, reconcileErr error) {
 	if obs.rolloutResolved {
 		st.Rollout = obs.rollout.status
 		if e := obs.rollout.ended; e != nil {
-			st.History = append(st.History, *e)
-			if over := len(st.History) - maxHistory; over > 0 {
-				st.History = st.History[over:]
-			}
+			st.History = append(st.History, *e) // capped by boundStatus
 		}
 	}
 	if reconcileErr == nil && obs.bundle != nil && obs.settled() {
@@ -135,6 +142,7 @@ func applyStatus(mesh *meshv1.Mesh, obs *observation, reconcileErr error) {
 		// a rollback returned to.
 		st.Version.Installed = obs.bundle.Version
 	}
+	boundStatus(st)
 	setConditions(mesh, obs, reconcileErr)
 	if settled(obs, reconcileErr) {
 		st.ObservedGeneration = mesh.Generation
@@ -147,7 +155,7 @@ func settled(obs *observation, reconcileErr error) bool {
 	switch {
 	case obs.deleting || obs.applyErr != nil:
 		return false
-	case obs.invalidSpec != "":
+	case obs.invalidSpec != "" || obs.stalledOnPlan():
 		return true
 	case reconcileErr != nil:
 		return false
@@ -184,6 +192,11 @@ func setConditions(mesh *meshv1.Mesh, obs *observation, reconcileErr error) {
 		set(meshv1.ConditionReady, metav1.ConditionFalse, meshv1.ReasonInvalidSpec, msg)
 		set(meshv1.ConditionStalled, metav1.ConditionTrue, meshv1.ReasonInvalidSpec, msg)
 		drop(meshv1.ConditionReconciling)
+	case obs.stalledOnPlan() && !obs.paused:
+		msg := "No plan, so nothing new starts: " + obs.planFailed
+		set(meshv1.ConditionReady, metav1.ConditionFalse, meshv1.ReasonPlanFailed, msg)
+		set(meshv1.ConditionStalled, metav1.ConditionTrue, meshv1.ReasonPlanFailed, msg)
+		drop(meshv1.ConditionReconciling)
 	case obs.applyErr != nil:
 		progressing(meshv1.ReasonApplyFailed, "Retrying: "+obs.applyErr.Error())
 	case reconcileErr != nil:
@@ -212,7 +225,7 @@ func setConditions(mesh *meshv1.Mesh, obs *observation, reconcileErr error) {
 	} else if len(obs.conflicts) > 0 && !obs.deleting {
 		set(meshv1.ConditionDegraded, metav1.ConditionTrue, meshv1.ReasonLabelConflict,
 			fmt.Sprintf("meshkeeper leaves namespaces whose dataplane label another manager set: %s; remove that label to enroll them",
-				strings.Join(obs.conflicts, "; ")))
+				someOf(obs.conflicts, "; ")))
 	} else if obs.rollout.degraded && !obs.deleting {
 		set(meshv1.ConditionDegraded, metav1.ConditionTrue, meshv1.ReasonAnalysisInconclusive, obs.rollout.status.Message)
 	} else if obs.rollout.block != "" && !obs.deleting {

@@ -39,6 +39,13 @@ func TestApplyStatus(t *testing.T) {
 			want{ready: "False", reason: meshv1.ReasonDeleting, reconciling: true}},
 		{"components not ready yet keeps reconciling", observation{componentsReady: false}, nil,
 			want{ready: "False", reason: meshv1.ReasonProgressing, reconciling: true}},
+		{"failed plan stalls", observation{planFailed: "spec.version 1.26.4 is 2 minors below installed 1.28.2"}, nil,
+			want{ready: "False", reason: meshv1.ReasonPlanFailed, stalled: true, observed: true}},
+		{"failed plan lets a recorded rollout run", observation{planFailed: "no plan", componentsReady: true,
+			rollout: rolloutState{status: &meshv1.RolloutStatus{Step: meshv1.RolloutStepNamespaces, From: "1.27.3", To: "1.28.2"}}}, nil,
+			want{ready: "False", reason: meshv1.ReasonRollingOut, reconciling: true}},
+		{"failed plan while paused is paused", observation{planFailed: "no plan", paused: true}, nil,
+			want{ready: "False", reason: meshv1.ReasonPaused, observed: true}},
 		{"label conflict degrades but stays ready", done(observation{namespaces: 1, conflicts: []string{"b: x"}}), nil,
 			want{ready: "True", reason: meshv1.ReasonSucceeded, degraded: true, observed: true}},
 	}
@@ -123,4 +130,19 @@ func TestFieldSetOf(t *testing.T) {
 	g.Expect(keys).To(HaveLen(1))
 	_, err = fieldSetOf(&metav1.FieldsV1{Raw: []byte(`not json`)})
 	g.Expect(err).To(HaveOccurred())
+}
+
+// TestPlanFailedSaysWhy: the Stalled condition carries the planner's error
+// as it is, so it says what is wrong and how to fix it.
+func TestPlanFailedSaysWhy(t *testing.T) {
+	g := NewWithT(t)
+	why := "spec.version 1.26.4 is 2 minors below installed 1.28.2: a downgrade steps back one minor at a time, each a canary rollout; set spec.version to 1.27 first, then 1.26.4"
+	mesh := &meshv1.Mesh{ObjectMeta: metav1.ObjectMeta{Generation: 2}}
+	applyStatus(mesh, &observation{planFailed: why, rolloutResolved: true}, nil)
+	stalled := meta.FindStatusCondition(mesh.Status.Conditions, meshv1.ConditionStalled)
+	g.Expect(stalled).NotTo(BeNil())
+	g.Expect(stalled.Reason).To(Equal(meshv1.ReasonPlanFailed))
+	g.Expect(stalled.Message).To(Equal("No plan, so nothing new starts: " + why))
+	g.Expect(mesh.Status.Rollout).To(BeNil())
+	g.Expect(mesh.Status.Version.Installed).To(BeEmpty(), "nothing is recorded as installed")
 }

@@ -404,7 +404,13 @@ func (b *builder) rollout(from string, to *bundle.Bundle, cfg config) error {
 		} else if fb, err := b.in.Catalog.Resolve(from); err == nil {
 			fromSpire = fb.SpireVersion
 		}
-		for _, c := range []bundle.Component{bundle.SpireServer, bundle.SpireAgent} {
+		order := []bundle.Component{bundle.SpireServer, bundle.SpireAgent}
+		if releaseOlder(to.Version, from) {
+			// A downgrade: the agents go back first, so that they are never
+			// newer than the server.
+			order = []bundle.Component{bundle.SpireAgent, bundle.SpireServer}
+		}
+		for _, c := range order {
 			b.add(Step{
 				Action: act, Target: string(c) + " " + to.Version, Version: to.Version, From: from,
 				Components: []bundle.Component{c},

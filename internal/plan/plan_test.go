@@ -523,10 +523,8 @@ func TestComputeErrors(t *testing.T) {
 		catalog   *bundle.Catalog
 		want      []string
 	}{
-		{name: "minor downgrade", spec: spec("1.27"), installed: ambient("1.28.2"),
-			want: []string{"resolves to 1.27.3, older than installed 1.28.2", `set spec.version to "1.28.2" to keep what runs`}},
-		{name: "patch downgrade", spec: spec("1.27.2"), installed: ambient("1.27.3"),
-			want: []string{"resolves to 1.27.2, older than installed 1.27.3"}},
+		{name: "downgrade of two minors", spec: spec("1.26"), installed: ambient("1.28.2"),
+			want: []string{"spec.version 1.26.4 is 2 minors below installed 1.28.2", "set spec.version to 1.27 first, then 1.26.4"}},
 		{name: "unknown version", spec: spec("1.29"), installed: ambient("1.28.2"),
 			want: []string{`spec.version "1.29": not in the catalog; known versions: 1.26.4, 1.27.2, 1.27.3, 1.28.2`}},
 		{name: "major change", spec: spec("1.28"), installed: ambient("0.9.1"),
@@ -653,7 +651,7 @@ func TestPlansKeepSkew(t *testing.T) {
 							installed := Installed{Version: from, Mode: have.mode, Redirection: have.redirection, Identity: haveSpire}
 							p, err := Compute(inputs(s, installed))
 							if err != nil {
-								if !strings.Contains(err.Error(), "older than installed") {
+								if !strings.Contains(err.Error(), "minors below installed") {
 									t.Errorf("%s: unexpected error: %v", name, err)
 								}
 								refused++
@@ -668,10 +666,11 @@ func TestPlansKeepSkew(t *testing.T) {
 		}
 	}
 	// 36 dataplane and identity combinations per version pair. Planned: 7
-	// targets from nothing, 7 from 1.26.4, 5 from 1.27.2, 4 from 1.27.3 and 2
-	// from 1.28.2; refused: the other 10 pairs, all downgrades.
-	if planned != 25*36 || refused != 10*36 {
-		t.Errorf("planned %d and refused %d moves, want %d and %d", planned, refused, 25*36, 10*36)
+	// targets from nothing, 7 from 1.26.4, 7 from 1.27.2 and 1.27.3 (one
+	// minor back is a canary rollout) and 5 from 1.28.2; refused: 1.28.2 to
+	// 1.26 and 1.26.4, two minors back.
+	if planned != 33*36 || refused != 2*36 {
+		t.Errorf("planned %d and refused %d moves, want %d and %d", planned, refused, 33*36, 2*36)
 	}
 }
 
@@ -699,8 +698,8 @@ func replay(t *testing.T, name string, cat *bundle.Catalog, in Installed, s mesh
 		if prev != "" {
 			a, _ := parseMinor(prev)
 			b, _ := parseMinor(hop)
-			if d, _ := minorsAhead(b, a); d > 1 || d < 0 {
-				t.Errorf("%s: hop %s → %s is %d minors", name, prev, hop, d)
+			if d, _ := minorsAhead(b, a); d > 1 || d < -1 || (d < 0 && len(p.Hops) > 1) {
+				t.Errorf("%s: hop %s → %s is %d minors (of hops %v)", name, prev, hop, d, p.Hops)
 			}
 		}
 		prev = hop
@@ -725,7 +724,14 @@ func replay(t *testing.T, name string, cat *bundle.Catalog, in Installed, s mesh
 			} else {
 				agents = ""
 			}
-		case ActionInstallControlPlane, ActionUpgradeControlPlane:
+		case ActionInstallControlPlane:
+			cp = st.Version
+		case ActionUpgradeControlPlane:
+			// Beside the old revision: the newest one is the control plane.
+			if !releaseOlder(st.Version, cp) {
+				cp = st.Version
+			}
+		case ActionRetireControlPlane:
 			cp = st.Version
 		case ActionInstallNodeComponents, ActionUpgradeNodeComponents, ActionSwitchRedirection:
 			nodes = st.Version
@@ -837,5 +843,77 @@ func TestCheckSpireSkew(t *testing.T) {
 			continue
 		}
 		g.Expect(err).To(MatchError(ContainSubstring(tc.want)), "%s/%s", tc.server, tc.agents)
+	}
+}
+
+// TestDowngrades: the one downgrade rule. One minor back (or an older patch of
+// the same minor) is one canary rollout to the older release, the same steps
+// as an upgrade, SPIRE agents before the server; more is refused naming the
+// path.
+func TestDowngrades(t *testing.T) {
+	cases := []struct {
+		name      string
+		spec      meshv1.MeshSpec
+		installed Installed
+		wantSteps []string // Action Target, in order
+		wantErr   string
+	}{
+		{name: "one minor back", spec: spec("1.27"), installed: ambient("1.28.2"), wantSteps: []string{
+			"UpgradeControlPlane 1.27.3", "UpgradeNodeComponents 1.27.3", "MoveNamespaces 1.27.3", "RetireControlPlane 1.28.2"}},
+		{name: "one minor back to an exact patch", spec: spec("1.26.4"), installed: ambient("1.27.2"), wantSteps: []string{
+			"UpgradeControlPlane 1.26.4", "UpgradeNodeComponents 1.26.4", "MoveNamespaces 1.26.4", "RetireControlPlane 1.27.2"}},
+		{name: "an older patch of the same minor", spec: spec("1.27.2"), installed: ambient("1.27.3"), wantSteps: []string{
+			"UpgradeControlPlane 1.27.2", "UpgradeNodeComponents 1.27.2", "MoveNamespaces 1.27.2", "RetireControlPlane 1.27.3"}},
+		{name: "one minor back with SPIRE: agents first", spec: withSpire(spec("1.26")),
+			installed: Installed{Version: "1.27.3", Mode: meshv1.ModeAmbient, Identity: true}, wantSteps: []string{
+				"UpgradeIdentity spire-agent 1.26.4", "UpgradeIdentity spire-server 1.26.4",
+				"UpgradeControlPlane 1.26.4", "UpgradeNodeComponents 1.26.4", "MoveNamespaces 1.26.4", "RetireControlPlane 1.27.3"}},
+		{name: "two minors back", spec: spec("1.26"), installed: ambient("1.28.2"),
+			wantErr: "spec.version 1.26.4 is 2 minors below installed 1.28.2: a downgrade steps back one minor at a time, each a canary rollout; set spec.version to 1.27 first, then 1.26.4"},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			g := NewWithT(t)
+			p, err := Compute(inputs(tc.spec, tc.installed))
+			if tc.wantErr != "" {
+				g.Expect(err).To(MatchError(tc.wantErr))
+				return
+			}
+			g.Expect(err).NotTo(HaveOccurred())
+			g.Expect(p.Hops).To(Equal([]string{p.Target}), "one rollout, straight to the older release")
+			var got []string
+			for _, st := range p.Steps {
+				got = append(got, string(st.Action)+" "+st.Target)
+			}
+			g.Expect(got).To(Equal(tc.wantSteps))
+		})
+	}
+}
+
+func TestCheckDowngrade(t *testing.T) {
+	cases := []struct{ version, installed, want string }{
+		{"1.28", "", ""},
+		{"1.27", "1.28.2", ""},
+		{"1.27.2", "1.27.3", ""},
+		{"1.29", "1.28.2", ""},
+		{"2.0", "1.28.2", ""},
+		{"not-a-version", "1.28.2", ""},
+		{"1.26", "1.28.2", "1.26 is 2 minors below installed 1.28.2: a downgrade steps back one minor at a time, each a canary rollout; set spec.version to 1.27 first, then 1.26"},
+		{"1.25.0", "1.28.2", "1.25.0 is 3 minors below installed 1.28.2: a downgrade steps back one minor at a time, each a canary rollout; set spec.version to 1.27 first, then 1.26, then 1.25.0"},
+		{"0.9", "1.28.2", "0.9 is a downgrade from installed 1.28.2 across a major version, which meshkeeper does not do: keep 1.28 or roll forward"},
+	}
+	for _, tc := range cases {
+		t.Run(tc.version+" from "+tc.installed, func(t *testing.T) {
+			err := CheckDowngrade(tc.version, tc.installed)
+			if tc.want == "" {
+				if err != nil {
+					t.Fatalf("got %v, want no error", err)
+				}
+				return
+			}
+			if err == nil || err.Error() != tc.want {
+				t.Fatalf("got %v, want %q", err, tc.want)
+			}
+		})
 	}
 }

@@ -29,7 +29,15 @@ func (st state) apply(s Step, spire string) state {
 		}
 	}
 	switch s.Action {
-	case ActionInstallControlPlane, ActionUpgradeControlPlane:
+	case ActionInstallControlPlane:
+		st.controlPlane = s.Version
+	case ActionUpgradeControlPlane:
+		// The new revision runs beside the old one: on a downgrade the
+		// newest control plane is still the old one, until it is retired.
+		if st.controlPlane == "" || !releaseOlder(s.Version, st.controlPlane) {
+			st.controlPlane = s.Version
+		}
+	case ActionRetireControlPlane:
 		st.controlPlane = s.Version
 	case ActionInstallNodeComponents, ActionUpgradeNodeComponents, ActionSwitchRedirection:
 		st.nodes = s.Version

@@ -194,7 +194,14 @@ func upgradePath(installed string, target *bundle.Bundle, cat *bundle.Catalog) (
 	switch {
 	case !ok:
 		return nil, fmt.Errorf("spec.version %s: moving from installed %s crosses a major version, which meshkeeper does not plan; set spec.version to a %d.x release", target.Version, installed, from.major)
-	case ahead < 0 || (ahead == 0 && !target.CanUpgradeFrom(installed)):
+	case ahead < 0 || (ahead == 0 && releaseOlder(target.Version, installed)):
+		// A downgrade: at most one minor back, as one canary rollout to the
+		// older release (CheckDowngrade, the rule admission applies too).
+		if err := CheckDowngrade(target.Version, installed); err != nil {
+			return nil, fmt.Errorf("spec.version %w", err)
+		}
+		return []*bundle.Bundle{target}, nil
+	case ahead == 0 && !target.CanUpgradeFrom(installed):
 		return nil, fmt.Errorf("spec.version resolves to %s, older than installed %s: the planner only moves forward (bundles list the minors they upgrade from, never newer ones); set spec.version to %q to keep what runs",
 			target.Version, installed, installed)
 	}
@@ -221,6 +228,52 @@ func upgradePath(installed string, target *bundle.Bundle, cat *bundle.Catalog) (
 		prev = b.Version
 	}
 	return path, nil
+}
+
+// CheckDowngrade is the one downgrade rule, applied by admission, the planner
+// and so the controller: a spec.version (a release or a minor) at most one
+// minor below installed is a canary rollout back to the older release; more
+// than one minor back, or across a major version, is refused with the path to
+// take. An empty installed version (nothing runs yet), a version that does not
+// parse (validation reports it) and any upgrade pass.
+func CheckDowngrade(version, installed string) error {
+	want, err := parseMinor(version)
+	have, errHave := parseMinor(installed)
+	if installed == "" || err != nil || errHave != nil {
+		return nil
+	}
+	back, sameMajor := minorsAhead(have, want)
+	switch {
+	case !sameMajor && want.major < have.major:
+		return fmt.Errorf("%s is a downgrade from installed %s across a major version, which meshkeeper does not do: keep %s or roll forward",
+			version, installed, have)
+	case sameMajor && back > 1:
+		var path []string
+		for m := have.minor - 1; m > want.minor; m-- {
+			path = append(path, fmt.Sprintf("%d.%d", have.major, m))
+		}
+		path = append(path, version)
+		return fmt.Errorf("%s is %d minors below installed %s: a downgrade steps back one minor at a time, each a canary rollout; set spec.version to %s first, then %s",
+			version, back, installed, path[0], strings.Join(path[1:], ", then "))
+	}
+	return nil
+}
+
+// releaseOlder says whether release a is older than release b (both
+// MAJOR.MINOR.PATCH; false when either does not parse).
+func releaseOlder(a, b string) bool {
+	ma, mb := versionRE.FindStringSubmatch(a), versionRE.FindStringSubmatch(b)
+	if ma == nil || mb == nil || ma[4] == "" || mb[4] == "" {
+		return false
+	}
+	for _, i := range []int{1, 2, 4} { // major, minor, patch
+		x, _ := strconv.Atoi(ma[i])
+		y, _ := strconv.Atoi(mb[i])
+		if x != y {
+			return x < y
+		}
+	}
+	return false
 }
 
 func quoteList(s []string) string {
