@@ -346,10 +346,10 @@ func TestFollowingMinorsIsNoDowngrade(t *testing.T) {
 	manual := edited.DeepCopy()
 	manual.Spec.Upgrade.Minor = v1alpha1.UpgradeManual
 	_, err = (&meshValidator{}).ValidateUpdate(context.Background(), old, manual)
-	g.Expect(err).To(MatchError(ContainSubstring("downgrade from installed 1.28.2 is more than one minor")), "back to Manual pins 1.26: a downgrade")
+	g.Expect(err).To(MatchError(ContainSubstring("1.26 is 2 minors below installed 1.28.2")), "back to Manual pins 1.26: a downgrade")
 
 	lower := edited.DeepCopy()
 	lower.Spec.Version = "1.25"
 	_, err = (&meshValidator{}).ValidateUpdate(context.Background(), old, lower)
-	g.Expect(err).To(MatchError(ContainSubstring("downgrade from installed 1.28.2")))
+	g.Expect(err).To(MatchError(ContainSubstring("1.25 is 3 minors below installed 1.28.2")))
 }

@@ -498,6 +498,10 @@ type CatalogStatus struct {
 	// +kubebuilder:validation:MaxItems=256
 	// +optional
 	Bundles []CatalogBundle `json:"bundles,omitempty"`
+	// BundlesOmitted counts the oldest releases left out of Bundles, which
+	// keeps the newest 256.
+	// +optional
+	BundlesOmitted int32 `json:"bundlesOmitted,omitempty"`
 }
 
 // CatalogBundle is one release of the catalog and its origin.

@@ -15,6 +15,11 @@ const (
 	maxConflicts   = 64
 	maxIgnored     = 64
 	maxWaveMembers = 1024 // status.rollout.waveNamespaces and waveNodes
+	maxCatalog     = 256  // status.catalog.bundles: the newest are kept
+	// maxDryRunItems caps status.identity.dryRun.actions and .conflicts;
+	// dryRunStatus (mesh_identity.go) keeps the first, and the counts of
+	// the dry run say how many there are in all.
+	maxDryRunItems = 64
 	// maxHistory (mesh_status.go) caps status.history.
 )
 
@@ -53,6 +58,12 @@ func boundStatus(st *meshv1.MeshStatus) {
 	if over := len(st.History) - maxHistory; over > 0 {
 		st.History = st.History[over:]
 		st.HistoryOmitted += int32(over)
+	}
+	if c := st.Catalog; c != nil {
+		if over := len(c.Bundles) - maxCatalog; over > 0 {
+			c.Bundles = c.Bundles[over:]
+			c.BundlesOmitted = int32(over)
+		}
 	}
 	if ro := st.Rollout; ro != nil {
 		if len(ro.WaveNamespaces) > maxWaveMembers {

@@ -39,6 +39,10 @@ func overCaps() meshv1.MeshStatus {
 	for i := range maxHistory + 1 {
 		st.History = append(st.History, meshv1.HistoryEntry{Version: fmt.Sprintf("1.28.%d", i), Outcome: meshv1.OutcomeSucceeded})
 	}
+	st.Catalog = &meshv1.CatalogStatus{}
+	for i := range maxCatalog + 1 {
+		st.Catalog.Bundles = append(st.Catalog.Bundles, meshv1.CatalogBundle{Version: fmt.Sprintf("1.%d.0", i), From: "embedded"})
+	}
 	return st
 }
 
@@ -54,9 +58,14 @@ func TestBoundStatus(t *testing.T) {
 	g.Expect(st.Rollout.WaveNamespacesOmitted).To(BeEquivalentTo(1))
 	g.Expect(st.Rollout.WaveNodes).To(Equal(names("node", maxWaveMembers)))
 	g.Expect(st.Rollout.WaveNodesOmitted).To(BeEquivalentTo(1))
+	g.Expect(st.Catalog.Bundles).To(HaveLen(maxCatalog))
+	g.Expect(st.Catalog.Bundles[0].Version).To(Equal("1.1.0"), "the oldest release is left out")
+	g.Expect(st.Catalog.BundlesOmitted).To(BeEquivalentTo(1))
 	g.Expect(st.History).To(HaveLen(maxHistory))
 	g.Expect(st.History[0].Version).To(Equal("1.28.1"), "the oldest entry goes")
 	g.Expect(st.HistoryOmitted).To(BeEquivalentTo(1))
+	g.Expect(st.Catalog.Bundles).To(HaveLen(maxCatalog))
+	g.Expect(st.Catalog.BundlesOmitted).To(BeEquivalentTo(1))
 
 	// Bounded again (the next reconcile, from the status it wrote): nothing
 	// changes, the counts stay.
@@ -127,6 +136,9 @@ func TestStatusCapsMatchTheCRD(t *testing.T) {
 	g.Expect(maxItems("history")).To(BeEquivalentTo(maxHistory))
 	g.Expect(maxItems("rollout", "waveNamespaces")).To(BeEquivalentTo(maxWaveMembers))
 	g.Expect(maxItems("rollout", "waveNodes")).To(BeEquivalentTo(maxWaveMembers))
+	g.Expect(maxItems("catalog", "bundles")).To(BeEquivalentTo(maxCatalog))
+	g.Expect(maxItems("identity", "dryRun", "actions")).To(BeEquivalentTo(maxDryRunItems))
+	g.Expect(maxItems("identity", "dryRun", "conflicts")).To(BeEquivalentTo(maxDryRunItems))
 
 	// Every other capped status list would need a cap here too.
 	var capped []string
@@ -144,7 +156,8 @@ func TestStatusCapsMatchTheCRD(t *testing.T) {
 	}
 	walk("status", status)
 	g.Expect(capped).To(ConsistOf("status.dataplane.conflicts", "status.ignored", "status.history",
-		"status.rollout.waveNamespaces", "status.rollout.waveNodes"))
+		"status.rollout.waveNamespaces", "status.rollout.waveNodes", "status.catalog.bundles",
+		"status.identity.dryRun.actions", "status.identity.dryRun.conflicts"))
 }
 
 // TestStatusAtTheCapsOnTheAPIServer: a status one item over every cap is
@@ -174,7 +187,7 @@ func TestStatusAtTheCapsOnTheAPIServer(t *testing.T) {
 	}
 	err := write(false)
 	g.Expect(err).To(HaveOccurred())
-	for _, field := range []string{"status.ignored", "status.dataplane.conflicts", "status.history", "status.rollout.waveNamespaces", "status.rollout.waveNodes"} {
+	for _, field := range []string{"status.ignored", "status.dataplane.conflicts", "status.history", "status.rollout.waveNamespaces", "status.rollout.waveNodes", "status.catalog.bundles"} {
 		g.Expect(err.Error()).To(ContainSubstring(field+": Too many"), "the API server enforces the cap on %s", field)
 	}
 	g.Eventually(func() error { return write(true) }).Should(Succeed())

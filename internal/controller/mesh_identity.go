@@ -219,8 +219,8 @@ func (o identityObservation) unattested(names []string) []string {
 
 func dryRunStatus(p identity.Plan) *meshv1.IdentityDryRun {
 	conflicts := p.Conflicts
-	if len(conflicts) > 64 {
-		conflicts = conflicts[:64]
+	if len(conflicts) > maxDryRunItems {
+		conflicts = conflicts[:maxDryRunItems]
 	}
 	return &meshv1.IdentityDryRun{
 		Digest:    p.Digest(),
@@ -229,7 +229,7 @@ func dryRunStatus(p identity.Plan) *meshv1.IdentityDryRun {
 		Delete:    int32(len(p.Delete)),
 		Unchanged: int32(p.Unchanged),
 		LeftAlone: int32(p.Foreign),
-		Actions:   p.Actions(64),
+		Actions:   p.Actions(maxDryRunItems),
 		Conflicts: conflicts,
 	}
 }
