@@ -123,7 +123,9 @@ deploy: ## Install CRDs, RBAC, webhook and the manager into the current kubectl 
 .PHONY: undeploy
 undeploy: ## Remove what deploy installed (Meshes are deleted first so their finalizers run).
 	-kubectl delete mesh --all --wait --timeout=5m
-	kubectl delete -k config/default --ignore-not-found
+	@# Everything but the components' namespace (istio-system): it may hold
+	@# objects meshkeeper does not own, so it is left for you to delete.
+	kubectl kustomize config/default | kubectl delete --ignore-not-found -f - --selector 'meshkeeper.dev/keep-on-undeploy!=true'
 
 ##@ Tools
 
