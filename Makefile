@@ -21,11 +21,12 @@ all: build
 ##@ Development
 
 .PHONY: manifests
-manifests: $(CONTROLLER_GEN) ## Generate CRDs and RBAC from the API types and markers (and copy both into charts/meshkeeper).
+manifests: $(CONTROLLER_GEN) ## Generate CRDs and RBAC from the API types and markers (and copy them and the rollout alerts into charts/meshkeeper).
 	$(CONTROLLER_GEN) crd paths=./api/... output:crd:artifacts:config=config/crd/bases
 	$(CONTROLLER_GEN) rbac:roleName=meshkeeper-manager paths="./internal/controller/...;./webhooks/..." output:rbac:artifacts:config=config/rbac
 	cp config/crd/bases/*.yaml charts/meshkeeper/crds/
 	cp config/rbac/role.yaml charts/meshkeeper/files/role.yaml
+	cp config/prometheus/meshkeeper-rules.yaml charts/meshkeeper/files/meshkeeper-rules.yaml
 
 .PHONY: generate
 generate: $(CONTROLLER_GEN) generate-bpf ## Generate deepcopy code and the bpf2go output.
@@ -122,7 +123,9 @@ deploy: ## Install CRDs, RBAC, webhook and the manager into the current kubectl 
 .PHONY: undeploy
 undeploy: ## Remove what deploy installed (Meshes are deleted first so their finalizers run).
 	-kubectl delete mesh --all --wait --timeout=5m
-	kubectl delete -k config/default --ignore-not-found
+	@# Everything but the components' namespace (istio-system): it may hold
+	@# objects meshkeeper does not own, so it is left for you to delete.
+	kubectl kustomize config/default | kubectl delete --ignore-not-found -f - --selector 'meshkeeper.dev/keep-on-undeploy!=true'
 
 ##@ Tools
 

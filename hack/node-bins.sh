@@ -10,23 +10,14 @@
 set -euo pipefail
 
 root="$(cd "$(dirname "$0")/.." && pwd)"
-key="$(cat "$root/tools/node/go.mod" "$root/tools/node/go.sum" \
-	"$root/tools/containerd/go.mod" "$root/tools/containerd/go.sum" "$0" | sha256sum | cut -c1-16)"
-cache="${MESHKEEPER_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/meshkeeper}/node-bins/$key"
+. "$root/hack/lib.sh"
+tool_cache node-bins "$(cache_key "$root/tools/node/go.mod" "$root/tools/node/go.sum" \
+	"$root/tools/containerd/go.mod" "$root/tools/containerd/go.sum" "$0")"
 bins=(kubelet kube-proxy containerd ctr containerd-shim-runc-v2)
 
-complete() {
-	for b in "${bins[@]}"; do [[ -x "$cache/$b" ]] || return 1; done
-}
-
-mkdir -p "$(dirname "$cache")"
-exec 9>"$(dirname "$cache")/.lock"
-flock 9
-
-if ! complete; then
+if ! cache_has "${bins[@]}"; then
 	echo "Building real-node binaries into $cache..." >&2
-	tmp="$cache.tmp.$$"
-	rm -rf "$tmp" && mkdir -p "$tmp"
+	cache_begin
 	ver=v1.37.1
 	ldflags="-s -w -X k8s.io/component-base/version.gitVersion=$ver -X k8s.io/component-base/version.gitMajor=1 -X k8s.io/component-base/version.gitMinor=37 -X k8s.io/component-base/version/verflag.programName=kubernetes"
 	start=$SECONDS
@@ -42,7 +33,7 @@ if ! complete; then
 		github.com/containerd/containerd/v2/cmd/ctr \
 		github.com/containerd/containerd/v2/cmd/containerd-shim-runc-v2)
 	echo "Built containerd, ctr, containerd-shim-runc-v2 in $((SECONDS - cstart))s." >&2
-	rm -rf "$cache" && mv "$tmp" "$cache"
+	cache_commit
 	echo "Built real-node binaries in $((SECONDS - start))s." >&2
 fi
 
@@ -50,6 +41,5 @@ for tool in runc /usr/lib/cni/bridge /usr/lib/cni/host-local /usr/lib/cni/loopba
 	command -v "$tool" >/dev/null || echo "warning: $tool missing (apt-get install runc containernetworking-plugins)" >&2
 done
 
-mkdir -p "$root/bin"
-ln -sfn "$cache" "$root/bin/node"
+link_bin node
 echo "$root/bin/node"

@@ -7,33 +7,26 @@
 set -euo pipefail
 
 root="$(cd "$(dirname "$0")/.." && pwd)"
+. "$root/hack/lib.sh"
 mod="$root/tools/prometheus"
 # Leave out every service-discovery plugin (AWS, Azure, GCE, ...), which are
 # most of the build, except Kubernetes SD: the shipped scrape config
 # (config/prometheus) is tested as shipped, with pod discovery against the
 # local cluster's API server (test/scrape).
 tags=remove_all_sd,enable_kubernetes_sd
-key="$( (cat "$mod/go.mod" "$mod/go.sum"; echo "$tags") | sha256sum | cut -c1-16)"
-cache="${MESHKEEPER_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/meshkeeper}/prometheus/$key"
+tool_cache prometheus "$( (cat "$mod/go.mod" "$mod/go.sum"; echo "$tags") | cache_key)"
 
-# Several checkouts may ask at once: one builds, the others wait for it.
-mkdir -p "$(dirname "$cache")"
-exec 9>"$(dirname "$cache")/.lock"
-flock 9
-
-if [[ ! -x "$cache/prometheus" ]]; then
+if ! cache_has prometheus; then
 	echo "Building prometheus into $cache (cold build: a few minutes on 2 cores)..." >&2
-	tmp="$cache.tmp.$$"
-	rm -rf "$tmp" && mkdir -p "$tmp"
+	cache_begin
 	ver="$(cd "$mod" && go list -m -f '{{.Version}}' github.com/prometheus/prometheus)"
 	ldflags="-s -w -X github.com/prometheus/common/version.Version=$ver -X github.com/prometheus/common/version.Branch=module"
 	start=$SECONDS
 	(cd "$mod" && CGO_ENABLED=0 go build -trimpath -tags "$tags" -ldflags "$ldflags" -o "$tmp/prometheus" \
 		github.com/prometheus/prometheus/cmd/prometheus)
-	rm -rf "$cache" && mv "$tmp" "$cache"
+	cache_commit
 	echo "Built prometheus $ver in $((SECONDS - start))s." >&2
 fi
 
-mkdir -p "$root/bin"
-ln -sfn "$cache/prometheus" "$root/bin/prometheus"
+link_bin prometheus prometheus
 echo "$root/bin/prometheus"

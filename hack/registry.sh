@@ -6,24 +6,18 @@
 set -euo pipefail
 
 root="$(cd "$(dirname "$0")/.." && pwd)"
+. "$root/hack/lib.sh"
 mod="$root/tools/registry"
-key="$(cat "$mod/go.mod" "$mod/go.sum" | sha256sum | cut -c1-16)"
-cache="${MESHKEEPER_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/meshkeeper}/registry/$key"
+tool_cache registry "$(cache_key "$mod/go.mod" "$mod/go.sum")"
 
-mkdir -p "$(dirname "$cache")"
-exec 9>"$(dirname "$cache")/.lock"
-flock 9
-
-if [[ ! -x "$cache/registry" ]]; then
+if ! cache_has registry; then
 	echo "Building the OCI registry (distribution) into $cache..." >&2
-	tmp="$cache.tmp.$$"
-	rm -rf "$tmp" && mkdir -p "$tmp"
+	cache_begin
 	start=$SECONDS
 	(cd "$mod" && CGO_ENABLED=0 go build -trimpath -ldflags "-s -w" -o "$tmp/registry" github.com/distribution/distribution/v3/cmd/registry)
-	rm -rf "$cache" && mv "$tmp" "$cache"
+	cache_commit
 	echo "Built the OCI registry in $((SECONDS - start))s." >&2
 fi
 
-mkdir -p "$root/bin"
-ln -sfn "$cache" "$root/bin/registry"
+link_bin registry
 echo "$root/bin/registry/registry"

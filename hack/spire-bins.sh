@@ -7,34 +7,23 @@
 set -euo pipefail
 
 root="$(cd "$(dirname "$0")/.." && pwd)"
+. "$root/hack/lib.sh"
 mod="$root/tools/spire"
-key="$(cat "$mod/go.mod" "$mod/go.sum" | sha256sum | cut -c1-16)"
-cache="${MESHKEEPER_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/meshkeeper}/spire/$key"
+tool_cache spire "$(cache_key "$mod/go.mod" "$mod/go.sum")"
 bins=(spire-server spire-agent)
 
-complete() {
-	for b in "${bins[@]}"; do [[ -x "$cache/$b" ]] || return 1; done
-}
-
-# One build at a time across checkouts; the others wait for it.
-mkdir -p "$(dirname "$cache")"
-exec 9>"$(dirname "$cache")/.lock"
-flock 9
-
-if ! complete; then
+if ! cache_has "${bins[@]}"; then
 	echo "Building spire-server and spire-agent into $cache (cold build: ~10 min on 2 cores)..." >&2
-	tmp="$cache.tmp.$$"
-	rm -rf "$tmp" && mkdir -p "$tmp"
+	cache_begin
 	start=$SECONDS
 	(cd "$mod" && CGO_ENABLED=1 go build -trimpath \
 		-ldflags "-s -w -X github.com/spiffe/spire/pkg/common/version.gittag=1.13.3" \
 		-o "$tmp/" \
 		github.com/spiffe/spire/cmd/spire-server \
 		github.com/spiffe/spire/cmd/spire-agent)
-	rm -rf "$cache" && mv "$tmp" "$cache"
+	cache_commit
 	echo "Built spire-server and spire-agent in $((SECONDS - start))s." >&2
 fi
 
-mkdir -p "$root/bin"
-ln -sfn "$cache" "$root/bin/spire"
+link_bin spire
 echo "$root/bin/spire"

@@ -2,6 +2,7 @@ package charts
 
 import (
 	"context"
+	"fmt"
 	"os"
 	"path/filepath"
 	"slices"
@@ -179,6 +180,15 @@ func TestMeshkeeperChartValues(t *testing.T) {
 	g.Expect(rule.GetLabels()).To(HaveKeyWithValue("release", "kube-prometheus"))
 	groups, _, _ := unstructured.NestedSlice(rule.Object, "spec", "groups")
 	g.Expect(groups).NotTo(BeEmpty())
+	var alerts []string
+	for _, gr := range groups {
+		rules, _, _ := unstructured.NestedSlice(gr.(map[string]any), "rules")
+		for _, r := range rules {
+			alerts = append(alerts, fmt.Sprint(r.(map[string]any)["alert"]))
+		}
+	}
+	// The operator's own alerts and the rollout alerts of config/prometheus.
+	g.Expect(alerts).To(ContainElements("MeshkeeperReconcileErrors", "MeshkeeperRolloutStuck", "MeshkeeperRepeatedRollbacks"))
 	for _, gr := range groups {
 		rules, _, _ := unstructured.NestedSlice(gr.(map[string]any), "rules")
 		g.Expect(rules).NotTo(BeEmpty())
