@@ -69,7 +69,7 @@ spec:
     failureLimit: 0
     slos:
     - name: l4-success
-      query: 'sum(rate(meshkeeper_agent_connections_total{namespace=~"{{ .Namespaces }}",result="ok"}[5s])) / sum(rate(meshkeeper_agent_connections_total{namespace=~"{{ .Namespaces }}"}[5s]))'
+      query: 'sum(rate(meshkeeper_agent_connections_total{workload_namespace=~"{{ .Namespaces }}",result="ok"}[5s])) / sum(rate(meshkeeper_agent_connections_total{workload_namespace=~"{{ .Namespaces }}"}[5s]))'
       min: "0.95"
 %s`, version, selector, srv.URL, extra)
 	}
