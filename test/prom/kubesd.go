@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"net"
 	"os"
-	"path/filepath"
 	"strconv"
 	"strings"
 	"time"
@@ -82,29 +81,7 @@ func StartKubernetesSD(ctx context.Context, t TB, snippet []byte, kubeconfig str
 // StartWithConfig runs Prometheus with a whole prometheus.yml, like Start.
 func StartWithConfig(ctx context.Context, t TB, config string) (*Server, error) {
 	t.Helper()
-	bin := SkipIfUnavailable(t)
-	dir := t.TempDir()
-	cfg := filepath.Join(dir, "prometheus.yml")
-	if err := os.WriteFile(cfg, []byte(config), 0o600); err != nil {
-		return nil, fmt.Errorf("prom: write config: %w", err)
-	}
-	var lastErr error
-	for try := 1; try <= startTries; try++ {
-		s, err := start(ctx, bin, dir, cfg, nil, try)
-		if err == nil {
-			t.Cleanup(func() {
-				if err := s.Stop(); err != nil {
-					t.Errorf("prom: %v", err)
-				}
-			})
-			return s, nil
-		}
-		lastErr = err
-		if !errors.Is(err, errPortTaken) {
-			break
-		}
-	}
-	return nil, lastErr
+	return startWithConfig(ctx, t, config, nil)
 }
 
 // WaitForTargets waits until n targets of job are up (up == 1) and returns

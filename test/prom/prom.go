@@ -126,10 +126,17 @@ func Start(ctx context.Context, t TB, targets ...string) (*Server, error) {
 			return nil, err
 		}
 	}
+	return startWithConfig(ctx, t, config(targets), targets)
+}
+
+// startWithConfig runs the Prometheus binary with config (retrying a start
+// whose port was taken) and stops it when the test ends; targets are the
+// static ones the config scrapes, if any.
+func startWithConfig(ctx context.Context, t TB, config string, targets []string) (*Server, error) {
 	bin := SkipIfUnavailable(t)
 	dir := t.TempDir()
 	cfg := filepath.Join(dir, "prometheus.yml")
-	if err := os.WriteFile(cfg, []byte(config(targets)), 0o600); err != nil {
+	if err := os.WriteFile(cfg, []byte(config), 0o600); err != nil {
 		return nil, fmt.Errorf("prom: write config: %w", err)
 	}
 	var lastErr error
