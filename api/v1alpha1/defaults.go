@@ -12,9 +12,13 @@ import (
 
 // Default values of optional fields.
 const (
-	DefaultBake         = 5 * time.Minute
-	DefaultNodeBake     = time.Minute
-	DefaultRetireAfter  = time.Minute
+	DefaultBake        = 5 * time.Minute
+	DefaultNodeBake    = time.Minute
+	DefaultRetireAfter = time.Minute
+	// DefaultProgressDeadline bounds how long a wave may take to move.
+	DefaultProgressDeadline = 10 * time.Minute
+	// DefaultNodeSoak is the soak of every node wave after the canary one.
+	DefaultNodeSoak     = 30 * time.Second
 	DefaultInterval     = 30 * time.Second
 	DefaultFailureLimit = int32(2)
 	// DefaultInconclusiveLimit: the sixth inconclusive check in a row holds
@@ -105,4 +109,21 @@ func (r RolloutSpec) EffectiveRetireAfter() time.Duration {
 		return DefaultRetireAfter
 	}
 	return r.RetireAfter.Duration
+}
+
+// EffectiveProgressDeadline is how long a wave may take to move, with its
+// default (10m).
+func (r RolloutSpec) EffectiveProgressDeadline() time.Duration {
+	if r.ProgressDeadline == nil {
+		return DefaultProgressDeadline
+	}
+	return r.ProgressDeadline.Duration
+}
+
+// EffectiveSoak is the soak of every later node wave with its default (30s).
+func (n NodeRolloutSpec) EffectiveSoak() time.Duration {
+	if n.Soak == nil {
+		return DefaultNodeSoak
+	}
+	return n.Soak.Duration
 }

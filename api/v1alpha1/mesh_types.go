@@ -192,6 +192,17 @@ type RolloutSpec struct {
 	// +kubebuilder:validation:Pattern=`^([0-9]+(\.[0-9]+)?(ns|us|ms|s|m|h))+$`
 	// +optional
 	RetireAfter *metav1.Duration `json:"retireAfter,omitempty"`
+
+	// ProgressDeadline is how long a wave (or a component step) may take to
+	// move: labels written, workloads restarted, node pods replaced and
+	// ready. A wave not moved within it is rolled back, naming the
+	// namespaces, nodes or components it waited for (default 10m). It counts
+	// from the wave's start, which is always inside a maintenance window; a
+	// rollback is not held for one.
+	// +kubebuilder:validation:Type=string
+	// +kubebuilder:validation:Pattern=`^([0-9]+(\.[0-9]+)?(ns|us|ms|s|m|h))+$`
+	// +optional
+	ProgressDeadline *metav1.Duration `json:"progressDeadline,omitempty"`
 }
 
 // NodeRolloutSpec configures node waves.
@@ -208,12 +219,19 @@ type NodeRolloutSpec struct {
 	MaxUnavailable *intstr.IntOrString `json:"maxUnavailable,omitempty"`
 
 	// Bake is the minimum soak of the canary node wave before analysis may
-	// pass (default 1m). Later node waves move on as soon as their pods are
-	// ready and a check passes.
+	// pass (default 1m).
 	// +kubebuilder:validation:Type=string
 	// +kubebuilder:validation:Pattern=`^([0-9]+(\.[0-9]+)?(ns|us|ms|s|m|h))+$`
 	// +optional
 	Bake *metav1.Duration `json:"bake,omitempty"`
+
+	// Soak is the minimum soak of every later node wave, counted from when
+	// its pods are replaced and ready, before analysis may pass (default
+	// 30s).
+	// +kubebuilder:validation:Type=string
+	// +kubebuilder:validation:Pattern=`^([0-9]+(\.[0-9]+)?(ns|us|ms|s|m|h))+$`
+	// +optional
+	Soak *metav1.Duration `json:"soak,omitempty"`
 }
 
 // NamespaceRolloutSpec configures namespace waves.
