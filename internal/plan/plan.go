@@ -129,8 +129,11 @@ type Inputs struct {
 	Nodes []NodeInfo
 	// Catalog is what spec.version resolves against.
 	Catalog *bundle.Catalog
-	// Now is the time maintenance windows are checked at.
+	// Now is the time maintenance windows are checked at (Next sets it
+	// from its clock).
 	Now time.Time
+	// Gates are the SLO gates Next judges waves with (GatesFor).
+	Gates Gates
 }
 
 // Plan is the ordered steps from what runs to what the spec asks for.
