@@ -74,6 +74,7 @@ func (v *meshValidator) ValidateCreate(ctx context.Context, mesh *v1alpha1.Mesh)
 		errs = append(errs, field.Forbidden(field.NewPath("metadata", "name"), detail))
 	}
 	errs = append(errs, ValidateSpec(&mesh.Spec)...)
+	errs = append(errs, ValidateGates(&mesh.Spec)...)
 	return SpireWarnings(&mesh.Spec, v.catalog), invalid(mesh.Name, errs)
 }
 
@@ -86,6 +87,7 @@ func (v *meshValidator) ValidateUpdate(_ context.Context, oldMesh, newMesh *v1al
 		return nil, nil
 	}
 	errs := ValidateSpec(&newMesh.Spec)
+	errs = append(errs, ValidateGates(&newMesh.Spec)...)
 	// With upgrade.minor: Automatic, spec.version is the oldest minor to
 	// run, not what runs: a mesh that followed newer minors by itself is
 	// not being downgraded when another field of its spec changes.

@@ -65,6 +65,9 @@ func planFile(ctx context.Context, c client.Client, o options, cat *bundle.Catal
 	if errs := webhooks.ValidateSpec(&want.Spec); len(errs) > 0 {
 		return &planFailed{"the operator would refuse this spec: " + errs.ToAggregate().Error()}
 	}
+	if errs := webhooks.ValidateGates(&want.Spec); len(errs) > 0 {
+		return &planFailed{"admission would refuse this spec: " + errs.ToAggregate().Error()}
+	}
 	if exists {
 		if err := webhooks.ValidateDowngrade(want.Spec.Version, live.Status.Version.Installed); err != nil &&
 			want.Spec.Upgrade.EffectiveMinor() != meshv1.UpgradeAutomatic {

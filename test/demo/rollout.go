@@ -78,7 +78,10 @@ func demoMesh(root string, s *slos) (*meshv1.Mesh, string, error) {
 		for i := range a.SLOs {
 			a.SLOs[i].Query = strings.ReplaceAll(a.SLOs[i].Query, "[1m]", "[10s]")
 		}
-		changes += ", analysis every 5s over 10s rate windows, failureLimit 1, Prometheus " + s.srv.URL
+		// Admission refuses a bake shorter than the queries' window.
+		window := &metav1.Duration{Duration: 10 * time.Second}
+		m.Spec.Rollout.Nodes.Bake, m.Spec.Rollout.Namespaces.Bake = window, window
+		changes += ", analysis every 5s over 10s rate windows (so bakes of 10s), failureLimit 1, Prometheus " + s.srv.URL
 	}
 	return m, changes, nil
 }

@@ -60,8 +60,8 @@ spec:
   version: %q
   namespaces: {selector: {matchLabels: {%s: "on"}}}
   rollout:
-    nodes: {canary: {matchLabels: {pool: canary}}, maxUnavailable: 2, bake: 1s}
-    namespaces: {canary: [go-canary], waves: ["50%%", "100%%"], bake: 2s}
+    nodes: {canary: {matchLabels: {pool: canary}}, maxUnavailable: 2, bake: 5s}
+    namespaces: {canary: [go-canary], waves: ["50%%", "100%%"], bake: 5s}
     retireAfter: 1s
   analysis:
     prometheus: {address: %q}
