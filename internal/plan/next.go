@@ -204,6 +204,11 @@ type Memory struct {
 	// node, frozen at start; newcomers are added as they are seen.
 	NamespaceWave map[string]int
 	NodeWave      map[string]int
+	// Joined are the nodes that joined after the start. A DaemonSet has one
+	// template: a node that joins once a node step has begun runs the new
+	// node components straight away (it had none to move from), and is
+	// judged with the wave it joined.
+	Joined map[string]bool
 	// NamespaceWaves and NodeWaves are how many waves there are.
 	NamespaceWaves, NodeWaves int
 	// Wave is the current wave of a wave step (from 1); 0 before the first.
@@ -228,6 +233,7 @@ func (m *Memory) clone() *Memory {
 	c.Steps = slices.Clone(m.Steps)
 	c.NamespaceWave = maps.Clone(m.NamespaceWave)
 	c.NodeWave = maps.Clone(m.NodeWave)
+	c.Joined = maps.Clone(m.Joined)
 	return &c
 }
 
@@ -428,6 +434,10 @@ func (e *engine) adopt() {
 	for _, n := range e.facts.Nodes {
 		if _, ok := m.NodeWave[n.Name]; !ok {
 			m.NodeWave[n.Name] = late(&m.NodeWaves, nodeStep(cur))
+			if m.Joined == nil {
+				m.Joined = map[string]bool{}
+			}
+			m.Joined[n.Name] = true
 		}
 	}
 }
@@ -1040,7 +1050,7 @@ func (e *engine) applyStep(w *world, s *Step, waves int) {
 		}
 		at := NodePlacement{Version: s.Version, Redirection: e.stepRedirection(s)}
 		for n, wave := range m.NodeWave {
-			if wave <= waves {
+			if wave <= waves || m.Joined[n] {
 				w.nodes[n] = at
 			}
 		}
