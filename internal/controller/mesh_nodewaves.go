@@ -118,8 +118,17 @@ func (r *MeshReconciler) reconcileNodeWaves(ctx context.Context, mesh *meshv1.Me
 	}
 	if !progress.done || !obs.componentsReady {
 		msg := progress.message(ro.To)
+		waiting := progress.waiting
 		if progress.done {
 			msg = "waiting for " + obs.waitingFor()
+			waiting = []string{obs.waitingFor()}
+		}
+		// spec.rollout.progressDeadline: a wave that does not move (a pod
+		// that never becomes ready, a node gone NotReady) is rolled back
+		// instead of holding the rollout forever.
+		if deadline := mesh.Spec.Rollout.EffectiveProgressDeadline(); time.Since(ro.WaveStartedAt.Time) >= deadline {
+			return r.startRollback(mesh, obs, fmt.Sprintf("node wave %d/%d (%s) did not move within spec.rollout.progressDeadline %s: waiting for %s",
+				ro.Wave, ro.Waves, nameList(ro.WaveNodes), deadline, nameList(waiting)))
 		}
 		ro.Message = fmt.Sprintf("node wave %d/%d (%s): %s", ro.Wave, ro.Waves, nameList(ro.WaveNodes), msg)
 		obs.requeueAfter = nodeWaveRequeue
