@@ -832,7 +832,7 @@ func (e *engine) rollback(reason string) Decision {
 		return Decision{Verb: VerbFinish, Releases: e.desired(m.Step, true).releases,
 			Ended: &meshv1.HistoryEntry{Version: s.Version, Mode: effMode(m.Want.Mode), Outcome: meshv1.OutcomeFailed, Reason: reason,
 				StartedAt: tp(m.StartedAt), FinishedAt: tp(e.now), Generation: e.in.Generation},
-			Message: fmt.Sprintf("install of %s failed, left as it is: %s", s.Version, reason), Plan: e.planStatus(m.Step, reason)}
+			Message: fmt.Sprintf("install of %s failed, left as it is: %s", s.Version, reason), Plan: e.failedPlan(reason)}
 	}
 	m.Phase, m.PhaseAt, m.Reason = PhaseRollingBack, e.now, reason
 	m.Restart = ""
@@ -1117,6 +1117,13 @@ func (e *engine) decideWorld(v Verb, want world, msg string) Decision {
 		d.Plan = e.planStatus(m.Step, msg)
 	}
 	return d
+}
+
+// failedPlan is status.plan with the current step Failed.
+func (e *engine) failedPlan(reason string) []meshv1.PlanStep {
+	p := e.planStatus(e.mem.Step, reason)
+	p[e.mem.Step].State = meshv1.StepFailed
+	return p
 }
 
 // planStatus is status.plan: steps before cur Done, cur Running (or Failed

@@ -262,6 +262,19 @@ func (s *sim) act(d Decision) {
 	now := s.clock.Now()
 	rollingBack := d.Memory != nil && d.Memory.Phase == PhaseRollingBack
 	s.ready = slices.Clone(d.Releases)
+	// SPIRE: the agents never run a newer release than the server.
+	var server, agent string
+	for _, r := range s.ready {
+		switch r.Component {
+		case bundle.SpireServer:
+			server = r.Version
+		case bundle.SpireAgent:
+			agent = r.Version
+		}
+	}
+	if agent != "" && (server == "" || releaseOlder(server, agent)) {
+		s.t.Errorf("%s: spire-agent %s runs with spire-server %q: the server moves first", s.offset(), agent, server)
+	}
 	for _, name := range slices.Sorted(maps.Keys(d.Namespaces)) {
 		at := d.Namespaces[name]
 		x := s.ns[name]
@@ -660,6 +673,33 @@ func scenarios() []scenario {
 		check: func(t *testing.T, s *sim) {
 			wantOutcome(t, s, meshv1.OutcomeSucceeded)
 			wantNodes(t, s, NodePlacement{"1.28.2", meshv1.RedirectionEBPF})
+		},
+	}, {
+		name: "two-minors-spire",
+		in: func() Inputs {
+			return upgradeInputs(withSpire(spec("1.28")), Installed{Version: "1.26.4", Mode: meshv1.ModeAmbient, Redirection: meshv1.RedirectionEBPF, Identity: true})
+		},
+		check: func(t *testing.T, s *sim) {
+			wantOutcome(t, s, meshv1.OutcomeSucceeded, meshv1.OutcomeSucceeded)
+			if !slices.Contains(s.ready, Release{bundle.SpireServer, "1.28.2"}) || !slices.Contains(s.ready, Release{bundle.SpireAgent, "1.28.2"}) {
+				t.Errorf("SPIRE not at 1.28.2: %v", s.ready)
+			}
+		},
+	}, {
+		name: "install-fails-on-deadline",
+		in: func() Inputs {
+			in := upgradeInputs(withMode(spec("1.28"), meshv1.ModeSidecar, ""), Installed{})
+			return in
+		},
+		setup: func(s *sim) { s.ns["cart"].stuck = true },
+		check: func(t *testing.T, s *sim) {
+			wantOutcome(t, s, meshv1.OutcomeFailed)
+			if s.ns["shop-staging"].at != (Placement{Revision: "1-28-2", Mode: meshv1.ModeSidecar}) {
+				t.Errorf("a failed install took shop-staging (%s) out again: it stays as it is", s.ns["shop-staging"].at)
+			}
+			if got := s.plan[1].State; got != meshv1.StepFailed {
+				t.Errorf("status.plan shows MoveNamespaces %s, want Failed", got)
+			}
 		},
 	}, {
 		name: "spec-version-set-back",
