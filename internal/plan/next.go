@@ -412,11 +412,23 @@ func nodeStep(s *Step) bool { return waveStep(s) && s.Action != ActionMoveNamesp
 
 // adopt records newcomers: a namespace or node not in the frozen waves joins
 // the last wave when it has not started, and a wave of its own after it
-// otherwise. Vanished ones need nothing: only the ones observed are moved
-// or waited for.
+// otherwise. Vanished ones are dropped from the record (nothing else
+// moves); one that comes back (a namespace relabelled out of the selection
+// and in again) is a newcomer then, so it is judged before it moves.
 func (e *engine) adopt() {
 	m := e.mem
 	cur := &m.Steps[m.Step]
+	seen := make(map[string]bool, len(e.facts.Namespaces))
+	for _, ns := range e.facts.Namespaces {
+		seen[ns.Name] = true
+	}
+	maps.DeleteFunc(m.NamespaceWave, func(n string, _ int) bool { return !seen[n] })
+	clear(seen)
+	for _, n := range e.facts.Nodes {
+		seen[n.Name] = true
+	}
+	maps.DeleteFunc(m.NodeWave, func(n string, _ int) bool { return !seen[n] })
+	maps.DeleteFunc(m.Joined, func(n string, _ bool) bool { return !seen[n] })
 	late := func(waves *int, current bool) int {
 		switch {
 		case *waves == 0:
@@ -1108,7 +1120,12 @@ func (e *engine) decideWorld(v Verb, want world, msg string) Decision {
 			d.Nodes[n.Name] = at
 		}
 	}
-	if v == VerbApply && len(d.Namespaces) == 0 && len(d.Nodes) == 0 && len(d.Restart) == 0 && len(e.releasesMissingFor(want)) == 0 {
+	// The verb follows from the decision: anything to change is Apply.
+	changes := len(d.Namespaces) > 0 || len(d.Nodes) > 0 || len(d.Restart) > 0 || len(e.releasesMissingFor(want)) > 0
+	switch {
+	case changes:
+		d.Verb = VerbApply
+	case v == VerbApply:
 		d.Verb = VerbWait
 	}
 	if m.Phase == PhaseRollingBack {

@@ -647,6 +647,10 @@ func scenarios() []scenario {
 				&hook{name: "namespace early-bird selected", when: onWave(ActionMoveNamespaces, 1, PhaseBaking), do: add("early-bird")},
 				&hook{name: "namespace checkout deleted", when: onWave(ActionMoveNamespaces, 3, PhaseMoving), do: func(s *sim) { delete(s.ns, "checkout") }},
 				&hook{name: "namespace late-comer selected", when: onWave(ActionMoveNamespaces, 4, PhaseBaking), do: add("late-comer")},
+				// cart moved in wave 2; relabelled out of the selection
+				// (meshkeeper unenrols it) and back in, it is a newcomer.
+				&hook{name: "namespace cart relabelled out of the selection", when: onWave(ActionMoveNamespaces, 3, PhaseBaking), do: func(s *sim) { delete(s.ns, "cart") }},
+				&hook{name: "namespace cart relabelled back in", when: onWave(ActionMoveNamespaces, 4, PhaseMoving), do: add("cart")},
 			)
 		},
 		check: func(t *testing.T, s *sim) {
