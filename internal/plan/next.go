@@ -848,8 +848,12 @@ func (e *engine) rollback(reason string) Decision {
 	}
 	m.Phase, m.PhaseAt, m.Reason = PhaseRollingBack, e.now, reason
 	m.Restart = ""
-	if e.hopModeChanged() {
-		m.Restart = "rollback-" + e.now.UTC().Format(time.RFC3339)
+	// Workloads that were restarted to move (a mode switch, or sidecars
+	// following a new revision) are restarted again to go back.
+	for i := e.hopStart(); i <= m.Step; i++ {
+		if e.restarts(&m.Steps[i]) {
+			m.Restart = "rollback-" + e.now.UTC().Format(time.RFC3339)
+		}
 	}
 	return e.rollingBack()
 }
@@ -862,11 +866,6 @@ func (e *engine) hopStart() int {
 		i--
 	}
 	return i
-}
-
-func (e *engine) hopModeChanged() bool {
-	s := &e.mem.Steps[e.mem.Step]
-	return s.From == s.Version && effMode(e.mem.Base.Mode) != effMode(e.mem.Want.Mode)
 }
 
 // rollingBack returns the hop to where it started and ends it as RolledBack.

@@ -679,6 +679,24 @@ func scenarios() []scenario {
 			wantNodes(t, s, NodePlacement{"1.28.2", meshv1.RedirectionEBPF})
 		},
 	}, {
+		name: "sidecar-minor-breach",
+		in: func() Inputs {
+			return upgradeInputs(withMode(spec("1.28"), meshv1.ModeSidecar, ""), Installed{Version: "1.27.3", Mode: meshv1.ModeSidecar})
+		},
+		setup: func(s *sim) { s.an.breach = breachIn(ActionMoveNamespaces, 3) },
+		check: func(t *testing.T, s *sim) {
+			wantOutcome(t, s, meshv1.OutcomeRolledBack)
+			wantNamespaces(t, s, side273)
+			for _, n := range []string{"shop-staging", "cart", "catalog"} {
+				if !strings.HasPrefix(s.ns[n].rolledOut, "rollback-") {
+					t.Errorf("%s went back to revision 1-27-3 without a restart: its sidecars still talk to istiod-1-28-2 (%q)", n, s.ns[n].rolledOut)
+				}
+			}
+			if s.ns["users"].rolledOut != "" {
+				t.Errorf("users never moved and was restarted (%q)", s.ns["users"].rolledOut)
+			}
+		},
+	}, {
 		name: "two-minors-spire",
 		in: func() Inputs {
 			return upgradeInputs(withSpire(spec("1.28")), Installed{Version: "1.26.4", Mode: meshv1.ModeAmbient, Redirection: meshv1.RedirectionEBPF, Identity: true})
