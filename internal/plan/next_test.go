@@ -697,6 +697,14 @@ func scenarios() []scenario {
 			}
 		},
 	}, {
+		name: "downgrade-one-minor",
+		in:   func() Inputs { return upgradeInputs(spec("1.27"), ambient("1.28.2")) },
+		check: func(t *testing.T, s *sim) {
+			wantOutcome(t, s, meshv1.OutcomeSucceeded)
+			wantNamespaces(t, s, amb1273)
+			wantNodes(t, s, NodePlacement{"1.27.3", meshv1.RedirectionEBPF})
+		},
+	}, {
 		name: "two-minors-spire",
 		in: func() Inputs {
 			return upgradeInputs(withSpire(spec("1.28")), Installed{Version: "1.26.4", Mode: meshv1.ModeAmbient, Redirection: meshv1.RedirectionEBPF, Identity: true})
@@ -795,15 +803,37 @@ func TestNextCrashAtEveryStep(t *testing.T) {
 	}
 }
 
-// TestNextStallsOnFailedPlan: a plan that cannot be computed starts nothing.
+// TestNextStallsOnFailedPlan: a plan that cannot be computed starts
+// nothing, and says what is wrong.
 func TestNextStallsOnFailedPlan(t *testing.T) {
-	in := upgradeInputs(spec("1.31"), ambient("1.27.3"))
-	d := Next(in, nil, Facts{}, nil, testingclock.NewFakeClock(in.Now))
-	if d.Verb != VerbStall || d.Memory != nil || len(d.Releases) != 0 {
-		t.Fatalf("got %s with memory %v, want Stall and nothing started", d.Verb, d.Memory)
+	for _, c := range []struct {
+		name, version, installed, says string
+	}{
+		{"unknown version", "1.31", "1.27.3", "1.31"},
+		{"two minors back", "1.26", "1.28.2", "1.27"},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			in := upgradeInputs(spec(c.version), ambient(c.installed))
+			d := Next(in, nil, Facts{}, nil, testingclock.NewFakeClock(in.Now))
+			if d.Verb != VerbStall || d.Memory != nil || len(d.Releases) != 0 {
+				t.Fatalf("got %s with memory %v, want Stall and nothing started", d.Verb, d.Memory)
+			}
+			if !strings.Contains(d.Message, c.says) {
+				t.Errorf("message %q does not say %q", d.Message, c.says)
+			}
+		})
 	}
-	if !strings.Contains(d.Message, "1.31") {
-		t.Errorf("message %q does not name the version", d.Message)
+}
+
+// TestNextKeepsPatchWithoutAutomatic: upgrade.automatic: false keeps the
+// installed patch although the catalog has a newer one.
+func TestNextKeepsPatchWithoutAutomatic(t *testing.T) {
+	sp := spec("1.27")
+	sp.Upgrade.Automatic = new(bool)
+	in := upgradeInputs(sp, ambient("1.27.2"))
+	d := Next(in, nil, Facts{}, nil, testingclock.NewFakeClock(in.Now))
+	if d.Verb != VerbNone || d.Memory != nil {
+		t.Fatalf("got %s (%s), want nothing to do", d.Verb, d.Message)
 	}
 }
 
