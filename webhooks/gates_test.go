@@ -52,13 +52,14 @@ func TestValidateGates(t *testing.T) {
 			s.Rollout.Nodes.Bake = d("30s")
 			return s
 		}, field: "spec.rollout.nodes.bake", detail: "shorter than the longest SLO query window (2m)"},
-		{name: "soak shorter than the interval window", spec: func() *v1alpha1.MeshSpec {
+		{name: "bake shorter than the interval window", spec: func() *v1alpha1.MeshSpec {
 			s := gated()
 			s.Analysis.SLOs[0].Query = `rate(x[{{ .Interval }}])`
 			s.Analysis.Interval = d("1m")
-			s.Rollout.Nodes.Soak = d("10s")
+			s.Rollout.Namespaces.Bake = d("10s")
+			s.Rollout.Nodes.Soak = d("0s") // soak defaults to 0 and is not checked
 			return s
-		}, field: "spec.rollout.nodes.soak", detail: "use at least 1m"},
+		}, field: "spec.rollout.namespaces.bake", detail: "use at least 1m"},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {

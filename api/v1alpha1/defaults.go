@@ -17,8 +17,9 @@ const (
 	DefaultRetireAfter = time.Minute
 	// DefaultProgressDeadline bounds how long a wave may take to move.
 	DefaultProgressDeadline = 10 * time.Minute
-	// DefaultNodeSoak is the soak of every node wave after the canary one.
-	DefaultNodeSoak     = 30 * time.Second
+	// DefaultNodeSoak is the soak of every node wave after the canary one:
+	// none beyond the wait for a clean query window (SLO gates).
+	DefaultNodeSoak     = time.Duration(0)
 	DefaultInterval     = 30 * time.Second
 	DefaultFailureLimit = int32(2)
 	// DefaultInconclusiveLimit: the sixth inconclusive check in a row holds
@@ -120,7 +121,7 @@ func (r RolloutSpec) EffectiveProgressDeadline() time.Duration {
 	return r.ProgressDeadline.Duration
 }
 
-// EffectiveSoak is the soak of every later node wave with its default (30s).
+// EffectiveSoak is the soak of every later node wave with its default (0s).
 func (n NodeRolloutSpec) EffectiveSoak() time.Duration {
 	if n.Soak == nil {
 		return DefaultNodeSoak

@@ -225,9 +225,9 @@ type NodeRolloutSpec struct {
 	// +optional
 	Bake *metav1.Duration `json:"bake,omitempty"`
 
-	// Soak is the minimum soak of every later node wave, counted from when
-	// its pods are replaced and ready, before analysis may pass (default
-	// 30s).
+	// Soak is the minimum soak of every node wave after the canary one
+	// before it may be promoted (default 0s: with SLO gates, promoted on
+	// the first passing check).
 	// +kubebuilder:validation:Type=string
 	// +kubebuilder:validation:Pattern=`^([0-9]+(\.[0-9]+)?(ns|us|ms|s|m|h))+$`
 	// +optional

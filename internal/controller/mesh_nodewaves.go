@@ -141,7 +141,7 @@ func (r *MeshReconciler) reconcileNodeWaves(ctx context.Context, mesh *meshv1.Me
 		obs.requeueAfter = nodeWaveRequeue
 		return nil
 	}
-	bake := time.Duration(0)
+	bake := mesh.Spec.Rollout.Nodes.EffectiveSoak() // every later node wave
 	if ro.Wave == 1 && split.Canary {
 		bake = mesh.Spec.Rollout.Nodes.EffectiveBake()
 	}
