@@ -226,6 +226,9 @@ type Memory struct {
 	Reason string
 	// Restart is the restart token of the current wave's workloads.
 	Restart string
+	// PausedAt is when spec.paused was first seen during the current wave;
+	// the wave's clock (deadline, bake) is moved on by the pause when it ends.
+	PausedAt time.Time
 }
 
 func (m *Memory) clone() *Memory {
@@ -351,6 +354,14 @@ func wantedInstalled(spec *meshv1.MeshSpec, target string) Installed {
 func (e *engine) run() Decision {
 	m := e.mem
 	e.adopt()
+	if !e.in.Spec.Paused && !m.PausedAt.IsZero() {
+		// Resumed: the pause does not count against the deadline or as bake.
+		m.PhaseAt = m.PhaseAt.Add(e.now.Sub(m.PausedAt))
+		if !m.NextCheckAt.IsZero() {
+			m.NextCheckAt = m.NextCheckAt.Add(e.now.Sub(m.PausedAt))
+		}
+		m.PausedAt = time.Time{}
+	}
 	if m.Phase == PhaseRollingBack {
 		return e.rollingBack()
 	}
@@ -385,7 +396,12 @@ func (e *engine) run() Decision {
 			return e.baking()
 		}
 		if e.in.Spec.Paused {
-			return e.decide(VerbApply, "spec.paused is true: "+e.where()+" keeps moving, nothing new starts and the progress deadline is held")
+			if m.PausedAt.IsZero() {
+				m.PausedAt = e.now
+			}
+			d := e.decide(VerbApply, "spec.paused is true: "+e.where()+" keeps moving, nothing new starts and the progress deadline is held")
+			d.Requeue = 30 * time.Second
+			return d
 		}
 		deadline := e.in.Spec.Rollout.EffectiveProgressDeadline()
 		if late := e.now.Sub(m.PhaseAt); late >= deadline {
@@ -521,7 +537,7 @@ func (e *engine) startWave(w int) Decision {
 		d.Requeue = requeue
 		return d
 	}
-	m.Wave, m.Phase, m.PhaseAt = w, PhaseMoving, e.now
+	m.Wave, m.Phase, m.PhaseAt, m.PausedAt = w, PhaseMoving, e.now, time.Time{}
 	m.NextCheckAt, m.FailedChecks, m.InconclusiveChecks, m.Degraded = time.Time{}, 0, 0, false
 	m.Restart = ""
 	if e.restarts(&m.Steps[m.Step]) {
@@ -651,6 +667,9 @@ func (e *engine) baking() Decision {
 	bake := e.bake()
 	g := e.in.Gates
 	if e.in.Spec.Paused {
+		if m.PausedAt.IsZero() {
+			m.PausedAt = e.now
+		}
 		return e.decide(VerbWait, "spec.paused is true: "+e.where()+" holds; set paused: false to go on")
 	}
 	if !g.On || len(e.members(m.Wave)) == 0 {

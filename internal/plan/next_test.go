@@ -47,6 +47,7 @@ type sim struct {
 	crashed bool
 	// holds: the scenario expects the rollout to hold, not end.
 	holds bool
+	resumedAt time.Time
 }
 
 type simNS struct {
@@ -595,6 +596,26 @@ func scenarios() []scenario {
 			wantOutcome(t, s, meshv1.OutcomeRolledBack)
 			if r := s.ended[0].Reason; !strings.Contains(r, "node node-05 (ztunnel CrashLoopBackOff)") || !strings.Contains(r, "progressDeadline 10m0s") {
 				t.Errorf("rollback reason %q does not name the node and the deadline", r)
+			}
+		},
+	}, {
+		name: "deadline-held-while-paused",
+		in:   func() Inputs { return upgradeInputs(spec("1.28"), ambient("1.27.3")) },
+		setup: func(s *sim) {
+			s.nodes["node-05"].stuck = true
+			s.hooks = append(s.hooks, &hook{name: "spec.paused: true", when: onWave(ActionUpgradeNodeComponents, 3, PhaseMoving),
+				do: func(s *sim) { s.in.Spec.Paused = true }})
+			s.hooks = append(s.hooks, &hook{name: "spec.paused: false", when: func(s *sim) bool {
+				return s.in.Spec.Paused && s.clock.Now().Sub(s.start) > 45*time.Minute
+			}, do: func(s *sim) { s.in.Spec.Paused = false; s.resumedAt = s.clock.Now() }})
+		},
+		check: func(t *testing.T, s *sim) {
+			wantOutcome(t, s, meshv1.OutcomeRolledBack)
+			if s.resumedAt.IsZero() {
+				t.Fatal("rolled back while paused: the deadline must be held")
+			}
+			if d := s.ended[0].FinishedAt.Sub(s.resumedAt); d < 9*time.Minute {
+				t.Errorf("rolled back %s after the pause ended: the paused time counted against the 10m deadline", d)
 			}
 		},
 	}, {
