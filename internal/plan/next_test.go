@@ -46,7 +46,7 @@ type sim struct {
 	crashAt int
 	crashed bool
 	// holds: the scenario expects the rollout to hold, not end.
-	holds bool
+	holds     bool
 	resumedAt time.Time
 }
 
