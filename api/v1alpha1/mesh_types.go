@@ -193,12 +193,13 @@ type RolloutSpec struct {
 	// +optional
 	RetireAfter *metav1.Duration `json:"retireAfter,omitempty"`
 
-	// ProgressDeadline is how long a wave (or a component step) may take to
-	// move: labels written, workloads restarted, node pods replaced and
-	// ready. A wave not moved within it is rolled back, naming the
-	// namespaces, nodes or components it waited for (default 10m). It counts
-	// from the wave's start, which is always inside a maintenance window; a
-	// rollback is not held for one.
+	// ProgressDeadline is how long a wave may take to move: node pods
+	// replaced and ready (and, in the rollout engine, labels written and
+	// workloads restarted). A wave not moved within it is rolled back,
+	// naming the nodes and pods it waited for (default 10m). It counts from
+	// the wave's start, which is always inside a maintenance window; a
+	// rollback is not held for one. The controller enforces it on node
+	// waves today.
 	// +kubebuilder:validation:Type=string
 	// +kubebuilder:validation:Pattern=`^([0-9]+(\.[0-9]+)?(ns|us|ms|s|m|h))+$`
 	// +optional
