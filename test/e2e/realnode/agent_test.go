@@ -179,10 +179,11 @@ var _ = Describe("The node agent as a real pod on a real node", Ordered, func() 
 	It("fails closed: with no agent on the node a meshed pod does not start; once the agent is back it starts enrolled", func(ctx SpecContext) {
 		rn := kc.RealNode()
 		sockPath := filepath.Join(rn.StateDir, "run", "cni.sock")
-		// Keep the agent off the node: a nodeSelector key the chart does not
-		// set (drift repair leaves it alone), matching no node.
-		offPatch := `{"spec":{"template":{"spec":{"nodeSelector":{"meshkeeper.test/agent-off":"true"}}}}}`
-		onPatch := `{"spec":{"template":{"spec":{"nodeSelector":{"meshkeeper.test/agent-off":null}}}}}`
+		// Keep the agent off the node: a nodeSelector matching no node, on
+		// a DaemonSet taken over from meshkeeper's drift repair
+		// (meshkeeper.dev/ignore) for the while.
+		offPatch := `{"metadata":{"annotations":{"meshkeeper.dev/ignore":"true"}},"spec":{"template":{"spec":{"nodeSelector":{"meshkeeper.test/agent-off":"true"}}}}}`
+		onPatch := `{"metadata":{"annotations":{"meshkeeper.dev/ignore":null}},"spec":{"template":{"spec":{"nodeSelector":{"meshkeeper.test/agent-off":null}}}}}`
 		kubectl(ctx, "patch", "daemonset", "-n", "istio-system", "meshkeeper-node-agent", "--type=merge", "-p", offPatch)
 		DeferCleanup(func(ctx SpecContext) {
 			_, _, _ = kc.Kubectl(ctx, "patch", "daemonset", "-n", "istio-system", "meshkeeper-node-agent", "--type=merge", "-p", onPatch)
