@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"strings"
 	"time"
 )
 
@@ -61,9 +62,9 @@ func PluginAdd(ctx context.Context, c PluginConf, pod Pod, containerID, netnsPat
 	}, ns)
 	switch {
 	case errors.Is(err, ErrAgentUnreachable):
-		return Response{}, fmt.Errorf("meshkeeper-cni: pod %s not started: the meshkeeper node agent is not serving on this node (%w), so it cannot tell whether the pod is meshed, and a meshed pod must never start unmeshed; the kubelet retries. Bring the node agent back (kubectl get pods -A -l app=meshkeeper-node-agent -o wide), or delete the Mesh, which removes this plugin", pod, err)
+		return Response{}, wrapped{err, fmt.Sprintf("meshkeeper-cni: pod %s not started: the meshkeeper node agent is not serving on this node (%s), so it cannot tell whether the pod is meshed, and a meshed pod must never start unmeshed; the kubelet retries. Bring the node agent back (kubectl get pods -A -l app=meshkeeper-node-agent -o wide), or delete the Mesh, which removes this plugin", pod, cause(err, ErrAgentUnreachable))}
 	case errors.Is(err, ErrAgentTimeout):
-		return Response{}, fmt.Errorf("meshkeeper-cni: pod %s not started: the meshkeeper node agent did not enrol it within %s (%w); the kubelet retries. See the node agent's log on this node", pod, timeout, err)
+		return Response{}, wrapped{err, fmt.Sprintf("meshkeeper-cni: pod %s not started: the meshkeeper node agent did not enrol it within %s (%s); the kubelet retries. See the node agent's log on this node", pod, timeout, cause(err, ErrAgentTimeout))}
 	case err != nil:
 		return Response{}, fmt.Errorf("meshkeeper-cni: pod %s not started: %w", pod, err)
 	}
@@ -125,4 +126,18 @@ func PluginCheck(ctx context.Context, c PluginConf, pod Pod, containerID, netnsP
 		return fmt.Errorf("meshkeeper-cni: check pod %s: %s", pod, resp.Message)
 	}
 	return nil
+}
+
+// wrapped is an error with its own message that still matches err.
+type wrapped struct {
+	err error
+	msg string
+}
+
+func (w wrapped) Error() string { return w.msg }
+func (w wrapped) Unwrap() error { return w.err }
+
+// cause is err's message without the sentinel's prefix.
+func cause(err, sentinel error) string {
+	return strings.TrimPrefix(err.Error(), sentinel.Error()+": ")
 }
