@@ -56,10 +56,16 @@ func PluginAdd(ctx context.Context, c PluginConf, pod Pod, containerID, netnsPat
 	defer ns.Close()
 	ctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
-	resp, err := Call(ctx, socket, Request{
+	req := Request{
 		Command: CommandAdd, Namespace: pod.Namespace, Name: pod.Name, UID: pod.UID,
 		ContainerID: containerID, Netns: netnsPath,
-	}, ns)
+	}
+	resp, err := Call(ctx, socket, req, ns)
+	// An agent that is restarting listens again within seconds: keep
+	// trying until the timeout rather than fail the sandbox at once.
+	for errors.Is(err, ErrAgentUnreachable) && pause(ctx, reconnectInterval) {
+		resp, err = Call(ctx, socket, req, ns)
+	}
 	switch {
 	case errors.Is(err, ErrAgentUnreachable):
 		return Response{}, wrapped{err, fmt.Sprintf("meshkeeper-cni: pod %s not started: the meshkeeper node agent is not serving on this node (%s), so it cannot tell whether the pod is meshed, and a meshed pod must never start unmeshed; the kubelet retries. Bring the node agent back (kubectl get pods -A -l app=meshkeeper-node-agent -o wide), or delete the Mesh, which removes this plugin", pod, cause(err, ErrAgentUnreachable))}
@@ -140,4 +146,22 @@ func (w wrapped) Unwrap() error { return w.err }
 // cause is err's message without the sentinel's prefix.
 func cause(err, sentinel error) string {
 	return strings.TrimPrefix(err.Error(), sentinel.Error()+": ")
+}
+
+// reconnectInterval is how often an ADD tries the agent's socket again
+// while no agent listens.
+const reconnectInterval = 100 * time.Millisecond
+
+// pause waits d unless ctx ends within it (then it returns false at once,
+// so the last attempt's error stands).
+func pause(ctx context.Context, d time.Duration) bool {
+	if dl, ok := ctx.Deadline(); ok && time.Until(dl) < 2*d {
+		return false
+	}
+	select {
+	case <-ctx.Done():
+		return false
+	case <-time.After(d):
+		return true
+	}
 }

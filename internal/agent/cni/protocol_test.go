@@ -103,6 +103,26 @@ func TestAddFailsClosed(t *testing.T) {
 		g.Expect(err).To(MatchError(ErrAgentUnreachable))
 		g.Expect(err.Error()).To(And(ContainSubstring("apps/web-0 not started"), ContainSubstring("kubelet retries"), ContainSubstring("delete the Mesh")))
 	})
+	t.Run("agent back within the timeout", func(t *testing.T) {
+		g := NewWithT(t)
+		sock := filepath.Join(t.TempDir(), "cni.sock")
+		go func() {
+			time.Sleep(300 * time.Millisecond) // a restarting agent
+			srv, err := Listen(sock, HandlerFunc(func(context.Context, Request, *os.File) Response {
+				return Response{Result: ResultEnrolled}
+			}), logr.Discard())
+			if err != nil {
+				t.Error(err)
+				return
+			}
+			ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
+			defer cancel()
+			_ = srv.Serve(ctx)
+		}()
+		resp, err := PluginAdd(context.Background(), PluginConf{Socket: sock, Timeout: "2s"}, pod, "cid", "/proc/self/ns/net")
+		g.Expect(err).NotTo(HaveOccurred(), "the ADD waits for the agent rather than fail at once")
+		g.Expect(resp.Result).To(Equal(ResultEnrolled))
+	})
 	t.Run("agent does not answer in time", func(t *testing.T) {
 		g := NewWithT(t)
 		release := make(chan struct{})
