@@ -181,7 +181,7 @@ func parseObject(data []byte) (*object, error) {
 	if _, err := dec.Token(); err != nil {
 		return nil, err
 	}
-	if _, err := dec.Token(); err != io.EOF {
+	if _, err := dec.Token(); !errors.Is(err, io.EOF) {
 		return nil, errors.New("data after the closing brace")
 	}
 	return o, nil
