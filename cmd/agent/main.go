@@ -5,6 +5,7 @@ package main
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"flag"
 	"fmt"
 	"io"
@@ -158,20 +159,23 @@ func uninstall(args []string) error {
 	binDir := fs.String("cni-bin-dir", "", "the node's CNI bin directory: the plugin binary is removed")
 	_ = fs.Parse(args)
 	// The plugin first: once the datapath is gone it could only fail pods.
+	// The datapath goes even when the plugin could not (both errors are
+	// reported, and the cleanup pod retries).
+	var cniErr error
 	if *confDir != "" || *binDir != "" {
 		changed, err := cni.Uninstall(*confDir, *binDir)
-		if err != nil {
-			return err
-		}
 		for _, c := range changed {
 			fmt.Println("meshkeeper CNI plugin removed from", c)
 		}
+		if err != nil {
+			cniErr = fmt.Errorf("remove the CNI plugin: %w", err)
+		}
 	}
 	if err := agent.Uninstall(*pinPath); err != nil {
-		return err
+		return errors.Join(cniErr, err)
 	}
 	fmt.Println("meshkeeper datapath removed from", *pinPath)
-	return nil
+	return cniErr
 }
 
 func installCNI(args []string) error {
