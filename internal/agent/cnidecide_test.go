@@ -9,6 +9,7 @@ import (
 
 	"github.com/go-logr/logr/testr"
 	. "github.com/onsi/gomega"
+	"github.com/prometheus/client_golang/prometheus/testutil"
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"sigs.k8s.io/controller-runtime/pkg/envtest"
@@ -87,6 +88,10 @@ func TestCNIHandlerDecidesLikeTheWatcher(t *testing.T) {
 	go func() { _ = w.Run(ctx) }()
 	h := &CNIHandler{Pods: w, Enroller: enroller, Log: testr.New(t)}
 
+	count := func(result cni.Result) float64 {
+		return testutil.ToFloat64(cniRequests.WithLabelValues(string(cni.CommandAdd), string(result)))
+	}
+	enrolledBefore, skippedBefore, errorsBefore := count(cni.ResultEnrolled), count(cni.ResultSkipped), count(cni.ResultError)
 	netns := newTestNetns(t)
 	ask := func(cmd cni.Command, p *corev1.Pod, uid string) cni.Response {
 		t.Helper()
@@ -136,4 +141,6 @@ func TestCNIHandlerDecidesLikeTheWatcher(t *testing.T) {
 	g.Expect(r.Result).To(Equal(cni.ResultError))
 	g.Expect(r.Message).To(ContainSubstring("the sandbox is for"))
 	g.Expect(dp.EnrolledNetns()).To(BeEmpty())
+	// What /metrics says of these ADDs.
+	g.Expect([]float64{count(cni.ResultEnrolled) - enrolledBefore, count(cni.ResultSkipped) - skippedBefore, count(cni.ResultError) - errorsBefore}).To(Equal([]float64{2, 3, 2}))
 }

@@ -131,6 +131,7 @@ const podCacheWait = 500 * time.Millisecond
 func (h *CNIHandler) Handle(ctx context.Context, req cni.Request, netns *os.File) cni.Response {
 	began := time.Now()
 	resp := h.handle(ctx, req, netns)
+	observeCNI(string(req.Command), string(resp.Result), time.Since(began))
 	log := h.Log.WithValues("command", req.Command, "pod", req.Namespace+"/"+req.Name, "result", resp.Result, "took", time.Since(began).Round(time.Microsecond).String())
 	switch {
 	case resp.Result == cni.ResultError:

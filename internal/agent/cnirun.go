@@ -5,6 +5,7 @@ import (
 	"time"
 
 	"github.com/go-logr/logr"
+	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/meshkeeper/meshkeeper/internal/agent/cni"
 )
@@ -26,6 +27,27 @@ type CNIOptions struct {
 	Timeout time.Duration
 	// ExcludeNamespaces pass through the plugin without asking the agent.
 	ExcludeNamespaces []string
+}
+
+// The agent's CNI metrics: what the plugin asked and how long the agent
+// took to answer an ADD (the time it adds to a pod's start).
+var (
+	cniRequests = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "meshkeeper_agent_cni_requests_total",
+		Help: "CNI plugin requests answered by the agent, by command (ADD, DEL, CHECK) and result (Enrolled, Skipped, Error).",
+	}, []string{"command", "result"})
+	cniAddSeconds = prometheus.NewHistogram(prometheus.HistogramOpts{
+		Name:    "meshkeeper_agent_cni_add_duration_seconds",
+		Help:    "Time the agent took to answer a CNI ADD: deciding whether the pod is meshed and enrolling it.",
+		Buckets: []float64{0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5},
+	})
+)
+
+func observeCNI(cmd, result string, took time.Duration) {
+	cniRequests.WithLabelValues(cmd, result).Inc()
+	if cmd == "ADD" {
+		cniAddSeconds.Observe(took.Seconds())
+	}
 }
 
 // CNIReinstallInterval is how often the agent checks that its plugin is

@@ -172,8 +172,11 @@ var _ = Describe("The node agent as a real pod on a real node", Ordered, func() 
 	})
 
 	It("lets none of 50 pods that connect the instant they start escape the redirect (CNI-time enrolment)", func(ctx SpecContext) {
+		before := agentMetrics(Default, ctx)["meshkeeper_agent_cni_add_duration_seconds_count"]
 		expectNoEscapes(ctx, serverIP, 50, 10)
 		expectEnrolled(ctx, clients+1)
+		// The agent's metrics count the ADDs it answered.
+		Expect(agentMetrics(Default, ctx)["meshkeeper_agent_cni_add_duration_seconds_count"] - before).To(BeNumerically(">=", 50))
 	})
 
 	It("fails closed: with no agent on the node a meshed pod does not start; once the agent is back it starts enrolled", func(ctx SpecContext) {
