@@ -5,13 +5,17 @@ package main
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"flag"
 	"fmt"
 	"io"
 	"os"
 	"os/signal"
 	"runtime/debug"
+	"slices"
+	"strings"
 	"syscall"
+	"time"
 
 	"github.com/go-logr/logr"
 	"k8s.io/client-go/rest"
@@ -20,6 +24,7 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/log/zap"
 
 	"github.com/meshkeeper/meshkeeper/internal/agent"
+	"github.com/meshkeeper/meshkeeper/internal/agent/cni"
 )
 
 var version = "dev"
@@ -27,7 +32,9 @@ var version = "dev"
 const usageText = `usage: agent <command> [flags]
   run        preflight, report the node's MeshNode, load or adopt the eBPF datapath,
              enroll the node's pods and serve metrics until SIGTERM (which detaches nothing)
-  uninstall  detach and remove every pinned program, map and link (idempotent)
+  uninstall  detach and remove every pinned program, map and link, and the CNI plugin (idempotent)
+  install-cni  copy the CNI plugin into the CNI bin directory and chain it into the node's conflist once
+             (run does this itself and keeps it chained)
   preflight  check this node's kernel for eBPF redirection; prints JSON, exits 3 when ineligible
   version    print the agent version
 Run "agent <command> -h" for a command's flags.`
@@ -42,6 +49,8 @@ func main() {
 		err = run(os.Args[2:])
 	case "uninstall":
 		err = uninstall(os.Args[2:])
+	case "install-cni":
+		err = installCNI(os.Args[2:])
 	case "preflight":
 		err = preflight(os.Args[2:], os.Stdout)
 	case "version":
@@ -88,7 +97,16 @@ func run(args []string) error {
 	fs.BoolVar(&noKube, "no-kube", false, "run without an API server: no MeshNode, pods from --pods-file (tests, debugging)")
 	fs.StringVar(&o.PodsFile, "pods-file", "", "with --no-kube: pods to enroll, one \"<namespace>/<name> <uid> [<netns path>]\" per line; re-read when it changes")
 	fs.Int64Var(&memLimit, "memory-limit", 24<<20, "Go soft memory limit in bytes unless $GOMEMLIMIT is set; 0 disables")
+	var exclude string
+	fs.StringVar(&o.CNI.Socket, "cni-socket", "", "unix socket the CNI plugin asks to enrol new pods on (e.g. "+cni.DefaultSocket+"); empty disables CNI-time enrolment")
+	fs.StringVar(&o.CNI.HostSocket, "cni-host-socket", "", "the same socket's path on the host, written into the plugin's conf (default --cni-socket)")
+	fs.StringVar(&o.CNI.ConfDir, "cni-conf-dir", "", "the node's CNI config directory; when set the plugin is chained into its conflist and kept there")
+	fs.StringVar(&o.CNI.BinDir, "cni-bin-dir", "", "the node's CNI bin directory the plugin is copied into")
+	fs.StringVar(&o.CNI.PluginBinary, "cni-plugin", "/"+cni.PluginType, "the CNI plugin binary to install (in the agent's image)")
+	fs.DurationVar(&o.CNI.Timeout, "cni-timeout", cni.DefaultTimeout, "how long the plugin waits for the agent before it fails a pod's sandbox (fail closed)")
+	fs.StringVar(&exclude, "cni-exclude-namespaces", "kube-system,"+os.Getenv("POD_NAMESPACE"), "comma-separated namespaces whose pods the plugin passes without asking the agent, even when the agent is down (default: kube-system and $POD_NAMESPACE, the agent's own)")
 	_ = fs.Parse(args)
+	o.CNI.ExcludeNamespaces = splitList(exclude)
 	if capturePort == 0 || capturePort > 65535 {
 		return fmt.Errorf("--capture-port %d: want 1-65535", capturePort)
 	}
@@ -137,12 +155,59 @@ func restConfig(kubeconfig string) (*rest.Config, error) {
 func uninstall(args []string) error {
 	fs := flag.NewFlagSet("uninstall", flag.ExitOnError)
 	pinPath := fs.String("pin-path", agent.DefaultPinPath, "bpffs directory the agent pinned to")
+	confDir := fs.String("cni-conf-dir", "", "the node's CNI config directory: the plugin's entry is removed from its conflists")
+	binDir := fs.String("cni-bin-dir", "", "the node's CNI bin directory: the plugin binary is removed")
 	_ = fs.Parse(args)
+	// The plugin first: once the datapath is gone it could only fail pods.
+	// The datapath goes even when the plugin could not (both errors are
+	// reported, and the cleanup pod retries).
+	var cniErr error
+	if *confDir != "" || *binDir != "" {
+		changed, err := cni.Uninstall(*confDir, *binDir)
+		for _, c := range changed {
+			fmt.Println("meshkeeper CNI plugin removed from", c)
+		}
+		if err != nil {
+			cniErr = fmt.Errorf("remove the CNI plugin: %w", err)
+		}
+	}
 	if err := agent.Uninstall(*pinPath); err != nil {
-		return err
+		return errors.Join(cniErr, err)
 	}
 	fmt.Println("meshkeeper datapath removed from", *pinPath)
+	return cniErr
+}
+
+func installCNI(args []string) error {
+	fs := flag.NewFlagSet("install-cni", flag.ExitOnError)
+	o := cni.InstallOptions{}
+	var timeout time.Duration
+	var exclude string
+	fs.StringVar(&o.ConfDir, "cni-conf-dir", "/etc/cni/net.d", "the node's CNI config directory")
+	fs.StringVar(&o.BinDir, "cni-bin-dir", "/opt/cni/bin", "the node's CNI bin directory")
+	fs.StringVar(&o.PluginBinary, "cni-plugin", "/"+cni.PluginType, "the CNI plugin binary to install")
+	fs.StringVar(&o.Conf.Socket, "cni-host-socket", cni.DefaultSocket, "the agent's socket on the host")
+	fs.DurationVar(&timeout, "cni-timeout", cni.DefaultTimeout, "how long the plugin waits for the agent")
+	fs.StringVar(&exclude, "cni-exclude-namespaces", "kube-system", "comma-separated namespaces the plugin passes without asking")
+	_ = fs.Parse(args)
+	o.Conf.Timeout = timeout.String()
+	o.Conf.ExcludeNamespaces = splitList(exclude)
+	r, err := cni.Install(o)
+	if err != nil {
+		return err
+	}
+	fmt.Printf("meshkeeper CNI plugin chained into %s (config changed: %v, binary changed: %v)\n", r.ConfFile, r.ConfChanged, r.BinaryChanged)
 	return nil
+}
+
+func splitList(s string) []string {
+	var out []string
+	for _, f := range strings.Split(s, ",") {
+		if f = strings.TrimSpace(f); f != "" && !slices.Contains(out, f) {
+			out = append(out, f)
+		}
+	}
+	return out
 }
 
 func preflight(args []string, out io.Writer) error {

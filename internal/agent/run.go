@@ -47,7 +47,9 @@ type RunOptions struct {
 	// Ready, when set, is closed once the datapath is loaded (or known to
 	// be unavailable) and enrolment is running.
 	Ready chan<- struct{}
-	Log   logr.Logger
+	// CNI configures CNI-time enrolment (needs RestConfig); zero disables it.
+	CNI CNIOptions
+	Log logr.Logger
 }
 
 // Run is the node agent: preflight, report the node, load or adopt the
@@ -94,6 +96,7 @@ func Run(ctx context.Context, o RunOptions) error {
 
 	if !result.Eligible {
 		log.Info("Node is not eligible for eBPF redirection; nothing is attached", "reason", result.Reason)
+		o.CNI.remove(log, "the node is not eligible for eBPF redirection")
 		signalReady(o.Ready)
 		<-ctx.Done()
 		return nil
@@ -107,6 +110,7 @@ func Run(ctx context.Context, o RunOptions) error {
 		st.Reason = "the node agent can enrol no pod: " + err.Error()
 		reporter.report(st)
 		collector.SetNotReady(st.Reason)
+		o.CNI.remove(log, "the agent can enrol no pod")
 		signalReady(o.Ready)
 		<-ctx.Done()
 		return nil
@@ -126,6 +130,7 @@ func Run(ctx context.Context, o RunOptions) error {
 		st := MeshNodeStatus(result, err, o.AgentVersion, time.Now())
 		reporter.report(st)
 		collector.SetNotReady(st.Reason)
+		o.CNI.remove(log, "the eBPF datapath did not load")
 		signalReady(o.Ready)
 		<-ctx.Done()
 		return nil
@@ -145,6 +150,8 @@ func Run(ctx context.Context, o RunOptions) error {
 			log.Info("Stopping; datapath stays attached", "reason", why)
 			return
 		}
+		// Pods must start without the plugin once the node has left.
+		o.CNI.remove(log, why)
 		if err := Uninstall(o.PinPath); err != nil {
 			log.Error(err, "Removing the datapath on exit failed", "reason", why)
 			return
@@ -170,6 +177,13 @@ func Run(ctx context.Context, o RunOptions) error {
 	if kube != nil {
 		w := &PodWatcher{Client: kube.Core, NodeName: o.NodeName, NamespaceSelector: o.NamespaceSelector, Enroller: enroller, Log: log.WithName("watch")}
 		go func() { errc <- w.Run(ctx) }()
+		if o.CNI.Socket != "" {
+			stopCNI, err := startCNI(ctx, o.CNI, &CNIHandler{Pods: w, Enroller: enroller, Log: log.WithName("cni")}, log.WithName("cni"))
+			if err != nil {
+				return err
+			}
+			defer stopCNI()
+		}
 	} else if o.PodsFile != "" {
 		go func() { errc <- watchPodsFile(ctx, o.PodsFile, enroller, log.WithName("podsfile")) }()
 	}

@@ -3,6 +3,7 @@ package agent
 import (
 	"context"
 	"fmt"
+	"sync"
 
 	"github.com/go-logr/logr"
 	corev1 "k8s.io/api/core/v1"
@@ -48,6 +49,13 @@ type PodWatcher struct {
 
 	pods       cache.SharedIndexInformer
 	namespaces cache.SharedIndexInformer
+	syncOnce   sync.Once
+	synced     chan struct{} // closed once both caches are complete
+}
+
+func (w *PodWatcher) syncedCh() chan struct{} {
+	w.syncOnce.Do(func() { w.synced = make(chan struct{}) })
+	return w.synced
 }
 
 // Run watches until ctx ends. Once the informers have synced and every
@@ -78,6 +86,7 @@ func (w *PodWatcher) Run(ctx context.Context) error {
 	if !cache.WaitForCacheSync(ctx.Done(), w.pods.HasSynced, w.namespaces.HasSynced) {
 		return ctx.Err()
 	}
+	close(w.syncedCh())
 	// Handlers go on after both caches are complete, so a pod's namespace is
 	// always known when the pod is handled; existing objects are replayed.
 	podReg, err := w.pods.AddEventHandler(cache.ResourceEventHandlerFuncs{

@@ -10,6 +10,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"runtime"
+	"slices"
 	"strings"
 	"time"
 
@@ -33,6 +34,9 @@ type Image struct {
 	Binary string
 	// Entrypoint defaults to [Binary].
 	Entrypoint []string
+	// Extra are more main packages whose binaries the image carries, each
+	// at /<base of its package> in a layer of its own.
+	Extra []string
 }
 
 // The images of the real-node tests (see test/images).
@@ -42,8 +46,9 @@ var (
 	// ZtunnelStandInImage stands in for upstream ztunnel; it only serves
 	// readiness (test/images/ztunnel-stand-in).
 	ZtunnelStandInImage = Image{Ref: "meshkeeper.test/ztunnel-stand-in:dev", Package: "./test/images/ztunnel-stand-in"}
-	// AgentImage is the shipped node agent, cmd/agent.
-	AgentImage = Image{Ref: "meshkeeper.test/agent:dev", Package: "./cmd/agent", Binary: "/agent"}
+	// AgentImage is the shipped node agent, cmd/agent, with the CNI plugin
+	// it installs on its node (cmd/meshkeeper-cni), as Dockerfile.agent.
+	AgentImage = Image{Ref: "meshkeeper.test/agent:dev", Package: "./cmd/agent", Binary: "/agent", Extra: []string{"./cmd/meshkeeper-cni"}}
 )
 
 // BuildImages compiles each image's package (CGO off, linux/amd64 of this
@@ -65,6 +70,11 @@ func BuildImages(ctx context.Context, dst string, imgs ...Image) (time.Duration,
 	var pkgs []string
 	for _, im := range imgs {
 		pkgs = append(pkgs, im.Package)
+		for _, x := range im.Extra {
+			if !slices.Contains(pkgs, x) {
+				pkgs = append(pkgs, x)
+			}
+		}
 	}
 	cmd := exec.CommandContext(ctx, "go", append([]string{"build", "-trimpath", "-ldflags=-s -w", "-o", work + "/"}, pkgs...)...)
 	cmd.Dir = root
@@ -83,6 +93,19 @@ func BuildImages(ctx context.Context, dst string, imgs ...Image) (time.Duration,
 		img, err := binaryImage(built, bin, im.Entrypoint)
 		if err != nil {
 			return 0, fmt.Errorf("images: %s: %w", im.Ref, err)
+		}
+		for _, x := range im.Extra {
+			data, err := os.ReadFile(filepath.Join(work, filepath.Base(x)))
+			if err != nil {
+				return 0, fmt.Errorf("images: %s: %w", im.Ref, err)
+			}
+			layer, err := fileLayer(filepath.Base(x), data)
+			if err != nil {
+				return 0, fmt.Errorf("images: %s: %w", im.Ref, err)
+			}
+			if img, err = mutate.AppendLayers(img, layer); err != nil {
+				return 0, fmt.Errorf("images: %s: %w", im.Ref, err)
+			}
 		}
 		ref, err := name.ParseReference(im.Ref, name.StrictValidation)
 		if err != nil {

@@ -66,6 +66,10 @@ type RealNodeInfo struct {
 	// StateDir holds containerd's root and state, the kubelet's root dir,
 	// the CNI config and IPAM data: everything the node writes.
 	StateDir string
+	// CNIConfDir and CNIBinDir are the node's CNI config directory and its
+	// own CNI bin directory (the runtime also reads /usr/lib/cni), both in
+	// StateDir: what a chained plugin's installer is pointed at.
+	CNIConfDir, CNIBinDir string
 	// ContainerdSocket is containerd's gRPC socket (for ctr -a).
 	ContainerdSocket string
 	BinDir           string
@@ -195,7 +199,8 @@ func (c *Cluster) prepareRealNode(ctx context.Context, o RealNode, api *envtest.
 	if err := os.WriteFile(filepath.Join(r.dir, "before.json"), r.before.JSON(), 0o644); err != nil {
 		return err
 	}
-	r.info = RealNodeInfo{Name: o.Name, StateDir: r.dir, ContainerdSocket: filepath.Join(r.dir, "containerd.sock"), BinDir: binDir}
+	r.info = RealNodeInfo{Name: o.Name, StateDir: r.dir, ContainerdSocket: filepath.Join(r.dir, "containerd.sock"), BinDir: binDir,
+		CNIConfDir: filepath.Join(r.dir, "cni/net.d"), CNIBinDir: filepath.Join(r.dir, "cni/bin")}
 
 	if err := run(ctx, "ip", "link", "add", RealNodeBridge, "type", "bridge"); err != nil {
 		return err
@@ -260,7 +265,7 @@ func (c *Cluster) startRealNode(ctx context.Context, caFile string) error {
 	r := c.real
 	r.began = time.Now()
 	d := r.dir
-	for _, sub := range []string{"containerd/root", "containerd/state", "runc", "cni/net.d", "cni/ipam", "kubelet", "pod-logs"} {
+	for _, sub := range []string{"containerd/root", "containerd/state", "runc", "cni/net.d", "cni/bin", "cni/ipam", "kubelet", "pod-logs"} {
 		if err := os.MkdirAll(filepath.Join(d, sub), 0o755); err != nil {
 			return err
 		}
@@ -580,7 +585,9 @@ disabled_plugins = ["io.containerd.internal.v1.opt", "io.containerd.tracing.proc
         Root = %[5]q
         SystemdCgroup = false
   [plugins."io.containerd.cri.v1.runtime".cni]
-    bin_dirs = [%[6]q]
+    # The machine's plugins, then the node's own bin directory, where a
+    # chained plugin such as meshkeeper-cni is installed.
+    bin_dirs = [%[6]q, %[9]q]
     conf_dir = %[7]q
     max_conf_num = 1
 
@@ -593,7 +600,7 @@ disabled_plugins = ["io.containerd.internal.v1.opt", "io.containerd.tracing.proc
   stream_server_port = "0"
 `, filepath.Join(dir, "containerd/root"), filepath.Join(dir, "containerd/state"),
 		filepath.Join(dir, "containerd.sock"), filepath.Join(dir, "containerd.sock.ttrpc"),
-		filepath.Join(dir, "runc"), cniBinDir, filepath.Join(dir, "cni/net.d"), PauseImage.Ref)
+		filepath.Join(dir, "runc"), cniBinDir, filepath.Join(dir, "cni/net.d"), PauseImage.Ref, filepath.Join(dir, "cni/bin"))
 }
 
 func kubeletConfig(dir string, port, healthzPort int, caFile string) string {

@@ -60,7 +60,7 @@ type HostSnapshot struct {
 var hostPaths = []string{
 	"/var/lib/kubelet", "/var/lib/containerd", "/run/containerd", "/opt/containerd",
 	"/etc/cni/net.d", "/var/lib/cni", "/var/run/netns", "/run/netns",
-	"/var/log/pods", "/var/log/containers", "/var/run/ztunnel", "/etc/kubernetes",
+	"/var/log/pods", "/var/log/containers", "/var/run/ztunnel", "/var/run/meshkeeper", "/etc/kubernetes",
 	"/sys/fs/bpf/meshkeeper",
 }
 

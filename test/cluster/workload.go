@@ -13,6 +13,8 @@ type WorkloadStats struct {
 	OK        int64  `json:"ok"`
 	Failed    int64  `json:"failed"`
 	LastError string `json:"lastError"`
+	// Peers (server) counts answered connections by peer address.
+	Peers map[string]int64 `json:"peers"`
 }
 
 // GetWorkloadStats reads a workload container's counters from the host

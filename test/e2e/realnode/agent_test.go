@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"net/http"
 	"os"
+	"path/filepath"
 	"slices"
 	"sort"
 	"strconv"
@@ -22,6 +23,7 @@ import (
 
 	meshv1 "github.com/meshkeeper/meshkeeper/api/v1alpha1"
 	"github.com/meshkeeper/meshkeeper/internal/agent"
+	"github.com/meshkeeper/meshkeeper/internal/agent/cni"
 	"github.com/meshkeeper/meshkeeper/test/cluster"
 )
 
@@ -94,6 +96,22 @@ var _ = Describe("The node agent as a real pod on a real node", Ordered, func() 
 		Expect(mn.Status.Eligible).To(BeTrue())
 	})
 
+	It("chains its CNI plugin into the real node's conflist, after the node's own plugins, and serves it", func(ctx SpecContext) {
+		rn := kc.RealNode()
+		Eventually(func(g Gomega) {
+			ps := conflistPlugins(g)
+			g.Expect(pluginTypes(ps)).To(Equal([]string{"bridge", "loopback", cni.PluginType}))
+			g.Expect(ps[2]["socket"]).To(Equal(filepath.Join(rn.StateDir, "run", "cni.sock")))
+			g.Expect(ps[2]["excludeNamespaces"]).To(ConsistOf("kube-system", "istio-system"))
+		}).WithContext(ctx).WithTimeout(30 * time.Second).Should(Succeed())
+		st, err := os.Stat(filepath.Join(rn.CNIBinDir, cni.PluginType))
+		Expect(err).NotTo(HaveOccurred(), "the plugin binary in the node's CNI bin directory")
+		Expect(st.Mode().Perm() & 0o111).NotTo(BeZero())
+		sock, err := os.Stat(filepath.Join(rn.StateDir, "run", "cni.sock"))
+		Expect(err).NotTo(HaveOccurred())
+		Expect(sock.Mode() & os.ModeSocket).NotTo(BeZero())
+	})
+
 	It("enrols the meshed namespace's pods: agent metrics, MeshNode status and the bpf map agree", func(ctx SpecContext) {
 		Expect(kc.Client.Create(ctx, serverPod("server"))).To(Succeed())
 		serverIP = waitPodIP(ctx, appsNS, "server")
@@ -153,8 +171,80 @@ var _ = Describe("The node agent as a real pod on a real node", Ordered, func() 
 		}
 	})
 
-	It("measures the time from a pod's sandbox start to its enrolment", func(ctx SpecContext) {
-		measureEnrolment(ctx, 50)
+	It("lets none of 50 pods that connect the instant they start escape the redirect (CNI-time enrolment)", func(ctx SpecContext) {
+		before := agentMetrics(Default, ctx)["meshkeeper_agent_cni_add_duration_seconds_count"]
+		expectNoEscapes(ctx, serverIP, 50, 10)
+		expectEnrolled(ctx, clients+1)
+		// The agent's metrics count the ADDs it answered.
+		Expect(agentMetrics(Default, ctx)["meshkeeper_agent_cni_add_duration_seconds_count"] - before).To(BeNumerically(">=", 50))
+	})
+
+	It("fails closed: with no agent on the node a meshed pod does not start; once the agent is back it starts enrolled", func(ctx SpecContext) {
+		rn := kc.RealNode()
+		sockPath := filepath.Join(rn.StateDir, "run", "cni.sock")
+		// Keep the agent off the node: a nodeSelector matching no node, on
+		// a DaemonSet taken over from meshkeeper's drift repair
+		// (meshkeeper.dev/ignore) for the while.
+		offPatch := `{"metadata":{"annotations":{"meshkeeper.dev/ignore":"true"}},"spec":{"template":{"spec":{"nodeSelector":{"meshkeeper.test/agent-off":"true"}}}}}`
+		onPatch := `{"metadata":{"annotations":{"meshkeeper.dev/ignore":null}},"spec":{"template":{"spec":{"nodeSelector":{"meshkeeper.test/agent-off":null}}}}}`
+		kubectl(ctx, "patch", "daemonset", "-n", "istio-system", "meshkeeper-node-agent", "--type=merge", "-p", offPatch)
+		DeferCleanup(func(ctx SpecContext) {
+			_, _, _ = kc.Kubectl(ctx, "patch", "daemonset", "-n", "istio-system", "meshkeeper-node-agent", "--type=merge", "-p", onPatch)
+		})
+		Eventually(func(g Gomega) {
+			var pods corev1.PodList
+			g.Expect(kc.Client.List(ctx, &pods, client.InNamespace("istio-system"), client.MatchingLabels{"meshkeeper.dev/component": "node-agent"})).To(Succeed())
+			for _, p := range pods.Items {
+				g.Expect(p.Spec.NodeName).NotTo(Equal(realNode), "agent pod %s still on %s", p.Name, realNode)
+			}
+			_, err := os.Stat(sockPath)
+			g.Expect(os.IsNotExist(err)).To(BeTrue(), "the agent's CNI socket after it stopped: %v", err)
+		}).WithContext(ctx).WithTimeout(90 * time.Second).WithPolling(250 * time.Millisecond).Should(Succeed())
+		// The plugin stays chained: the node still redirects with eBPF.
+		Expect(pluginTypes(conflistPlugins(Default))).To(ContainElement(cni.PluginType))
+
+		Expect(kc.Client.Create(ctx, serverPod("held"))).To(Succeed())
+		DeferCleanup(func(ctx SpecContext) {
+			_, _, _ = kc.Kubectl(ctx, "delete", "pod", "-n", appsNS, "held", "--ignore-not-found", "--wait=false")
+		})
+		var why string
+		Eventually(func(g Gomega) {
+			var events corev1.EventList
+			g.Expect(kc.Client.List(ctx, &events, client.InNamespace(appsNS))).To(Succeed())
+			for _, e := range events.Items {
+				if e.InvolvedObject.Name == "held" && e.Reason == "FailedCreatePodSandBox" {
+					why = e.Message
+				}
+			}
+			g.Expect(why).To(ContainSubstring("the meshkeeper node agent is not serving on this node"))
+		}).WithContext(ctx).WithTimeout(60 * time.Second).WithPolling(500 * time.Millisecond).Should(Succeed())
+		GinkgoWriter.Printf("pod apps/held while the agent is away: FailedCreatePodSandBox: %s\n", why)
+		var held corev1.Pod
+		Expect(kc.Client.Get(ctx, client.ObjectKey{Namespace: appsNS, Name: "held"}, &held)).To(Succeed())
+		Expect(held.Status.Phase).To(Equal(corev1.PodPending))
+		Expect(held.Status.PodIP).To(BeEmpty(), "no sandbox, no address")
+
+		// kube-system is excluded: the node's system pods start regardless.
+		sys := serverPod("excluded-while-agent-away")
+		sys.Namespace = "kube-system"
+		Expect(kc.Client.Create(ctx, sys)).To(Succeed())
+		waitPodIP(ctx, "kube-system", sys.Name)
+		kubectl(ctx, "delete", "pod", "-n", "kube-system", sys.Name, "--wait=false")
+
+		kubectl(ctx, "patch", "daemonset", "-n", "istio-system", "meshkeeper-node-agent", "--type=merge", "-p", onPatch)
+		back := time.Now()
+		agentPod = runningAgentPod(ctx)
+		waitPodIP(ctx, appsNS, "held")
+		GinkgoWriter.Printf("agent back: pod apps/held started %s after the agent's DaemonSet returned to the node\n", time.Since(back).Round(time.Millisecond))
+		Expect(kc.Client.Get(ctx, client.ObjectKey{Namespace: appsNS, Name: "held"}, &held)).To(Succeed())
+		entries, err := agent.PinnedEnrolled("")
+		Expect(err).NotTo(HaveOccurred())
+		var enrolledUIDs []string
+		for _, e := range entries {
+			enrolledUIDs = append(enrolledUIDs, agent.PodUIDOf(&e))
+		}
+		Expect(enrolledUIDs).To(ContainElement(string(held.UID)), "apps/held enrolled once it started")
+		kubectl(ctx, "delete", "pod", "-n", appsNS, "held", "--wait", "--timeout=60s")
 		expectEnrolled(ctx, clients+1)
 	})
 
@@ -180,6 +270,16 @@ var _ = Describe("The node agent as a real pod on a real node", Ordered, func() 
 		}
 		_, err = agent.PinnedEnrolled("")
 		Expect(err).To(MatchError(os.ErrNotExist))
+		// The CNI plugin: unchained (the node's own plugins untouched),
+		// binary and socket gone, and new pods start without it.
+		rn := kc.RealNode()
+		Expect(pluginTypes(conflistPlugins(Default))).To(Equal([]string{"bridge", "loopback"}))
+		_, err = os.Stat(filepath.Join(rn.CNIBinDir, cni.PluginType))
+		Expect(os.IsNotExist(err)).To(BeTrue(), "the plugin binary after the Mesh was deleted: %v", err)
+		_, err = os.Stat(filepath.Join(rn.StateDir, "run", "cni.sock"))
+		Expect(os.IsNotExist(err)).To(BeTrue(), "the CNI socket after the Mesh was deleted: %v", err)
+		Expect(kc.Client.Create(ctx, serverPod("after-uninstall"))).To(Succeed())
+		waitPodIP(ctx, appsNS, "after-uninstall")
 		// Workloads keep talking, now directly.
 		for _, ip := range clientIPs {
 			s1, err := cluster.GetWorkloadStats(ctx, ip+":9000")
@@ -392,110 +492,115 @@ func agentMetrics(g Gomega, ctx context.Context) map[string]float64 {
 	return out
 }
 
-// measureEnrolment starts n pods at once in the meshed namespace and, by
-// polling the pinned map from the host every 10 ms, times each from its
-// sandbox's creation (containerd's record) to its netns appearing in the
-// map. It prints a table; it asserts only that every pod got enrolled.
-func measureEnrolment(ctx context.Context, n int) {
+// starterPod is a client that connects the instant it starts, with no
+// init container and no capture listener in the pod: a connection the
+// datapath redirects goes to 127.0.0.1:15001 in the pod, where nothing
+// listens, and is refused; one that escapes the redirect (the pod started
+// before its enrolment) reaches the server and is answered.
+func starterPod(name, target string) *corev1.Pod {
+	p := onRealNode(name, []corev1.Container{{
+		Name: "client", Image: cluster.WorkloadImage.Ref, ImagePullPolicy: corev1.PullNever,
+		Args: []string{"client", "--target=" + target, "--interval=50ms", "--stats=:9000"},
+	}})
+	p.Labels["starter"] = "true"
+	return p
+}
+
+// expectNoEscapes starts n starter pods, batch at a time, and checks that
+// not one of their connections reached the server around the redirect: on
+// the client's side (no answered connection, at least one refused) and on
+// the server's (no connection from the pod's address). It prints the time
+// the agent took to answer each pod's CNI ADD.
+func expectNoEscapes(ctx context.Context, serverIP string, n, batch int) {
 	GinkgoHelper()
-	seen := map[string]time.Time{}
-	pods := map[string]bool{}
-	for i := range n {
-		p := serverPod(fmt.Sprintf("measure-%02d", i))
-		p.Labels["measure"] = "true"
-		Expect(kc.Client.Create(ctx, p)).To(Succeed())
-		pods[p.Name] = true
+	var names []string
+	for b := 0; b*batch < n; b++ {
+		before := stats(Default, ctx, serverIP+":9000").Peers
+		var pods []string
+		for i := b * batch; i < min(n, (b+1)*batch); i++ {
+			p := starterPod(fmt.Sprintf("starter-%02d", i), serverIP+":8080")
+			Expect(kc.Client.Create(ctx, p)).To(Succeed())
+			pods = append(pods, p.Name)
+		}
+		ips := map[string]string{}
+		for _, name := range pods {
+			ips[name] = waitPodIP(ctx, appsNS, name)
+		}
+		for _, name := range pods {
+			var s cluster.WorkloadStats
+			Eventually(func(g Gomega) {
+				s = stats(g, ctx, ips[name]+":9000")
+				g.Expect(s.Failed).To(BeNumerically(">=", 1), "pod %s has tried to connect", name)
+			}).WithContext(ctx).WithTimeout(20 * time.Second).Should(Succeed())
+			Expect(s.OK).To(BeZero(), "pod %s: %d connections reached the server around the redirect", name, s.OK)
+			Expect(s.LastError).To(ContainSubstring("connection refused"), "pod %s: redirected to the empty capture port", name)
+		}
+		after := stats(Default, ctx, serverIP+":9000").Peers
+		for _, name := range pods {
+			ip := ips[name]
+			Expect(after[ip]-before[ip]).To(BeZero(), "the server answered %d connections from pod %s (%s) directly", after[ip]-before[ip], name, ip)
+		}
+		kubectl(ctx, "delete", "pods", "-n", appsNS, "-l", "starter=true", "--wait", "--timeout=120s")
+		names = append(names, pods...)
 	}
-	deadline := time.Now().Add(3 * time.Minute)
-	uidOf := map[string]string{}
-	for time.Now().Before(deadline) {
-		now := time.Now()
-		if entries, err := agent.PinnedEnrolled(""); err == nil {
-			for _, e := range entries {
-				uid := agent.PodUIDOf(&e)
-				if _, ok := seen[uid]; !ok {
-					seen[uid] = now
-				}
-			}
-		}
-		if len(uidOf) < n {
-			var list corev1.PodList
-			Expect(kc.Client.List(ctx, &list, client.InNamespace(appsNS), client.MatchingLabels{"measure": "true"})).To(Succeed())
-			for _, p := range list.Items {
-				uidOf[p.Name] = string(p.UID)
-			}
-		}
-		done := len(uidOf) == n
-		for _, uid := range uidOf {
-			if _, ok := seen[uid]; !ok {
-				done = false
-			}
-		}
-		if done {
-			break
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
-	sandboxes := map[string]time.Time{}
-	var problems []string
-	for range 3 {
-		var missing bool
-		sandboxes, problems = sandboxCreated(ctx)
-		for _, uid := range uidOf {
-			if _, ok := sandboxes[uid]; !ok {
-				missing = true
-			}
-		}
-		if !missing {
-			break
-		}
-		time.Sleep(time.Second)
-	}
+	took := cniAddTimes(ctx)
 	var lat []time.Duration
-	for name, uid := range uidOf {
-		at, ok := seen[uid]
-		Expect(ok).To(BeTrue(), "pod %s (%s) never enrolled", name, uid)
-		created, ok := sandboxes[uid]
-		Expect(ok).To(BeTrue(), "no sandbox of pod %s (%s) among %d in containerd: %v", name, uid, len(sandboxes), problems)
-		lat = append(lat, at.Sub(created))
+	for _, name := range names {
+		d, ok := took[appsNS+"/"+name]
+		Expect(ok).To(BeTrue(), "no CNI ADD of %s in the agent's log", name)
+		lat = append(lat, d)
 	}
 	sort.Slice(lat, func(i, j int) bool { return lat[i] < lat[j] })
 	pct := func(p float64) time.Duration { return lat[min(len(lat)-1, int(p*float64(len(lat))))] }
-	GinkgoWriter.Printf("\nsandbox start → enrolment on the real node, %d pods created at once (map polled every 10 ms):\n", len(lat))
+	GinkgoWriter.Printf("\nCNI ADD answered by the agent (decide + enrol), %d pod starts in batches of %d, zero escapes:\n", len(lat), batch)
 	GinkgoWriter.Printf("| pods | p50 | p90 | p99 | max |\n|---|---|---|---|---|\n| %d | %s | %s | %s | %s |\n\n",
-		len(lat), pct(0.50).Round(time.Millisecond), pct(0.90).Round(time.Millisecond), pct(0.99).Round(time.Millisecond), lat[len(lat)-1].Round(time.Millisecond))
-	kubectl(ctx, "delete", "pods", "-n", appsNS, "-l", "measure=true", "--wait", "--timeout=120s")
+		len(lat), pct(0.50).Round(10*time.Microsecond), pct(0.90).Round(10*time.Microsecond), pct(0.99).Round(10*time.Microsecond), lat[len(lat)-1].Round(10*time.Microsecond))
 }
 
-// sandboxCreated reads each pod sandbox's creation time from containerd:
-// pod UID → created.
-func sandboxCreated(ctx context.Context) (map[string]time.Time, []string) {
+// cniAddTimes reads the agent's log: pod → how long its (last) CNI ADD
+// took the agent to answer.
+func cniAddTimes(ctx context.Context) map[string]time.Duration {
 	GinkgoHelper()
-	ids, err := kc.Ctr(ctx, "-n", "k8s.io", "containers", "ls", "-q")
-	Expect(err).NotTo(HaveOccurred(), ids)
-	out := map[string]time.Time{}
-	var problems []string
-	for id := range strings.FieldsSeq(ids) {
-		info, err := kc.Ctr(ctx, "-n", "k8s.io", "containers", "info", id)
-		if err != nil {
-			problems = append(problems, fmt.Sprintf("%s: %v: %s", id, err, info))
+	var p *corev1.Pod
+	Eventually(func(g Gomega) { p = agentPodOnRealNode(g, ctx) }).WithContext(ctx).Should(Succeed())
+	out := kubectl(ctx, "logs", "-n", "istio-system", p.Name, "-c", "agent")
+	took := map[string]time.Duration{}
+	for line := range strings.SplitSeq(out, "\n") {
+		var l struct {
+			Msg     string `json:"msg"`
+			Command string `json:"command"`
+			Pod     string `json:"pod"`
+			Result  string `json:"result"`
+			Took    string `json:"took"`
+		}
+		if json.Unmarshal([]byte(line), &l) != nil || l.Msg != "CNI request" || l.Command != "ADD" {
 			continue
 		}
-		var c struct {
-			Labels    map[string]string `json:"Labels"`
-			CreatedAt time.Time         `json:"CreatedAt"`
-		}
-		if err := json.Unmarshal([]byte(info), &c); err != nil {
-			problems = append(problems, fmt.Sprintf("%s: %v", id, err))
-			continue
-		}
-		if c.Labels["io.cri-containerd.kind"] != "sandbox" {
-			continue
-		}
-		uid := c.Labels["io.kubernetes.pod.uid"]
-		if prev, ok := out[uid]; !ok || c.CreatedAt.After(prev) {
-			out[uid] = c.CreatedAt
+		if d, err := time.ParseDuration(l.Took); err == nil {
+			took[l.Pod] = d
 		}
 	}
-	return out, problems
+	return took
+}
+
+// conflistPlugins reads the real node's conflist's plugin entries.
+func conflistPlugins(g Gomega) []map[string]any {
+	file, err := cni.ActiveConfFile(kc.RealNode().CNIConfDir)
+	g.Expect(err).NotTo(HaveOccurred())
+	data, err := os.ReadFile(file)
+	g.Expect(err).NotTo(HaveOccurred())
+	var c struct {
+		Plugins []map[string]any `json:"plugins"`
+	}
+	g.Expect(json.Unmarshal(data, &c)).To(Succeed(), string(data))
+	return c.Plugins
+}
+
+func pluginTypes(ps []map[string]any) []string {
+	var out []string
+	for _, p := range ps {
+		t, _ := p["type"].(string)
+		out = append(out, t)
+	}
+	return out
 }

@@ -96,8 +96,12 @@ var _ = BeforeSuite(func(ctx SpecContext) {
 	// This machine's root lacks CAP_SYS_RESOURCE in its bounding set, so
 	// runc cannot grant it ("unable to apply caps"); kernel 6.18 charges BPF
 	// memory to the memory cgroup and the agent does not need it.
+	// The CNI plugin goes into the real node's own CNI directories and its
+	// socket into the node's state dir, so nothing lands on the machine.
 	agentValues := filepath.Join(logDir, "node-agent-values.yaml")
-	Expect(os.WriteFile(agentValues, []byte("memlockCapability: false\n"), 0o644)).To(Succeed())
+	rn := kc.RealNode()
+	Expect(os.WriteFile(agentValues, []byte(fmt.Sprintf("memlockCapability: false\ncni:\n  binDir: %s\n  confDir: %s\n  socketDir: %s\n",
+		rn.CNIBinDir, rn.CNIConfDir, filepath.Join(rn.StateDir, "run"))), 0o644)).To(Succeed())
 	manager, err = localmesh.Install(ctx, kc, localmesh.Options{ManagerBin: bin, LogDir: logDir, Args: []string{
 		"--component-values=node-agent=" + agentValues,
 		"--agent-image=" + cluster.AgentImage.Ref,

@@ -44,6 +44,8 @@ type Stats struct {
 	OK        int64  `json:"ok"`
 	Failed    int64  `json:"failed"`
 	LastError string `json:"lastError,omitempty"`
+	// Peers (server) counts answered connections by the peer's address.
+	Peers map[string]int64 `json:"peers,omitempty"`
 }
 
 type counters struct {
@@ -51,6 +53,20 @@ type counters struct {
 	ok, fail  atomic.Int64
 	mu        sync.Mutex
 	lastError string
+	peers     map[string]int64
+}
+
+func (c *counters) peer(addr net.Addr) {
+	ip := addr.String()
+	if t, ok := addr.(*net.TCPAddr); ok {
+		ip = t.IP.String()
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.peers == nil {
+		c.peers = map[string]int64{}
+	}
+	c.peers[ip]++
 }
 
 func (c *counters) failed(err error) {
@@ -64,7 +80,11 @@ func (c *counters) failed(err error) {
 func (c *counters) stats() Stats {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	return Stats{Mode: c.mode, OK: c.ok.Load(), Failed: c.fail.Load(), LastError: c.lastError}
+	peers := make(map[string]int64, len(c.peers))
+	for k, v := range c.peers {
+		peers[k] = v
+	}
+	return Stats{Mode: c.mode, OK: c.ok.Load(), Failed: c.fail.Load(), LastError: c.lastError, Peers: peers}
 }
 
 func main() {
@@ -141,6 +161,7 @@ func server(ctx context.Context, addr string, c *counters) error {
 				c.failed(err)
 				return
 			}
+			c.peer(conn.RemoteAddr())
 			c.ok.Add(1)
 		}()
 	}
@@ -152,11 +173,15 @@ func client(ctx context.Context, target string, interval time.Duration, c *count
 	}
 	tick := time.NewTicker(interval)
 	defer tick.Stop()
-	for {
-		select {
-		case <-ctx.Done():
-			return nil
-		case <-tick.C:
+	// The first connection the instant the process starts: what an
+	// enrolment that comes after the pod's start would let escape.
+	for first := true; ; first = false {
+		if !first {
+			select {
+			case <-ctx.Done():
+				return nil
+			case <-tick.C:
+			}
 		}
 		if err := ping(target); err != nil {
 			c.failed(err)

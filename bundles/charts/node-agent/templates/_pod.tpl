@@ -36,4 +36,23 @@ capabilities:
 - name: host-proc
   mountPath: /host/proc
   readOnly: true
+{{- if or .Values.cni.enabled .Values.cleanup }}
+# The node's CNI directories: the agent installs (and the cleanup removes)
+# its chained plugin there.
+- name: cni-bin
+  mountPath: /host/opt/cni/bin
+- name: cni-conf
+  mountPath: /host/etc/cni/net.d
+{{- end }}
+{{- if and .Values.cni.enabled (not .Values.cleanup) }}
+# The plugin, a host process, reaches the agent through this socket.
+- name: cni-socket
+  mountPath: /var/run/meshkeeper
+{{- end }}
+{{- end }}
+
+{{/* node-agent.cniArgs: where the agent finds the node's CNI. */}}
+{{- define "node-agent.cniArgs" -}}
+- --cni-conf-dir=/host/etc/cni/net.d
+- --cni-bin-dir=/host/opt/cni/bin
 {{- end }}
