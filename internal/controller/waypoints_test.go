@@ -2,6 +2,7 @@ package controller
 
 import (
 	"context"
+	"fmt"
 	"testing"
 	"time"
 
@@ -13,6 +14,7 @@ import (
 	gatewayv1 "sigs.k8s.io/gateway-api/apis/v1"
 
 	meshv1 "github.com/meshkeeper/meshkeeper/api/v1alpha1"
+	"github.com/meshkeeper/meshkeeper/test/prom"
 )
 
 // TestWaypoints runs the waypoint lifecycle on the real API server, with
@@ -24,8 +26,10 @@ func TestWaypoints(t *testing.T) {
 	g.SetDefaultEventuallyTimeout(slow)
 	t.Cleanup(func() { deleteMeshAndWait(t) })
 
-	mkNS(g, "wp-shop", map[string]string{"mesh": "on"})
-	mkNS(g, "wp-cart", map[string]string{"mesh": "on"})
+	// A selector of its own: other tests' namespaces (an opt-out label
+	// conflict among them) are not this Mesh's.
+	mkNS(g, "wp-shop", map[string]string{"wp-mesh": "on"})
+	mkNS(g, "wp-cart", map[string]string{"wp-mesh": "on"})
 	// The platform team already sent wp-cart through a waypoint of theirs.
 	setLabel(g, "wp-cart", meshv1.LabelUseWaypoint, "theirs")
 
@@ -33,7 +37,7 @@ func TestWaypoints(t *testing.T) {
 		ObjectMeta: metav1.ObjectMeta{Name: "default"},
 		Spec: meshv1.MeshSpec{
 			Version:    "1.28.2",
-			Namespaces: meshv1.NamespacesSpec{Selector: &metav1.LabelSelector{MatchLabels: map[string]string{"mesh": "on"}}},
+			Namespaces: meshv1.NamespacesSpec{Selector: &metav1.LabelSelector{MatchLabels: map[string]string{"wp-mesh": "on"}}},
 			Waypoints: []meshv1.WaypointSpec{
 				{Namespace: "wp-shop", Name: "waypoint", For: meshv1.WaypointForService},
 				{Namespace: "wp-shop", Name: "legacy"},
@@ -150,4 +154,62 @@ func programAsIstiodWould(g Gomega, ns, name string) {
 		})
 		return k8s.Status().Update(context.Background(), gw)
 	}).Should(Succeed())
+}
+
+// TestWaypointsMoveWithWaves: a waypoint's Gateway carries its namespace's
+// revision, so it moves with the namespace's wave and rolls back with it;
+// the namespace keeps using it throughout.
+func TestWaypointsMoveWithWaves(t *testing.T) {
+	prom.SkipIfUnavailable(t)
+	g := NewWithT(t)
+	ctx := context.Background()
+	g.SetDefaultEventuallyTimeout(slow)
+
+	workload := prom.NewWorkload(t)
+	for _, ns := range []string{"wv-canary", "wv-b"} {
+		mkNS(g, ns, map[string]string{"wv-mesh": "on"})
+		workload.SetRatio(ns, 1)
+	}
+	srv, err := prom.Start(ctx, t, workload.Addr)
+	g.Expect(err).NotTo(HaveOccurred())
+	mesh := &meshv1.Mesh{
+		ObjectMeta: metav1.ObjectMeta{Name: "default"},
+		Spec: meshv1.MeshSpec{
+			Version:    "1.26",
+			Namespaces: meshv1.NamespacesSpec{Selector: &metav1.LabelSelector{MatchLabels: map[string]string{"wv-mesh": "on"}}},
+			Waypoints:  []meshv1.WaypointSpec{{Namespace: "wv-canary", Name: "waypoint"}},
+			Rollout: meshv1.RolloutSpec{Namespaces: meshv1.NamespaceRolloutSpec{
+				Canary: []string{"wv-canary"}, Waves: []string{"100%"}, Bake: &metav1.Duration{Duration: time.Second},
+			}, RetireAfter: &metav1.Duration{Duration: 2 * time.Second}},
+			Analysis: sloGate(srv.URL, 5*time.Second, "0.95"),
+		},
+	}
+	g.Expect(k8s.Create(ctx, mesh)).To(Succeed())
+	t.Cleanup(func() { deleteMeshAndWait(t) })
+	revOf := func() string { return getGateway(g, "wv-canary", "waypoint").Labels[meshv1.LabelRevision] }
+	g.Eventually(revOf).Should(Equal("1-26-4"))
+	programAsIstiodWould(g, "wv-canary", "waypoint")
+	g.Eventually(labelsOf).WithArguments("wv-canary").Should(HaveKeyWithValue(meshv1.LabelUseWaypoint, "waypoint"))
+
+	// The canary namespace breaches its SLO in its wave: it and its
+	// waypoint move to 1.27's revision, then back.
+	workload.SetRatio("wv-canary", 0.9)
+	updateMesh(g, func(m *meshv1.Mesh) { m.Spec.Version = "1.27" })
+	// The node waves come first, each judged once Prometheus has samples.
+	g.Eventually(revOf).WithTimeout(3*time.Minute).Should(Equal("1-27-3"), func() string {
+		m := getMesh()
+		return fmt.Sprintf("the waypoint moves with its namespace's wave; namespace labels %v, mesh status %+v", labelsOf("wv-canary"), m.Status)
+	})
+	g.Expect(labelsOf("wv-canary")).To(And(
+		HaveKeyWithValue(meshv1.LabelRevision, "1-27-3"), HaveKeyWithValue(meshv1.LabelUseWaypoint, "waypoint")),
+		"the namespace keeps using its waypoint while istiod reprograms it")
+	g.Eventually(func() string {
+		m := getMesh()
+		if c := meta.FindStatusCondition(m.Status.Conditions, meshv1.ConditionRolledBack); c != nil && c.Status == metav1.ConditionTrue {
+			return "rolled back"
+		}
+		return ""
+	}).Should(Equal("rolled back"))
+	g.Eventually(revOf).Should(Equal("1-26-4"), "and rolls back with it")
+	g.Expect(labelsOf("wv-canary")).To(HaveKeyWithValue(meshv1.LabelUseWaypoint, "waypoint"))
 }
