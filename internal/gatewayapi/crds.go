@@ -19,6 +19,7 @@ import (
 	"golang.org/x/mod/semver"
 	apiextensionsv1 "k8s.io/apiextensions-apiserver/pkg/apis/apiextensions/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	"k8s.io/apimachinery/pkg/runtime"
 	"sigs.k8s.io/controller-runtime/pkg/client"
@@ -137,7 +138,7 @@ func Ensure(ctx context.Context, c client.Client, fieldManager string) ([]Result
 	}
 	results := make([]Result, 0, len(crds))
 	for _, want := range crds {
-		existing, err := getCRD(ctx, c, want.GetName())
+		existing, err := crdMetadata(ctx, c, want.GetName())
 		if err != nil {
 			return results, err
 		}
@@ -162,10 +163,14 @@ func Ensure(ctx context.Context, c client.Client, fieldManager string) ([]Result
 	return results, nil
 }
 
-// Established reports whether every CRD Ensure wrote is served; a Gateway
-// written before that fails with "no matches for kind".
+// Established reports whether every CRD Ensure just installed or upgraded
+// is served; a Gateway written before that fails with "no matches for
+// kind". (The others were in the cluster already.)
 func Established(ctx context.Context, c client.Reader, results []Result) (bool, error) {
 	for _, r := range results {
+		if r.Action != Installed && r.Action != Upgraded {
+			continue
+		}
 		crd, err := getCRD(ctx, c, r.Name)
 		if err != nil || crd == nil {
 			return false, err
@@ -181,6 +186,20 @@ func Established(ctx context.Context, c client.Reader, results []Result) (bool, 
 		}
 	}
 	return true, nil
+}
+
+// crdMetadata reads only a CRD's metadata (what Decide needs; a CRD can be
+// hundreds of KiB), nil when there is none.
+func crdMetadata(ctx context.Context, c client.Reader, name string) (*apiextensionsv1.CustomResourceDefinition, error) {
+	m := &metav1.PartialObjectMetadata{}
+	m.SetGroupVersionKind(apiextensionsv1.SchemeGroupVersion.WithKind("CustomResourceDefinition"))
+	switch err := c.Get(ctx, client.ObjectKey{Name: name}, m); {
+	case apierrors.IsNotFound(err):
+		return nil, nil
+	case err != nil:
+		return nil, fmt.Errorf("read CRD %s: %w", name, err)
+	}
+	return &apiextensionsv1.CustomResourceDefinition{ObjectMeta: m.ObjectMeta}, nil
 }
 
 // getCRD reads a CRD as unstructured (the caller's scheme need not know

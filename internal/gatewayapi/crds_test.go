@@ -88,7 +88,7 @@ func TestEnsureOnAnAPIServer(t *testing.T) {
 	g.Expect(c.Create(ctx, older)).To(Succeed())
 	g.Expect(c.Create(ctx, newer)).To(Succeed())
 	g.Eventually(func() (bool, error) {
-		return Established(ctx, c, []Result{{Name: older.Name}, {Name: newer.Name}})
+		return Established(ctx, c, []Result{{Name: older.Name, Action: Installed}, {Name: newer.Name, Action: Installed}})
 	}).Should(BeTrue())
 	before := &apiextensionsv1.CustomResourceDefinition{}
 	g.Expect(c.Get(ctx, client.ObjectKeyFromObject(newer), before)).To(Succeed())
