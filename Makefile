@@ -27,6 +27,11 @@ manifests: $(CONTROLLER_GEN) ## Generate CRDs and RBAC from the API types and ma
 	cp config/crd/bases/*.yaml charts/meshkeeper/crds/
 	cp config/rbac/role.yaml charts/meshkeeper/files/role.yaml
 	cp config/prometheus/meshkeeper-rules.yaml charts/meshkeeper/files/meshkeeper-rules.yaml
+	@# The Gateway API's standard-channel CRDs of the version go.mod pins, as its module ships them.
+	rm -f bundles/gateway-api/*.yaml
+	gwapi="$$(go list -m -f '{{.Dir}}' sigs.k8s.io/gateway-api)" && \
+		for f in "$$gwapi"/config/crd/standard/gateway.networking.k8s.io_*.yaml; do \
+			case "$$f" in *_vap_*) continue;; esac; install -m 0644 "$$f" bundles/gateway-api/; done
 
 .PHONY: generate
 generate: $(CONTROLLER_GEN) generate-bpf ## Generate deepcopy code and the bpf2go output.
@@ -52,11 +57,12 @@ lint: $(GOLANGCI_LINT) ## golangci-lint with .golangci.yml.
 .PHONY: verify
 verify: manifests generate ## Fail if generated files are stale or code is unformatted.
 	@test -z "$$(gofmt -l api cmd internal webhooks test)" || { echo "gofmt needed:"; gofmt -l api cmd internal webhooks test; exit 1; }
-	@git diff --exit-code -- config api bpf charts || { echo "Generated files are stale: run 'make manifests generate' and commit."; exit 1; }
-	@test -z "$$(git ls-files --others --exclude-standard -- config api bpf charts)" || { echo "Untracked generated files:"; git ls-files --others --exclude-standard -- config api bpf charts; exit 1; }
+	@git diff --exit-code -- config api bpf charts bundles/gateway-api || { echo "Generated files are stale: run 'make manifests generate' and commit."; exit 1; }
+	@test -z "$$(git ls-files --others --exclude-standard -- config api bpf charts bundles/gateway-api)" || { echo "Untracked generated files:"; git ls-files --others --exclude-standard -- config api bpf charts bundles/gateway-api; exit 1; }
 	go mod tidy -diff
 	cd test/argocd && go mod tidy -diff
 	cd tools/prometheus && go mod tidy -diff
+	cd tools/istiod && go mod tidy -diff
 
 # make test builds every part a test needs (cluster binaries, Prometheus), so
 # a test that finds one missing fails instead of skipping. Only the
@@ -64,11 +70,11 @@ verify: manifests generate ## Fail if generated files are stale or code is unfor
 test test-unit test-e2e: export MESHKEEPER_REQUIRE_CLUSTER ?= 1
 
 .PHONY: test
-test: cluster-bins node-bins spire-bins prometheus vet test-unit test-e2e ## Unit, integration (envtest), e2e and Argo CD health tests.
+test: cluster-bins node-bins spire-bins prometheus istiod vet test-unit test-e2e ## Unit, integration (envtest), e2e and Argo CD health tests.
 	$(MAKE) test-argocd MESHKEEPER_ARGOCD_FIXTURES=$(ARGOCD_FIXTURES)
 
 .PHONY: test-unit
-test-unit: cluster-bins node-bins spire-bins prometheus ## Unit and integration tests (envtest against the real API server).
+test-unit: cluster-bins node-bins spire-bins prometheus istiod ## Unit and integration tests (envtest against the real API server).
 	@# The controller package alone runs ~9-10 min on 2 cores (real API server,
 	@# Prometheus, SPIRE); go test's default 10 min timeout killed it in CI.
 	go test $(GO_TEST_FLAGS) -timeout 30m $$(go list ./... | grep -v /test/e2e)
@@ -146,6 +152,10 @@ node-bins: ## Build (once, cached) kubelet, kube-proxy, containerd, ctr and the 
 .PHONY: spire-bins
 spire-bins: ## Build (once, cached) spire-server and spire-agent v1.13.3 for the identity tests.
 	hack/spire-bins.sh >/dev/null
+
+.PHONY: istiod
+istiod: ## Build (once, cached) pilot-discovery (istiod) from the pinned istio.io/istio in tools/istiod, for the tests that run a real istiod.
+	hack/istiod.sh >/dev/null
 
 .PHONY: registry
 registry: ## Build (once, cached) CNCF distribution's OCI registry for the catalog tests.

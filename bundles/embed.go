@@ -14,3 +14,11 @@ import "embed"
 //
 //go:embed all:catalog all:charts
 var FS embed.FS
+
+// GatewayAPI is the Gateway API's standard-channel CRDs, exactly as the
+// sigs.k8s.io/gateway-api module ships them (config/crd/standard, copied by
+// `make manifests` from the version go.mod pins), under "gateway-api/".
+// internal/gatewayapi installs them, never over a newer copy.
+//
+//go:embed gateway-api
+var GatewayAPI embed.FS

@@ -143,6 +143,39 @@ func TestWebhookAgainstAPIServer(t *testing.T) {
 		g.Expect(refusedUpdate(t, func(m *v1alpha1.Mesh) { m.Spec.Version = "1.26" })).To(Succeed())
 	})
 
+	t.Run("waypoints: kube-system and the mesh's own namespaces are refused by the webhook", func(t *testing.T) {
+		for _, ns := range []string{"kube-system", "istio-system", "meshkeeper-system"} {
+			err := refusedUpdate(t, func(m *v1alpha1.Mesh) {
+				m.Spec.Waypoints = append(m.Spec.Waypoints, v1alpha1.WaypointSpec{Namespace: ns, Name: "waypoint"})
+			})
+			expectRefused(t, err, "webhook", "spec.waypoints[1].namespace", `"`+ns+`" is `, "move the waypoint to")
+		}
+	})
+
+	t.Run("waypoints: a namespace outside spec.namespaces.selector is refused by the webhook", func(t *testing.T) {
+		g := NewWithT(t)
+		g.Expect(client.IgnoreAlreadyExists(c.Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: "outside", Labels: map[string]string{"mesh": "off"}}}))).To(Succeed())
+		g.Expect(client.IgnoreAlreadyExists(c.Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: "inside", Labels: map[string]string{"mesh": "on"}}}))).To(Succeed())
+		err := refusedUpdate(t, func(m *v1alpha1.Mesh) {
+			m.Spec.Waypoints = append(m.Spec.Waypoints, v1alpha1.WaypointSpec{Namespace: "outside", Name: "waypoint"})
+		})
+		expectRefused(t, err, "webhook", "spec.waypoints[1].namespace",
+			"namespace outside is not in the mesh: spec.namespaces.selector (mesh=on) does not select its labels; label the namespace into the mesh or remove the waypoint")
+		// A selected namespace is fine, and so is one that does not exist
+		// yet (the reconciler waits for it).
+		g.Expect(refusedUpdate(t, func(m *v1alpha1.Mesh) {
+			m.Spec.Waypoints = append(m.Spec.Waypoints, v1alpha1.WaypointSpec{Namespace: "inside", Name: "waypoint", For: v1alpha1.WaypointForAll})
+		})).To(Succeed())
+		// Once accepted, a namespace relabelled out of the mesh does not
+		// block unrelated edits (the reconciler reports it instead).
+		inside := &corev1.Namespace{}
+		g.Expect(c.Get(ctx, client.ObjectKey{Name: "inside"}, inside)).To(Succeed())
+		inside.Labels["mesh"] = "off"
+		g.Expect(c.Update(ctx, inside)).To(Succeed())
+		g.Expect(refusedUpdate(t, func(m *v1alpha1.Mesh) { m.Spec.Paused = !m.Spec.Paused })).To(Succeed())
+		g.Expect(refusedUpdate(t, func(m *v1alpha1.Mesh) { m.Spec.Waypoints = m.Spec.Waypoints[:1] })).To(Succeed())
+	})
+
 	t.Run("several bad fields are all reported at once", func(t *testing.T) {
 		err := refusedUpdate(t, func(m *v1alpha1.Mesh) {
 			m.Spec.Upgrade.Windows[0].Cron = "0 2 * * 8"

@@ -24,6 +24,7 @@ var meshGroupKind = schema.GroupKind{Group: v1alpha1.GroupVersion.Group, Kind: "
 
 // +kubebuilder:webhook:path=/validate-meshkeeper-dev-v1alpha1-mesh,mutating=false,failurePolicy=fail,sideEffects=None,groups=meshkeeper.dev,resources=meshes,verbs=create;update,versions=v1alpha1,name=vmesh.meshkeeper.dev,admissionReviewVersions=v1
 // +kubebuilder:rbac:groups=meshkeeper.dev,resources=meshes,verbs=list
+// (namespaces: get, for ValidateWaypointNamespaces, is the reconciler's grant)
 
 // SetupWithManager registers the Mesh validating webhook (no mutating
 // webhook: meshkeeper never writes spec) on the manager's webhook server.
@@ -75,14 +76,16 @@ func (v *meshValidator) ValidateCreate(ctx context.Context, mesh *v1alpha1.Mesh)
 	}
 	errs = append(errs, ValidateSpec(&mesh.Spec)...)
 	errs = append(errs, ValidateGates(&mesh.Spec)...)
-	return SpireWarnings(&mesh.Spec, v.catalog), invalid(mesh.Name, errs)
+	wpWarnings, wpErrs := ValidateWaypointNamespaces(ctx, v.reader, &mesh.Spec, nil)
+	errs = append(errs, wpErrs...)
+	return append(SpireWarnings(&mesh.Spec, v.catalog), wpWarnings...), invalid(mesh.Name, errs)
 }
 
 // ValidateUpdate checks a changed spec, including that it does not step back
 // more than one minor below the installed version. Updates that leave the
 // spec alone (status, labels, finalizers, deletion) are always allowed, so an
 // object that became invalid under newer rules can still be cleaned up.
-func (v *meshValidator) ValidateUpdate(_ context.Context, oldMesh, newMesh *v1alpha1.Mesh) (admission.Warnings, error) {
+func (v *meshValidator) ValidateUpdate(ctx context.Context, oldMesh, newMesh *v1alpha1.Mesh) (admission.Warnings, error) {
 	if newMesh.DeletionTimestamp != nil || equality.Semantic.DeepEqual(oldMesh.Spec, newMesh.Spec) {
 		return nil, nil
 	}
@@ -99,7 +102,9 @@ func (v *meshValidator) ValidateUpdate(_ context.Context, oldMesh, newMesh *v1al
 	if err := ValidateTrustDomainChange(&newMesh.Spec, &oldMesh.Status); err != nil {
 		errs = append(errs, err)
 	}
-	return SpireWarnings(&newMesh.Spec, v.catalog), invalid(newMesh.Name, errs)
+	wpWarnings, wpErrs := ValidateWaypointNamespaces(ctx, v.reader, &newMesh.Spec, &oldMesh.Spec)
+	errs = append(errs, wpErrs...)
+	return append(SpireWarnings(&newMesh.Spec, v.catalog), wpWarnings...), invalid(newMesh.Name, errs)
 }
 
 // ValidateDelete allows every delete.

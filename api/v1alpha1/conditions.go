@@ -54,6 +54,10 @@ const (
 	// redirected have not been enrolled for longer than the grace period
 	// (their traffic bypasses the mesh); the message names the nodes and pods.
 	ReasonPodsNotEnrolled = "PodsNotEnrolled"
+	// ReasonWaypointConflict: a Gateway or an istio.io/use-waypoint label a
+	// waypoint needs was written by someone else (meshkeeper leaves it), or
+	// a waypoint's namespace is not in the mesh; status.waypoints says which.
+	ReasonWaypointConflict = "WaypointConflict"
 	// ReasonPlanFailed: the planner found no safe way from what runs to the
 	// spec (e.g. a downgrade of two minors); nothing new starts until the
 	// spec, the catalog or the cluster changes. The message is the planner's:
@@ -80,6 +84,12 @@ const (
 	LabelComponent = "meshkeeper.dev/component"
 	// LabelControlPlaneRevision names the control-plane revision an object belongs to.
 	LabelControlPlaneRevision = "meshkeeper.dev/revision"
+	// LabelWaypointFor on a waypoint Gateway says which traffic it proxies:
+	// service, workload or all.
+	LabelWaypointFor = "istio.io/waypoint-for"
+	// LabelUseWaypoint on a namespace (or service) sends its traffic
+	// through the named waypoint.
+	LabelUseWaypoint = "istio.io/use-waypoint"
 	// AnnotationIgnore on a managed object makes meshkeeper leave it alone.
 	AnnotationIgnore = "meshkeeper.dev/ignore"
 )

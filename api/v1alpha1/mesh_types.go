@@ -130,7 +130,8 @@ type WaypointSpec struct {
 	// +required
 	Namespace string `json:"namespace"`
 
-	// Name of the waypoint Gateway.
+	// Name of the waypoint Gateway. The first waypoint listed for a
+	// namespace is the one its istio.io/use-waypoint label names.
 	// +kubebuilder:validation:Pattern=`^[a-z0-9]([-a-z0-9]*[a-z0-9])?$`
 	// +kubebuilder:validation:MaxLength=63
 	// +required
@@ -487,6 +488,71 @@ type MeshStatus struct {
 	// from and when the operator's catalog source was last checked.
 	// +optional
 	Catalog *CatalogStatus `json:"catalog,omitempty"`
+
+	// Waypoints are spec.waypoints as they run, and what meshkeeper found
+	// in their way.
+	// +optional
+	Waypoints *WaypointsStatus `json:"waypoints,omitempty"`
+}
+
+// WaypointsStatus is the waypoints as they run.
+type WaypointsStatus struct {
+	// Ready counts the waypoints whose Gateway istiod has Programmed.
+	// +optional
+	Ready int32 `json:"ready"`
+	// Total counts spec.waypoints.
+	// +optional
+	Total int32 `json:"total"`
+	// Items are the waypoints, one per spec.waypoints entry, sorted by
+	// namespace and name.
+	// +kubebuilder:validation:MaxItems=256
+	// +optional
+	Items []WaypointStatus `json:"items,omitempty"`
+	// Conflicts lists what meshkeeper did not write and leaves as it is: a
+	// Gateway of a waypoint's name, or an istio.io/use-waypoint label on a
+	// waypoint's namespace, set by someone else. The Mesh is Degraded
+	// (WaypointConflict) while there are any.
+	// +kubebuilder:validation:MaxItems=64
+	// +optional
+	Conflicts []string `json:"conflicts,omitempty"`
+	// ConflictsOmitted counts the conflicts left out of Conflicts, which
+	// keeps the first 64 (sorted).
+	// +optional
+	ConflictsOmitted int32 `json:"conflictsOmitted,omitempty"`
+	// GatewayAPI is the Gateway API CRDs waypoints are written against.
+	// +optional
+	GatewayAPI *GatewayAPIStatus `json:"gatewayAPI,omitempty"`
+}
+
+// WaypointStatus is one waypoint.
+type WaypointStatus struct {
+	Namespace string `json:"namespace"`
+	Name      string `json:"name"`
+	// Revision is the control-plane revision its Gateway is labelled with
+	// (istio.io/rev): its namespace's, so it moves with the namespace waves.
+	// +optional
+	Revision string `json:"revision,omitempty"`
+	// Programmed is the Gateway's Programmed condition as istiod set it.
+	Programmed bool `json:"programmed"`
+	// InUse is true when meshkeeper set istio.io/use-waypoint on the
+	// namespace to this waypoint.
+	// +optional
+	InUse bool `json:"inUse,omitempty"`
+	// Message says what it waits for, or why meshkeeper does not write it.
+	// +optional
+	Message string `json:"message,omitempty"`
+}
+
+// GatewayAPIStatus is the Gateway API CRDs in the cluster.
+type GatewayAPIStatus struct {
+	// BundleVersion is the Gateway API release meshkeeper ships, e.g. v1.6.0.
+	BundleVersion string `json:"bundleVersion"`
+	// Kept lists the Gateway API CRDs meshkeeper found in the cluster and
+	// left as they are (a newer release, the experimental channel, an
+	// unknown version), each with why.
+	// +kubebuilder:validation:MaxItems=32
+	// +optional
+	Kept []string `json:"kept,omitempty"`
 }
 
 // CatalogStatus is the catalog the operator resolves versions against: the

@@ -28,6 +28,7 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/log/zap"
 	metricsserver "sigs.k8s.io/controller-runtime/pkg/metrics/server"
 	"sigs.k8s.io/controller-runtime/pkg/webhook"
+	gatewayv1 "sigs.k8s.io/gateway-api/apis/v1"
 	"sigs.k8s.io/yaml"
 
 	meshv1 "github.com/meshkeeper/meshkeeper/api/v1alpha1"
@@ -123,6 +124,7 @@ func run(ctx context.Context, o options) error {
 	scheme := runtime.NewScheme()
 	utilruntime.Must(clientgoscheme.AddToScheme(scheme))
 	utilruntime.Must(meshv1.AddToScheme(scheme))
+	utilruntime.Must(gatewayv1.Install(scheme)) // waypoints (internal/controller/mesh_waypoints.go)
 
 	src, err := catalogSourceFlags(o)
 	if err != nil {

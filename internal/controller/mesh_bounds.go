@@ -59,6 +59,14 @@ func boundStatus(st *meshv1.MeshStatus) {
 		st.History = st.History[over:]
 		st.HistoryOmitted += int32(over)
 	}
+	if w := st.Waypoints; w != nil {
+		if w.Conflicts, n = capped(w.Conflicts, maxWaypointConflicts); n > 0 {
+			w.ConflictsOmitted = n
+		}
+		if len(w.Items) > maxWaypointItems { // as many as spec.waypoints may hold
+			w.Items = w.Items[:maxWaypointItems]
+		}
+	}
 	if c := st.Catalog; c != nil {
 		if over := len(c.Bundles) - maxCatalog; over > 0 {
 			c.Bundles = c.Bundles[over:]

@@ -139,6 +139,9 @@ func TestStatusCapsMatchTheCRD(t *testing.T) {
 	g.Expect(maxItems("catalog", "bundles")).To(BeEquivalentTo(maxCatalog))
 	g.Expect(maxItems("identity", "dryRun", "actions")).To(BeEquivalentTo(maxDryRunItems))
 	g.Expect(maxItems("identity", "dryRun", "conflicts")).To(BeEquivalentTo(maxDryRunItems))
+	g.Expect(maxItems("waypoints", "items")).To(BeEquivalentTo(maxWaypointItems))
+	g.Expect(maxItems("waypoints", "conflicts")).To(BeEquivalentTo(maxWaypointConflicts))
+	g.Expect(maxItems("waypoints", "gatewayAPI", "kept")).To(BeEquivalentTo(maxGatewayAPIKept))
 
 	// Every other capped status list would need a cap here too.
 	var capped []string
@@ -157,7 +160,8 @@ func TestStatusCapsMatchTheCRD(t *testing.T) {
 	walk("status", status)
 	g.Expect(capped).To(ConsistOf("status.dataplane.conflicts", "status.ignored", "status.history",
 		"status.rollout.waveNamespaces", "status.rollout.waveNodes", "status.catalog.bundles",
-		"status.identity.dryRun.actions", "status.identity.dryRun.conflicts"))
+		"status.identity.dryRun.actions", "status.identity.dryRun.conflicts",
+		"status.waypoints.items", "status.waypoints.conflicts", "status.waypoints.gatewayAPI.kept"))
 }
 
 // TestStatusAtTheCapsOnTheAPIServer: a status one item over every cap is

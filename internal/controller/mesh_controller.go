@@ -179,10 +179,12 @@ func (r *MeshReconciler) reconcileNormal(ctx context.Context, mesh *meshv1.Mesh,
 		run  func(context.Context, *meshv1.Mesh, *observation) error
 	}{
 		{"nodes", r.reconcileNodes},
+		{"gateway-api", r.reconcileGatewayAPI},
 		{"components", r.reconcileComponents},
 		{"identity", r.reconcileIdentity},
 		{"rollout", r.reconcileRollout},
 		{"namespaces", r.reconcileNamespaces},
+		{"waypoints", r.reconcileWaypoints},
 		{"retire", r.retireComponents},
 		{"conclude", r.concludeRollout},
 	}
@@ -215,7 +217,7 @@ func (r *MeshReconciler) reconcileNormal(ctx context.Context, mesh *meshv1.Mesh,
 		return ctrl.Result{RequeueAfter: obs.requeueAfter}, nil
 	case !obs.converged():
 		return ctrl.Result{RequeueAfter: jitter(3 * time.Second)}, nil
-	case obs.enrolmentRecheck > 0 || obs.identity.observed || (obs.requeueAfter > 0 && obs.rollout.deferred != ""):
+	case obs.enrolmentRecheck > 0 || obs.identity.observed || (obs.requeueAfter > 0 && obs.rollout.deferred != "") || obs.waypoints.recheck() > 0:
 		// Nothing watched would wake this Mesh: a pod still within its
 		// enrolment grace period (look again when it ends), the SPIRE
 		// server's entries and attested agents (mesh_identity.go), and the
@@ -235,6 +237,7 @@ func (r *MeshReconciler) reconcileNormal(ctx context.Context, mesh *meshv1.Mesh,
 		if obs.rollout.deferred != "" {
 			soonest(obs.requeueAfter)
 		}
+		soonest(obs.waypoints.recheck()) // mesh_waypoints.go
 		return ctrl.Result{RequeueAfter: after}, nil
 	}
 	return ctrl.Result{}, nil
@@ -249,7 +252,7 @@ func (r *MeshReconciler) reconcileDelete(ctx context.Context, mesh *meshv1.Mesh,
 	// In order, each only once the one before is done: workloads leave the
 	// mesh first, then its components go (the node agent removing its
 	// datapath from every node first), then the node labels.
-	for _, cleanup := range []func(context.Context, *meshv1.Mesh) error{r.releaseNamespaces, r.removeIdentity, r.uninstallComponents, r.releaseNodes} {
+	for _, cleanup := range []func(context.Context, *meshv1.Mesh) error{r.releaseWaypoints, r.releaseNamespaces, r.removeIdentity, r.uninstallComponents, r.releaseNodes} {
 		if err := cleanup(ctx, mesh); err != nil {
 			obs.applyErr = err
 			if errors.Is(err, errWaiting) {

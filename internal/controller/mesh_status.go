@@ -68,6 +68,8 @@ type observation struct {
 	nodeList []corev1.Node
 
 	identity identityObservation
+
+	waypoints waypointObservation // mesh_waypoints.go
 }
 
 // converged is true when every component is ready at the target, the
@@ -130,6 +132,11 @@ func applyStatus(mesh *meshv1.Mesh, obs *observation, reconcileErr error) {
 		st.Identity = obs.identity.status.DeepCopy()
 	} else if obs.bundle != nil && !spireEnabled(mesh) {
 		st.Identity = nil
+	}
+	if obs.waypoints.observed {
+		st.Waypoints = obs.waypoints.status.DeepCopy()
+	} else if obs.namespacesObserved && len(mesh.Spec.Waypoints) == 0 {
+		st.Waypoints = nil
 	}
 	if obs.rolloutResolved {
 		st.Rollout = obs.rollout.status
@@ -226,6 +233,9 @@ func setConditions(mesh *meshv1.Mesh, obs *observation, reconcileErr error) {
 		set(meshv1.ConditionDegraded, metav1.ConditionTrue, meshv1.ReasonLabelConflict,
 			fmt.Sprintf("meshkeeper leaves namespaces whose dataplane label another manager set: %s; remove that label to enroll them",
 				someOf(obs.conflicts, "; ")))
+	} else if wc := obs.waypoints.status.Conflicts; obs.waypoints.observed && len(wc) > 0 && !obs.deleting {
+		set(meshv1.ConditionDegraded, metav1.ConditionTrue, meshv1.ReasonWaypointConflict,
+			fmt.Sprintf("meshkeeper leaves what it did not write: %s; see status.waypoints", someOf(wc, "; ")))
 	} else if obs.rollout.degraded && !obs.deleting {
 		set(meshv1.ConditionDegraded, metav1.ConditionTrue, meshv1.ReasonAnalysisInconclusive, obs.rollout.status.Message)
 	} else if obs.rollout.block != "" && !obs.deleting {

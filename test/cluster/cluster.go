@@ -40,6 +40,7 @@ import (
 	"k8s.io/client-go/rest"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 	"sigs.k8s.io/controller-runtime/pkg/envtest"
+	gatewayv1 "sigs.k8s.io/gateway-api/apis/v1"
 
 	meshv1alpha1 "github.com/meshkeeper/meshkeeper/api/v1alpha1"
 )
@@ -349,6 +350,9 @@ func Start(ctx context.Context, opts Options) (_ *Cluster, retErr error) {
 
 	c.Scheme = kruntime.NewScheme()
 	if err := clientgoscheme.AddToScheme(c.Scheme); err != nil {
+		return nil, err
+	}
+	if err := gatewayv1.Install(c.Scheme); err != nil { // waypoints
 		return nil, err
 	}
 	if err := meshv1alpha1.AddToScheme(c.Scheme); err != nil {

@@ -45,6 +45,7 @@ var own = map[string]struct {
 	"/secrets":                         {[]string{"get", "list", "watch", "create", "update", "patch", "delete"}, "Helm release storage and the webhook certificate, in meshkeeper-system only"},
 	"coordination.k8s.io/leases":       {[]string{"get", "list", "watch", "create", "update", "patch", "delete"}, "leader election, in meshkeeper-system only"},
 	"admissionregistration.k8s.io/validatingwebhookconfigurations": {[]string{"get", "patch"}, "its own webhook's caBundle, by name"},
+	"gateway.networking.k8s.io/gateways":                           {[]string{"get", "list", "create", "patch", "delete"}, "writes the waypoint Gateways of spec.waypoints in their namespaces (server-side apply: create and patch), deletes its own"},
 }
 
 // ownNamespaced are the own kinds that must be in a Role of this namespace.

@@ -20,8 +20,4 @@ istio:
 - {group: security.istio.io, kind: RequestAuthentication, plural: requestauthentications, short: [ra], versions: [v1, v1beta1], storage: v1beta1}
 - {group: telemetry.istio.io, kind: Telemetry, plural: telemetries, short: [telemetry], versions: [v1, v1alpha1], storage: v1alpha1}
 - {group: extensions.istio.io, kind: WasmPlugin, plural: wasmplugins, short: [], versions: [v1alpha1], storage: v1alpha1}
-gatewayAPI:
-- {group: gateway.networking.k8s.io, kind: GatewayClass, plural: gatewayclasses, short: [gc], versions: [v1, v1beta1], storage: v1, cluster: true}
-- {group: gateway.networking.k8s.io, kind: Gateway, plural: gateways, short: [gtw], versions: [v1, v1beta1], storage: v1}
-- {group: gateway.networking.k8s.io, kind: HTTPRoute, plural: httproutes, short: [], versions: [v1, v1beta1], storage: v1}
 {{- end }}
