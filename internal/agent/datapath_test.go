@@ -213,8 +213,8 @@ func testRedirectInNetns(t *testing.T, env nodeEnv) {
 	g.Expect(metricValue(t, reg, "meshkeeper_agent_enrolled_pods")).To(Equal(1.0))
 
 	// Per-socket state goes when the sockets close.
-	g.Eventually(func() int { return dp.MapUsage()[mkbpf.RedirectMapSocks].Entries }).WithTimeout(5*time.Second).Should(BeZero(), "socks entries leak")
-	g.Eventually(func() int { return dp.MapUsage()[mkbpf.RedirectMapProxyConns].Entries }).WithTimeout(5*time.Second).Should(BeZero(), "proxy_conns entries leak")
+	g.Eventually(func() int { return dp.MapUsage()[mkbpf.RedirectMapSocksV2].Entries }).WithTimeout(5*time.Second).Should(BeZero(), "socks entries leak")
+	g.Eventually(func() int { return dp.MapUsage()[mkbpf.RedirectMapProxyConnsV2].Entries }).WithTimeout(5*time.Second).Should(BeZero(), "proxy_conns entries leak")
 
 	enroller.Forget(pod.UID)
 	g.Expect(dp.EnrolledNetns()).To(BeEmpty())
@@ -350,7 +350,7 @@ func TestFeatureProbesOnThisKernel(t *testing.T) {
 	for _, hs := range requiredHelpers {
 		n += len(hs)
 	}
-	g.Expect(probes).To(HaveLen(len(requiredPrograms) + len(requiredMaps) + n))
+	g.Expect(probes).To(HaveLen(len(requiredPrograms) + len(requiredMaps) + n + 1)) // + the sk_lookup field probe
 	for _, p := range probes {
 		t.Logf("%-50s supported=%v %s", p.Name, p.Supported, p.Error)
 		g.Expect(p.Supported).To(BeTrue(), "%s: %s", p.Name, p.Error)

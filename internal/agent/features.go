@@ -9,6 +9,7 @@ import (
 	"github.com/cilium/ebpf/asm"
 	"github.com/cilium/ebpf/features"
 	"github.com/cilium/ebpf/rlimit"
+	"golang.org/x/sys/unix"
 
 	"github.com/meshkeeper/meshkeeper/api/v1alpha1"
 )
@@ -19,13 +20,14 @@ type FeatureProbe = v1alpha1.FeatureProbe
 // requiredPrograms, requiredMaps and requiredHelpers are exactly what
 // bpf/redirect.c uses; TestRequiredHelpersMatchObject keeps them in sync.
 var (
-	requiredPrograms = []ebpf.ProgramType{ebpf.CGroupSockAddr, ebpf.CGroupSockopt, ebpf.SockOps}
-	requiredMaps     = []ebpf.MapType{ebpf.Hash, ebpf.Array, ebpf.LRUHash}
+	requiredPrograms = []ebpf.ProgramType{ebpf.CGroupSockAddr, ebpf.CGroupSockopt, ebpf.SockOps, ebpf.SkLookup}
+	requiredMaps     = []ebpf.MapType{ebpf.Hash, ebpf.Array, ebpf.LRUHash, ebpf.SockHash}
 	requiredHelpers  = map[ebpf.ProgramType][]asm.BuiltinFunc{
 		ebpf.CGroupSockAddr: {asm.FnMapLookupElem, asm.FnMapUpdateElem, asm.FnMapDeleteElem, asm.FnGetNetnsCookie, asm.FnGetSocketCookie},
 		ebpf.CGroupSockopt:  {asm.FnMapLookupElem, asm.FnGetNetnsCookie},
 		ebpf.SockOps: {asm.FnMapLookupElem, asm.FnMapUpdateElem, asm.FnMapDeleteElem, asm.FnGetNetnsCookie,
 			asm.FnGetSocketCookie, asm.FnSockOpsCbFlagsSet, asm.FnSkcToTcpSock, asm.FnKtimeGetNs},
+		ebpf.SkLookup: {asm.FnMapLookupElem, asm.FnSkAssign, asm.FnSkRelease},
 	}
 )
 
@@ -46,8 +48,39 @@ func ProbeFeatures() []FeatureProbe {
 			out = append(out, probe("helper/"+progTypeName(pt)+"/"+helperName(fn), features.HaveProgramHelper(pt, fn)))
 		}
 	}
+	out = append(out, probe(skLookupIfindexProbe, haveSkLookupIngressIfindex()))
 	return out
 }
+
+// skLookupIfindexProbe: the sk_lookup program reads ingress_ifindex (Linux
+// 5.17) to leave connections over loopback alone.
+const skLookupIfindexProbe = "field/sk_lookup/ingress_ifindex"
+
+// haveSkLookupIngressIfindex loads a minimal sk_lookup program that reads
+// bpf_sk_lookup.ingress_ifindex: the verifier rejects the read on kernels
+// without the field.
+func haveSkLookupIngressIfindex() error {
+	prog, err := ebpf.NewProgram(&ebpf.ProgramSpec{
+		Type:       ebpf.SkLookup,
+		AttachType: ebpf.AttachSkLookup,
+		License:    "Dual BSD/GPL",
+		Instructions: asm.Instructions{
+			asm.LoadMem(asm.R2, asm.R1, skLookupIngressIfindexOffset, asm.Word),
+			asm.Mov.Imm(asm.R0, 1), // SK_PASS
+			asm.Return(),
+		},
+	})
+	if err != nil {
+		if errors.Is(err, ebpf.ErrNotSupported) || errors.Is(err, unix.EACCES) || errors.Is(err, unix.EINVAL) {
+			return fmt.Errorf("%w: %w", ebpf.ErrNotSupported, err)
+		}
+		return err
+	}
+	return prog.Close()
+}
+
+// skLookupIngressIfindexOffset is offsetof(struct bpf_sk_lookup, ingress_ifindex).
+const skLookupIngressIfindexOffset = 64
 
 func probe(name string, err error) FeatureProbe {
 	p := FeatureProbe{Name: name, Supported: err == nil}
@@ -67,11 +100,13 @@ var (
 		ebpf.CGroupSockAddr: "cgroup_sock_addr",
 		ebpf.CGroupSockopt:  "cgroup_sockopt",
 		ebpf.SockOps:        "sock_ops",
+		ebpf.SkLookup:       "sk_lookup",
 	}
 	mapTypeNames = map[ebpf.MapType]string{
-		ebpf.Hash:    "hash",
-		ebpf.Array:   "array",
-		ebpf.LRUHash: "lru_hash",
+		ebpf.Hash:     "hash",
+		ebpf.Array:    "array",
+		ebpf.LRUHash:  "lru_hash",
+		ebpf.SockHash: "sockhash",
 	}
 	helperNames = map[asm.BuiltinFunc]string{
 		asm.FnMapLookupElem:     "map_lookup_elem",
@@ -82,6 +117,8 @@ var (
 		asm.FnSockOpsCbFlagsSet: "sock_ops_cb_flags_set",
 		asm.FnSkcToTcpSock:      "skc_to_tcp_sock",
 		asm.FnKtimeGetNs:        "ktime_get_ns",
+		asm.FnSkAssign:          "sk_assign",
+		asm.FnSkRelease:         "sk_release",
 	}
 )
 
