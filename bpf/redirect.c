@@ -156,6 +156,21 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } inbound_listeners SEC(".maps");
 
+// Connections the proxy itself opens inside an enrolled pod (its sockets
+// carry the bypass mark), by their 4-tuple (a conn_key with netns_cookie 0,
+// the connecting side as client): sk_lookup leaves their SYNs alone, so that
+// ztunnel's connection to the application, which comes from inside the pod
+// and may carry the original client's address (IP_TRANSPARENT), is not
+// captured back to ztunnel. sk_lookup programs see no mark and no netns
+// cookie, so sock_ops records them as they connect and removes them on close.
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, MAX_PROXY_CONNS);
+	__type(key, struct conn_key);
+	__type(value, __u8);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} bypass_conns SEC(".maps");
+
 // The kernel's struct sock, reduced to the one field sock_ops reads. The
 // ___mk suffix is a CO-RE flavour: the loader relocates sk_err's offset
 // against the running kernel's BTF for "struct sock".
@@ -547,35 +562,43 @@ static __always_inline int inbound_reserved_port(__u32 port)
 }
 
 // Inbound capture, attached to each enrolled pod's netns (sk_lookup links
-// are per netns): a TCP SYN for one of the pod's addresses, arriving on one
-// of its interfaces other than loopback, goes to the proxy's inbound
-// listener. The accepted socket's local address is the SYN's destination, so
-// the proxy knows the original destination as it would behind TPROXY.
-// Locally originated connections (the proxy's own to the application, or the
-// pod's to itself) come in on loopback and are left alone.
+// are per netns): a TCP SYN for one of the pod's addresses goes to the
+// proxy's inbound listener, unless the proxy itself opened the connection
+// (bypass_conns). The accepted socket's local address is the SYN's
+// destination, so the proxy knows the original destination as it would
+// behind TPROXY. (The pod's other connections to itself are outbound, and
+// outbound capture already sent them to the proxy's outbound port.)
 SEC("sk_lookup")
 int mk_sk_lookup(struct bpf_sk_lookup *ctx)
 {
 	if (ctx->protocol != IPPROTO_TCP)
 		return SK_PASS;
-	if (ctx->ingress_ifindex == LOOPBACK_IFINDEX)
-		return SK_PASS;
 	if (inbound_reserved_port(ctx->local_port))
 		return SK_PASS;
 	struct pod_addr addr = {};
+	struct conn_key tuple = {};
+	tuple.client_port = ctx->remote_port;
+	tuple.proxy_port = bpf_htons((__u16)ctx->local_port);
 	if (ctx->family == AF_INET) {
 		addr.family = AF_INET;
 		addr.ip[0] = ctx->local_ip4;
+		tuple.family = AF_INET;
+		tuple.client_ip[0] = ctx->remote_ip4;
+		tuple.proxy_ip[0] = ctx->local_ip4;
 	} else {
 		addr.family = AF_INET6;
-		addr.ip[0] = CTX32(ctx->local_ip6[0]);
-		addr.ip[1] = CTX32(ctx->local_ip6[1]);
-		addr.ip[2] = CTX32(ctx->local_ip6[2]);
-		addr.ip[3] = CTX32(ctx->local_ip6[3]);
+		tuple.family = AF_INET6;
+		for (int i = 0; i < 4; i++) {
+			addr.ip[i] = CTX32(ctx->local_ip6[i]);
+			tuple.proxy_ip[i] = addr.ip[i];
+			tuple.client_ip[i] = CTX32(ctx->remote_ip6[i]);
+		}
 	}
 	__u64 *netns = bpf_map_lookup_elem(&inbound_addrs, &addr);
 	if (!netns)
 		return SK_PASS; // not a captured address (a link-local one, say)
+	if (bpf_map_lookup_elem(&bypass_conns, &tuple))
+		return SK_PASS; // the proxy's own connection to the application
 	struct bpf_sock *sk = bpf_map_lookup_elem(&inbound_listeners, netns);
 	if (!sk)
 		return SK_DROP; // captured pod without a listener: fail closed (RST), never around the proxy
@@ -670,6 +693,14 @@ static __always_inline int is_capture_port(const struct config *cfg, __u32 local
 	return p == cfg->proxy_port || (cfg->dns_port && p == cfg->dns_port);
 }
 
+// is_bypass_sock: the socket carries the proxy's mark.
+static __always_inline int is_bypass_sock(struct bpf_sock_ops *skops)
+{
+	struct config *cfg = get_config();
+	struct bpf_sock *sk = skops->sk;
+	return cfg && sk && cfg->bypass_mark && sk->mark == cfg->bypass_mark;
+}
+
 static __always_inline void on_connect(struct bpf_sock_ops *skops)
 {
 	__u64 netns = bpf_get_netns_cookie(skops);
@@ -689,6 +720,12 @@ static __always_inline void on_connect(struct bpf_sock_ops *skops)
 
 	struct conn_key key = {};
 	proxy_key(&key, netns, skops, 1);
+	if (is_bypass_sock(skops)) {
+		struct conn_key tuple = key;
+		tuple.netns_cookie = 0;
+		__u8 one = 1;
+		bpf_map_update_elem(&bypass_conns, &tuple, &one, BPF_ANY);
+	}
 	if (st->redirected) {
 		// Written before the SYN leaves, so it exists before the proxy can
 		// accept this connection.
@@ -749,6 +786,11 @@ static __always_inline void on_close(struct bpf_sock_ops *skops)
 		return;
 	}
 
+	if (!st->redirected) {
+		struct conn_key tuple = {};
+		proxy_key(&tuple, 0, skops, 1);
+		bpf_map_delete_elem(&bypass_conns, &tuple);
+	}
 	if (st->redirected && !st->counted) {
 		// Never established, so the proxy never got a socket for it whose
 		// close would remove the entry: remove it here.

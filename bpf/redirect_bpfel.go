@@ -66,6 +66,7 @@ type RedirectSockState struct {
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
+	RedirectMapBypassConns      = "bypass_conns"
 	RedirectMapDnsSocks         = "dns_socks"
 	RedirectMapEnrolled         = "enrolled"
 	RedirectMapInboundAddrs     = "inbound_addrs"
@@ -145,6 +146,7 @@ type RedirectProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type RedirectMapSpecs struct {
+	BypassConns      *ebpf.MapSpec `ebpf:"bypass_conns"`
 	DnsSocks         *ebpf.MapSpec `ebpf:"dns_socks"`
 	Enrolled         *ebpf.MapSpec `ebpf:"enrolled"`
 	InboundAddrs     *ebpf.MapSpec `ebpf:"inbound_addrs"`
@@ -180,6 +182,7 @@ func (o *RedirectObjects) Close() error {
 //
 // It can be passed to LoadRedirectObjects or ebpf.CollectionSpec.LoadAndAssign.
 type RedirectMaps struct {
+	BypassConns      *ebpf.Map `ebpf:"bypass_conns"`
 	DnsSocks         *ebpf.Map `ebpf:"dns_socks"`
 	Enrolled         *ebpf.Map `ebpf:"enrolled"`
 	InboundAddrs     *ebpf.Map `ebpf:"inbound_addrs"`
@@ -191,6 +194,7 @@ type RedirectMaps struct {
 
 func (m *RedirectMaps) Close() error {
 	return _RedirectClose(
+		m.BypassConns,
 		m.DnsSocks,
 		m.Enrolled,
 		m.InboundAddrs,

@@ -205,8 +205,6 @@ enum {
 #define SO_ORIGINAL_DST 80
 /* linux/netfilter_ipv6/ip6_tables.h */
 #define IP6T_SO_ORIGINAL_DST 80
-/* the loopback device's ifindex in every network namespace (LOOPBACK_IFINDEX) */
-#define LOOPBACK_IFINDEX 1
 
 /* errno values sock_ops reads from sk_err */
 #define EPIPE 32

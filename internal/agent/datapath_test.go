@@ -350,7 +350,7 @@ func TestFeatureProbesOnThisKernel(t *testing.T) {
 	for _, hs := range requiredHelpers {
 		n += len(hs)
 	}
-	g.Expect(probes).To(HaveLen(len(requiredPrograms) + len(requiredMaps) + n + 1)) // + the sk_lookup field probe
+	g.Expect(probes).To(HaveLen(len(requiredPrograms) + len(requiredMaps) + n))
 	for _, p := range probes {
 		t.Logf("%-50s supported=%v %s", p.Name, p.Supported, p.Error)
 		g.Expect(p.Supported).To(BeTrue(), "%s: %s", p.Name, p.Error)

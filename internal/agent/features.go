@@ -9,7 +9,6 @@ import (
 	"github.com/cilium/ebpf/asm"
 	"github.com/cilium/ebpf/features"
 	"github.com/cilium/ebpf/rlimit"
-	"golang.org/x/sys/unix"
 
 	"github.com/meshkeeper/meshkeeper/api/v1alpha1"
 )
@@ -48,39 +47,8 @@ func ProbeFeatures() []FeatureProbe {
 			out = append(out, probe("helper/"+progTypeName(pt)+"/"+helperName(fn), features.HaveProgramHelper(pt, fn)))
 		}
 	}
-	out = append(out, probe(skLookupIfindexProbe, haveSkLookupIngressIfindex()))
 	return out
 }
-
-// skLookupIfindexProbe: the sk_lookup program reads ingress_ifindex (Linux
-// 5.17) to leave connections over loopback alone.
-const skLookupIfindexProbe = "field/sk_lookup/ingress_ifindex"
-
-// haveSkLookupIngressIfindex loads a minimal sk_lookup program that reads
-// bpf_sk_lookup.ingress_ifindex: the verifier rejects the read on kernels
-// without the field.
-func haveSkLookupIngressIfindex() error {
-	prog, err := ebpf.NewProgram(&ebpf.ProgramSpec{
-		Type:       ebpf.SkLookup,
-		AttachType: ebpf.AttachSkLookup,
-		License:    "Dual BSD/GPL",
-		Instructions: asm.Instructions{
-			asm.LoadMem(asm.R2, asm.R1, skLookupIngressIfindexOffset, asm.Word),
-			asm.Mov.Imm(asm.R0, 1), // SK_PASS
-			asm.Return(),
-		},
-	})
-	if err != nil {
-		if errors.Is(err, ebpf.ErrNotSupported) || errors.Is(err, unix.EACCES) || errors.Is(err, unix.EINVAL) {
-			return fmt.Errorf("%w: %w", ebpf.ErrNotSupported, err)
-		}
-		return err
-	}
-	return prog.Close()
-}
-
-// skLookupIngressIfindexOffset is offsetof(struct bpf_sk_lookup, ingress_ifindex).
-const skLookupIngressIfindexOffset = 64
 
 func probe(name string, err error) FeatureProbe {
 	p := FeatureProbe{Name: name, Supported: err == nil}

@@ -74,7 +74,9 @@ func (d *Datapath) CaptureInbound(cookie uint64, netns *os.File, listener *os.Fi
 		}
 		keys[k] = true
 	}
-	if err := d.objs.InboundListeners.Update(cookie, uint64(listener.Fd()), ebpf.UpdateAny); err != nil {
+	if err := withFd(listener, func(fd int) error {
+		return d.objs.InboundListeners.Update(cookie, uint64(fd), ebpf.UpdateAny)
+	}); err != nil {
 		return fmt.Errorf("capture inbound of netns %d: put listener in %s: %w", cookie, mkbpf.RedirectMapInboundListeners, err)
 	}
 	for k := range keys {
@@ -246,20 +248,41 @@ func (d *Datapath) inboundAddrs() (map[mkbpf.RedirectPodAddr]uint64, error) {
 	return out, nil
 }
 
+// withFd runs f with the descriptor of file without os.File.Fd, which would
+// put the descriptor in blocking mode: the listener shares its open file
+// description with ztunnel's, whose accept loop must stay non-blocking.
+func withFd(file *os.File, f func(fd int) error) error {
+	rc, err := file.SyscallConn()
+	if err != nil {
+		return err
+	}
+	var ferr error
+	if err := rc.Control(func(fd uintptr) { ferr = f(int(fd)) }); err != nil {
+		return err
+	}
+	return ferr
+}
+
 // checkListener makes sure f is a listening TCP socket.
 func checkListener(f *os.File) error {
 	if f == nil {
 		return errors.New("no listener")
 	}
-	fd := int(f.Fd())
+	return withFd(f, checkListenerFd)
+}
+
+func checkListenerFd(fd int) error {
 	typ, err := unix.GetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_TYPE)
 	if err != nil {
 		return fmt.Errorf("listener is not a socket: %w", err)
 	}
-	proto, _ := unix.GetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_PROTOCOL)
-	acc, _ := unix.GetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_ACCEPTCONN)
+	proto, err1 := unix.GetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_PROTOCOL)
+	acc, err2 := unix.GetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_ACCEPTCONN)
+	if err := errors.Join(err1, err2); err != nil {
+		return fmt.Errorf("listener: %w", err)
+	}
 	if typ != unix.SOCK_STREAM || proto != unix.IPPROTO_TCP || acc != 1 {
-		return errors.New("listener is not a listening TCP socket")
+		return fmt.Errorf("listener is not a listening plain TCP socket (type %d, protocol %d (MPTCP is %d), listening %d)", typ, proto, unix.IPPROTO_MPTCP, acc)
 	}
 	return nil
 }
