@@ -375,6 +375,7 @@ func (d *Datapath) Maps() map[string]*ebpf.Map {
 		mkbpf.RedirectMapDnsSocks:         d.objs.DnsSocks,
 		mkbpf.RedirectMapInboundAddrs:     d.objs.InboundAddrs,
 		mkbpf.RedirectMapInboundListeners: d.objs.InboundListeners,
+		mkbpf.RedirectMapBypassConns:      d.objs.BypassConns,
 	}
 }
 
