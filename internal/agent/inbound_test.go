@@ -31,7 +31,7 @@ type podPair struct {
 	client4, cli6 string
 }
 
-func newPodPair(t *testing.T, env nodeEnv, subnet int) *podPair {
+func newPodPair(t testing.TB, env nodeEnv, subnet int) *podPair {
 	t.Helper()
 	p := &podPair{pod: newTestNetns(t), client: newTestNetns(t),
 		pod4: fmt.Sprintf("10.250.%d.2", subnet), client4: fmt.Sprintf("10.250.%d.1", subnet),
@@ -146,7 +146,7 @@ func ask(ns *testNetns, addr string, mark int) (string, error) {
 	return readReply(c)
 }
 
-func captureInbound(t *testing.T, dp *Datapath, ns *testNetns, listener *labelServer) {
+func captureInbound(t testing.TB, dp *Datapath, ns *testNetns, listener *labelServer) {
 	t.Helper()
 	h, err := os.Open(ns.Path)
 	if err != nil {
