@@ -223,11 +223,11 @@ static __always_inline int decide(struct bpf_sock_addr *ctx, const struct orig_d
 	int udp = ctx->type == SOCK_DGRAM && ctx->protocol == IPPROTO_UDP;
 	if (!tcp && !udp)
 		return CAPTURE_NONE;
+	struct config *cfg = get_config();
+	if (!cfg || (udp && !cfg->dns_port))
+		return CAPTURE_NONE; // UDP on the node costs one array lookup while DNS capture is off
 	__u64 netns = bpf_get_netns_cookie(ctx);
 	if (!bpf_map_lookup_elem(&enrolled, &netns))
-		return CAPTURE_NONE;
-	struct config *cfg = get_config();
-	if (!cfg)
 		return CAPTURE_NONE;
 	struct bpf_sock *sk = ctx->sk;
 	if (sk && cfg->bypass_mark && sk->mark == cfg->bypass_mark)
@@ -365,11 +365,11 @@ static __always_inline struct orig_dst *dns_orig(struct bpf_sock_addr *ctx)
 SEC("cgroup/recvmsg4")
 int mk_recvmsg4(struct bpf_sock_addr *ctx)
 {
+	struct config *cfg = get_config();
+	if (!cfg || !cfg->dns_port || ctx->user_ip4 != cfg->proxy_ip4 || (__be16)ctx->user_port != cfg->dns_port)
+		return 1;
 	struct orig_dst *orig = dns_orig(ctx);
 	if (!orig || orig->family != AF_INET)
-		return 1;
-	struct config *cfg = get_config();
-	if (!cfg || ctx->user_ip4 != cfg->proxy_ip4 || (__be16)ctx->user_port != cfg->dns_port)
 		return 1;
 	ctx->user_ip4 = orig->ip[0];
 	ctx->user_port = orig->port;
@@ -379,11 +379,11 @@ int mk_recvmsg4(struct bpf_sock_addr *ctx)
 SEC("cgroup/recvmsg6")
 int mk_recvmsg6(struct bpf_sock_addr *ctx)
 {
+	struct config *cfg = get_config();
+	if (!cfg || !cfg->dns_port || (__be16)ctx->user_port != cfg->dns_port)
+		return 1;
 	struct orig_dst *orig = dns_orig(ctx);
 	if (!orig)
-		return 1;
-	struct config *cfg = get_config();
-	if (!cfg || (__be16)ctx->user_port != cfg->dns_port)
 		return 1;
 	if (is_v4mapped(ctx->user_ip6)) {
 		if (orig->family != AF_INET || CTX32(ctx->user_ip6[3]) != cfg->proxy_ip4)

@@ -186,8 +186,18 @@ func udpAsk(ns *testNetns, dst string, connected bool, mark int) (reply, from st
 // alone.
 func TestDNSCapture(t *testing.T) {
 	requirePrivileged(t)
+	for _, env := range nodeEnvs {
+		t.Run(env.name, func(t *testing.T) { testDNSCapture(t, env) })
+	}
+}
+
+func testDNSCapture(t *testing.T, env nodeEnv) {
 	g := NewWithT(t)
+	env.setUp(t)
 	ns, otherNS := newTestNetns(t), newTestNetns(t)
+	if env.kube {
+		iptablesIn(t, ns, "-A", "INPUT", "-m", "conntrack", "--ctstate", "INVALID", "-j", "DROP")
+	}
 	for _, n := range []*testNetns{ns, otherNS} {
 		ipIn(t, n, "addr", "add", "10.96.0.10/32", "dev", "lo")
 		ipIn(t, n, "-6", "addr", "add", service6+"/128", "dev", "lo", "nodad")
