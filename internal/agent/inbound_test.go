@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"sync"
@@ -344,6 +345,8 @@ func linksOfProgram(t *testing.T, id ebpf.ProgramID) []link.ID {
 	return attachedLinkIDs(t, map[string]ebpf.ProgramID{"p": id})
 }
 
+func netipMustAddrPort(s string) netip.AddrPort { return netip.MustParseAddrPort(s) }
+
 func unbracket(addr string) string {
 	ap, err := netipParseAddrPort(addr)
 	if err != nil {
@@ -370,4 +373,64 @@ func regexpQuote(s string) string {
 		out = append(out, s[i])
 	}
 	return string(out)
+}
+
+// TestCaptureInboundRefusesBadInput: what the ZDS server could get wrong is
+// refused with a message that says what is wrong, and nothing is captured.
+func TestCaptureInboundRefusesBadInput(t *testing.T) {
+	requirePrivileged(t)
+	g := NewWithT(t)
+	pair := newPodPair(t, nodeEnvs[0], 4)
+	bare := newTestNetns(t) // loopback only
+	dp, _ := loadTestDatapath(t, capturePort)
+	inbound := startLabelServer(t, pair.pod, ":15006", "inbound")
+	h, err := os.Open(pair.pod.Path)
+	g.Expect(err).NotTo(HaveOccurred())
+	defer h.Close()
+
+	var udp net.PacketConn
+	g.Expect(pair.pod.Do(func() { udp, err = net.ListenPacket("udp", ":15006") })).To(Succeed())
+	g.Expect(err).NotTo(HaveOccurred())
+	defer udp.Close()
+	uf, err := udp.(*net.UDPConn).File()
+	g.Expect(err).NotTo(HaveOccurred())
+	defer uf.Close()
+	g.Expect(dp.CaptureInbound(pair.pod.Cookie(t), h, uf)).To(MatchError(ContainSubstring("not a listening plain TCP socket")))
+
+	var mptcp net.Listener
+	lc := net.ListenConfig{}
+	lc.SetMultipathTCP(true)
+	g.Expect(pair.pod.Do(func() { mptcp, err = lc.Listen(context.Background(), "tcp", ":15016") })).To(Succeed())
+	g.Expect(err).NotTo(HaveOccurred())
+	defer mptcp.Close()
+	mf, err := mptcp.(*net.TCPListener).File()
+	g.Expect(err).NotTo(HaveOccurred())
+	defer mf.Close()
+	if proto, _ := unix.GetsockoptInt(int(mf.Fd()), unix.SOL_SOCKET, unix.SO_PROTOCOL); proto == unix.IPPROTO_MPTCP {
+		g.Expect(dp.CaptureInbound(pair.pod.Cookie(t), h, mf)).To(MatchError(ContainSubstring("MPTCP")))
+	}
+
+	bh, err := os.Open(bare.Path)
+	g.Expect(err).NotTo(HaveOccurred())
+	defer bh.Close()
+	lf := inbound.File(t)
+	defer lf.Close()
+	g.Expect(dp.CaptureInbound(bare.Cookie(t), bh, lf)).To(MatchError(ContainSubstring("no address to capture")))
+
+	captured, err := dp.InboundCaptured()
+	g.Expect(err).NotTo(HaveOccurred())
+	g.Expect(captured).To(BeEmpty())
+	g.Expect(dp.MapUsage()[mkbpf.RedirectMapInboundAddrs].Entries).To(BeZero())
+	g.Expect(ask(pair.client, pair.pod4+":15006", 0)).To(HavePrefix("inbound "+pair.pod4+":15006"), "the listener itself still works")
+}
+
+// TestZeroBypassMarkRefused: a bypass mark of 0 would exempt every
+// unmarked socket, so the datapath refuses it before touching the kernel.
+func TestZeroBypassMarkRefused(t *testing.T) {
+	g := NewWithT(t)
+	_, _, err := LoadDatapath(DatapathConfig{PinPath: "/nonexistent/meshkeeper-test", CgroupPath: "/sys/fs/cgroup",
+		CaptureAddr: netipMustAddrPort("127.0.0.1:15001")})
+	g.Expect(err).To(MatchError(ContainSubstring("bypass mark 0 would exempt every unmarked socket")))
+	g.Expect(err).To(MatchError(ContainSubstring("0x539")))
+	g.Expect(CheckBypassMark(DefaultBypassMark)).To(Succeed())
 }
