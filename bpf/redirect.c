@@ -209,26 +209,27 @@ static __always_inline int is_loopback6(const volatile __u32 *ip6)
 
 // Where a connect or a datagram from an enrolled netns goes instead.
 enum capture {
+	NOT_OURS = -1, // not a socket of an enrolled netns: nothing to do, nothing to forget
 	CAPTURE_NONE = 0,
 	CAPTURE_TCP = 1, // outbound TCP: the proxy's outbound port
 	CAPTURE_DNS = 2, // DNS (UDP, or TCP to port 53) when DNS capture is on: the DNS port
 };
 
-// decide looks at one destination of a socket in an enrolled netns and
-// returns what to capture it to (with the config in *cfg_out), or
-// CAPTURE_NONE to leave it alone.
+// decide looks at one destination of a socket and returns what to capture
+// it to (with the config in *cfg_out), CAPTURE_NONE to leave it alone, or
+// NOT_OURS when the socket is not in an enrolled netns (or not TCP/UDP).
 static __always_inline int decide(struct bpf_sock_addr *ctx, const struct orig_dst *dst, struct config **cfg_out)
 {
 	int tcp = ctx->type == SOCK_STREAM && ctx->protocol == IPPROTO_TCP;
 	int udp = ctx->type == SOCK_DGRAM && ctx->protocol == IPPROTO_UDP;
 	if (!tcp && !udp)
-		return CAPTURE_NONE;
+		return NOT_OURS;
 	struct config *cfg = get_config();
 	if (!cfg || (udp && !cfg->dns_port))
-		return CAPTURE_NONE; // UDP on the node costs one array lookup while DNS capture is off
+		return NOT_OURS; // UDP on the node costs one array lookup while DNS capture is off
 	__u64 netns = bpf_get_netns_cookie(ctx);
 	if (!bpf_map_lookup_elem(&enrolled, &netns))
-		return CAPTURE_NONE;
+		return NOT_OURS;
 	struct bpf_sock *sk = ctx->sk;
 	if (sk && cfg->bypass_mark && sk->mark == cfg->bypass_mark)
 		return CAPTURE_NONE; // the proxy's own socket
@@ -281,6 +282,8 @@ static __always_inline void addr4(struct bpf_sock_addr *ctx)
 	dst.port = (__be16)ctx->user_port;
 	struct config *cfg = 0;
 	int what = decide(ctx, &dst, &cfg);
+	if (what == NOT_OURS)
+		return;
 	if (what == CAPTURE_NONE || !cfg) {
 		forget(ctx);
 		return;
@@ -307,6 +310,8 @@ static __always_inline void addr6(struct bpf_sock_addr *ctx)
 	dst.port = (__be16)ctx->user_port;
 	struct config *cfg = 0;
 	int what = decide(ctx, &dst, &cfg);
+	if (what == NOT_OURS)
+		return;
 	if (what == CAPTURE_NONE || !cfg) {
 		forget(ctx);
 		return;
