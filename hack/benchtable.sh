@@ -45,8 +45,8 @@ function add(key, val) { vals[key] = (key in vals) ? vals[key] " " val : val }
 
 END {
 	if (npaths > 0) {
-		print "| path | conns/s | p50 µs | p99 µs | CPU µs/conn | vs direct |"
-		print "|---|---:|---:|---:|---:|---:|"
+		print "| path | conns/s | p50 µs | p99 µs | CPU µs/conn | BPF ns/conn | vs direct |"
+		print "|---|---:|---:|---:|---:|---:|---:|"
 		for (k = 1; k <= npaths; k++) {
 			p = order[k]
 			vs = "—"
@@ -61,10 +61,11 @@ END {
 				if (ratios != "") vs = sprintf("%+.1f%%", (median(ratios) - 1) * 100)
 			}
 			cpuc = (p SUBSEP "cpu-µs/conn") in vals ? sprintf("%.1f", median(vals[p SUBSEP "cpu-µs/conn"])) : "—"
-			printf "| %s | %.0f | %.1f | %.1f | %s | %s |\n", p, median(vals[p SUBSEP "conns/s"]), median(vals[p SUBSEP "p50-µs"]), median(vals[p SUBSEP "p99-µs"]), cpuc, vs
+			bpfc = (p SUBSEP "bpf-ns/conn") in vals ? sprintf("%.0f", median(vals[p SUBSEP "bpf-ns/conn"])) : "—"
+			printf "| %s | %.0f | %.1f | %.1f | %s | %s | %s |\n", p, median(vals[p SUBSEP "conns/s"]), median(vals[p SUBSEP "p50-µs"]), median(vals[p SUBSEP "p99-µs"]), cpuc, bpfc, vs
 		}
 		print ""
-		printf "Medians of %d interleaved rounds of %d connections per path (one client; latency is connect + first byte of the reply); CPU: user+system time of the benchmark process (client and proxy, and the kernel work done for them) per connection; vs direct: median of the per-round conns/s ratios to direct (inbound paths: to inbound-direct)", rounds[order[1]], ops
+		printf "Medians of %d interleaved rounds of %d connections per path (one client; latency is connect + first byte of the reply); CPU: user+system time of the benchmark process (client and proxy, and the kernel work done for them) per connection; BPF: the datapath programs' own run time per connection (kernel BPF stats); vs direct: median of the per-round conns/s ratios to direct (inbound paths: to inbound-direct)", rounds[order[1]], ops
 		if (cpu != "") printf "; cpu: %s", cpu
 		if (procs != "") printf ", GOMAXPROCS %s", procs
 		print "."
