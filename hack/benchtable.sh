@@ -65,7 +65,7 @@ END {
 			printf "| %s | %.0f | %.1f | %.1f | %s | %s | %s |\n", p, median(vals[p SUBSEP "conns/s"]), median(vals[p SUBSEP "p50-µs"]), median(vals[p SUBSEP "p99-µs"]), cpuc, bpfc, vs
 		}
 		print ""
-		printf "Medians of %d interleaved rounds of %d connections per path (one client; latency is connect + first byte of the reply); CPU: user+system time of the benchmark process (client and proxy, and the kernel work done for them) per connection; BPF: the datapath programs' own run time per connection (kernel BPF stats); vs direct: median of the per-round conns/s ratios to direct (inbound paths: to inbound-direct)", rounds[order[1]], ops
+		printf "Medians of %d interleaved rounds of %d connections per path (one client; latency is connect + first byte of the reply); CPU: user+system time of the benchmark process (client and proxy, and the kernel work done for them) per connection; BPF: run time of the datapath programs per connection (kernel BPF stats); vs direct: median of the per-round conns/s ratios to direct (inbound paths: to inbound-direct)", rounds[order[1]], ops
 		if (cpu != "") printf "; cpu: %s", cpu
 		if (procs != "") printf ", GOMAXPROCS %s", procs
 		print "."
