@@ -21,6 +21,7 @@ char __license[] SEC("license") = "Dual BSD/GPL";
 #define MAX_DNS_SOCKS 16384
 #define MAX_POD_ADDRS (4 * MAX_PODS)
 #define DNS_PORT 53
+#define MAX_BYPASS_SOURCES 256
 
 // Outcome of a connection, index into pod_stats.results.
 enum result {
@@ -170,6 +171,19 @@ struct {
 	__type(value, __u8);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } bypass_conns SEC(".maps");
+
+// Sources whose inbound connections are never captured: the node's own
+// addresses, written by the agent. The kubelet's probes (and every other
+// connection from the node's network namespace) reach the application
+// directly, as behind istio-cni, which SNATs them to 169.254.7.127 on the
+// host and exempts that source in the pod.
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, MAX_BYPASS_SOURCES);
+	__type(key, struct pod_addr);
+	__type(value, __u8);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} inbound_bypass_src SEC(".maps");
 
 // The kernel's struct sock, reduced to the one field sock_ops reads. The
 // ___mk suffix is a CO-RE flavour: the loader relocates sk_err's offset
@@ -581,22 +595,27 @@ int mk_sk_lookup(struct bpf_sk_lookup *ctx)
 	if (inbound_reserved_port(ctx->local_port))
 		return SK_PASS;
 	struct pod_addr addr = {};
+	struct pod_addr src = {};
 	struct conn_key tuple = {};
 	tuple.client_port = ctx->remote_port;
 	tuple.proxy_port = bpf_htons((__u16)ctx->local_port);
 	if (ctx->family == AF_INET) {
 		addr.family = AF_INET;
 		addr.ip[0] = ctx->local_ip4;
+		src.family = AF_INET;
+		src.ip[0] = ctx->remote_ip4;
 		tuple.family = AF_INET;
 		tuple.client_ip[0] = ctx->remote_ip4;
 		tuple.proxy_ip[0] = ctx->local_ip4;
 	} else {
 		addr.family = AF_INET6;
+		src.family = AF_INET6;
 		tuple.family = AF_INET6;
 		for (int i = 0; i < 4; i++) {
 			addr.ip[i] = CTX32(ctx->local_ip6[i]);
+			src.ip[i] = CTX32(ctx->remote_ip6[i]);
 			tuple.proxy_ip[i] = addr.ip[i];
-			tuple.client_ip[i] = CTX32(ctx->remote_ip6[i]);
+			tuple.client_ip[i] = src.ip[i];
 		}
 	}
 	__u64 *netns = bpf_map_lookup_elem(&inbound_addrs, &addr);
@@ -604,6 +623,8 @@ int mk_sk_lookup(struct bpf_sk_lookup *ctx)
 		return SK_PASS; // not a captured address (a link-local one, say)
 	if (bpf_map_lookup_elem(&bypass_conns, &tuple))
 		return SK_PASS; // the proxy's own connection to the application
+	if (bpf_map_lookup_elem(&inbound_bypass_src, &src))
+		return SK_PASS; // from the node itself: the kubelet's probes
 	struct bpf_sock *sk = bpf_map_lookup_elem(&inbound_listeners, netns);
 	if (!sk)
 		return SK_DROP; // captured pod without a listener: fail closed (RST), never around the proxy

@@ -70,6 +70,7 @@ const (
 	RedirectMapDnsSocks         = "dns_socks"
 	RedirectMapEnrolled         = "enrolled"
 	RedirectMapInboundAddrs     = "inbound_addrs"
+	RedirectMapInboundBypassSrc = "inbound_bypass_src"
 	RedirectMapInboundListeners = "inbound_listeners"
 	RedirectMapMkConfigV2       = "mk_config_v2"
 	RedirectMapProxyConnsV2     = "proxy_conns_v2"
@@ -150,6 +151,7 @@ type RedirectMapSpecs struct {
 	DnsSocks         *ebpf.MapSpec `ebpf:"dns_socks"`
 	Enrolled         *ebpf.MapSpec `ebpf:"enrolled"`
 	InboundAddrs     *ebpf.MapSpec `ebpf:"inbound_addrs"`
+	InboundBypassSrc *ebpf.MapSpec `ebpf:"inbound_bypass_src"`
 	InboundListeners *ebpf.MapSpec `ebpf:"inbound_listeners"`
 	MkConfigV2       *ebpf.MapSpec `ebpf:"mk_config_v2"`
 	ProxyConnsV2     *ebpf.MapSpec `ebpf:"proxy_conns_v2"`
@@ -186,6 +188,7 @@ type RedirectMaps struct {
 	DnsSocks         *ebpf.Map `ebpf:"dns_socks"`
 	Enrolled         *ebpf.Map `ebpf:"enrolled"`
 	InboundAddrs     *ebpf.Map `ebpf:"inbound_addrs"`
+	InboundBypassSrc *ebpf.Map `ebpf:"inbound_bypass_src"`
 	InboundListeners *ebpf.Map `ebpf:"inbound_listeners"`
 	MkConfigV2       *ebpf.Map `ebpf:"mk_config_v2"`
 	ProxyConnsV2     *ebpf.Map `ebpf:"proxy_conns_v2"`
@@ -198,6 +201,7 @@ func (m *RedirectMaps) Close() error {
 		m.DnsSocks,
 		m.Enrolled,
 		m.InboundAddrs,
+		m.InboundBypassSrc,
 		m.InboundListeners,
 		m.MkConfigV2,
 		m.ProxyConnsV2,

@@ -376,6 +376,7 @@ func (d *Datapath) Maps() map[string]*ebpf.Map {
 		mkbpf.RedirectMapInboundAddrs:     d.objs.InboundAddrs,
 		mkbpf.RedirectMapInboundListeners: d.objs.InboundListeners,
 		mkbpf.RedirectMapBypassConns:      d.objs.BypassConns,
+		mkbpf.RedirectMapInboundBypassSrc: d.objs.InboundBypassSrc,
 	}
 }
 

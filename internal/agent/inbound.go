@@ -348,3 +348,55 @@ func ip6Words(a netip.Addr) [4]uint32 {
 	}
 	return w
 }
+
+// SetInboundBypassSources replaces the sources whose inbound connections
+// are never captured: the node's own addresses, so that the kubelet's probes
+// (and the rest of the node's connections to its pods) reach the
+// application directly, as istio-cni arranges by SNATting them to
+// 169.254.7.127 on the host and exempting that source in the pod.
+func (d *Datapath) SetInboundBypassSources(addrs []netip.Addr) error {
+	want := map[mkbpf.RedirectPodAddr]bool{}
+	for _, a := range addrs {
+		want[podAddrKey(a.Unmap())] = true
+	}
+	if len(want) > int(d.objs.InboundBypassSrc.MaxEntries()) {
+		return fmt.Errorf("inbound bypass sources: %d addresses, at most %d", len(want), d.objs.InboundBypassSrc.MaxEntries())
+	}
+	var stale []mkbpf.RedirectPodAddr
+	var k mkbpf.RedirectPodAddr
+	var v uint8
+	it := d.objs.InboundBypassSrc.Iterate()
+	for it.Next(&k, &v) {
+		if !want[k] {
+			stale = append(stale, k)
+		}
+	}
+	if err := it.Err(); err != nil {
+		return fmt.Errorf("read %s: %w", mkbpf.RedirectMapInboundBypassSrc, err)
+	}
+	for k := range want {
+		if err := d.objs.InboundBypassSrc.Update(k, uint8(1), ebpf.UpdateAny); err != nil {
+			return fmt.Errorf("inbound bypass sources: %w", err)
+		}
+	}
+	for _, k := range stale {
+		_ = d.objs.InboundBypassSrc.Delete(k)
+	}
+	return nil
+}
+
+// NodeAddrs are the global addresses of the node's network namespace, read
+// through PID 1 of procRoot (the agent's own pod need not be on the host
+// network): the sources of the kubelet's probes.
+func NodeAddrs(procRoot string) ([]netip.Addr, error) {
+	f, err := os.Open(filepath.Join(procRootOrDefault(procRoot), "1", "ns", "net"))
+	if err != nil {
+		return nil, fmt.Errorf("the node's network namespace: %w", err)
+	}
+	defer f.Close()
+	_, addrs, err := netnsAddrs(f)
+	if err != nil {
+		return nil, fmt.Errorf("the node's addresses: %w", err)
+	}
+	return addrs, nil
+}

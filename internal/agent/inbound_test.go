@@ -244,6 +244,17 @@ func testInboundCapture(t *testing.T, env nodeEnv) {
 	g.Expect(otherInbound.Accepted()).To(BeZero())
 	g.Expect(otherApp.Accepted()).To(Equal(2))
 
+	// The node's own connections (the kubelet's probes) are exempt once the
+	// agent names the node's addresses: here the client plays the node.
+	g.Expect(dp.SetInboundBypassSources([]netip.Addr{netip.MustParseAddr(pair.client4), netip.MustParseAddr(pair.cli6)})).To(Succeed())
+	atApp = app.Accepted()
+	g.Expect(ask(pair.client, app4, 0)).To(HavePrefix("app "+app4+" from "+pair.client4), "a probe from the node")
+	g.Expect(ask(pair.client, app6, 0)).To(HavePrefix("app "+unbracket(app6)+" from "+pair.cli6), "a probe from the node, IPv6")
+	g.Expect(app.Accepted()).To(Equal(atApp + 2))
+	g.Expect(dp.SetInboundBypassSources(nil)).To(Succeed())
+	g.Expect(ask(pair.client, app4, 0)).To(HavePrefix("inbound "), "captured again once the source is no longer exempt")
+	atApp = app.Accepted()
+
 	// Another pod's address cannot be claimed.
 	h, err := os.Open(other.pod.Path)
 	g.Expect(err).NotTo(HaveOccurred())

@@ -160,6 +160,16 @@ func Run(ctx context.Context, o RunOptions) error {
 	releaseMemory()
 	log.Info("Datapath ready", "adoptedMaps", report.AdoptedMaps, "links", report.Links, "inboundLinks", len(report.InboundLinks), "pinPath", o.PinPath)
 
+	// The node's own connections to its pods (the kubelet's probes) are
+	// never captured inbound.
+	if addrs, err := NodeAddrs(o.ProcRoot); err != nil {
+		log.Error(err, "Cannot read the node's addresses; the kubelet's probes to captured pods go through the proxy")
+	} else if err := dp.SetInboundBypassSources(addrs); err != nil {
+		log.Error(err, "Cannot exempt the node's addresses from inbound capture; the kubelet's probes to captured pods go through the proxy")
+	} else {
+		log.Info("Inbound capture exempts the node's addresses", "addrs", addrs)
+	}
+
 	enroller, err := NewEnroller(dp, o.ProcRoot, log.WithName("enroll"))
 	if err != nil {
 		return err
