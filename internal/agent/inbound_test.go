@@ -433,6 +433,20 @@ func TestCaptureInboundRefusesBadInput(t *testing.T) {
 	g.Expect(captured).To(BeEmpty())
 	g.Expect(dp.MapUsage()[mkbpf.RedirectMapInboundAddrs].Entries).To(BeZero())
 	g.Expect(ask(pair.client, pair.pod4+":15006", 0)).To(HavePrefix("inbound "+pair.pod4+":15006"), "the listener itself still works")
+
+	// Two pods with one address: the second is refused, the first keeps
+	// its capture.
+	captureInbound(t, dp, pair.pod, inbound)
+	twin := newPodPair(t, nodeEnvs[0], 4)
+	twinInbound := startLabelServer(t, twin.pod, ":15006", "inbound")
+	th, err := os.Open(twin.pod.Path)
+	g.Expect(err).NotTo(HaveOccurred())
+	defer th.Close()
+	tf := twinInbound.File(t)
+	defer tf.Close()
+	g.Expect(dp.CaptureInbound(twin.pod.Cookie(t), th, tf)).To(MatchError(ContainSubstring("is captured for netns")))
+	g.Expect(dp.InboundCaptured()).To(ConsistOf(pair.pod.Cookie(t)))
+	g.Expect(ask(pair.client, pair.pod4+":8080", 0)).To(HavePrefix("inbound "+pair.pod4+":8080"))
 }
 
 // TestZeroBypassMarkRefused: a bypass mark of 0 would exempt every
