@@ -446,7 +446,7 @@ func TestCaptureInboundRefusesBadInput(t *testing.T) {
 	defer tf.Close()
 	g.Expect(dp.CaptureInbound(twin.pod.Cookie(t), th, tf)).To(MatchError(ContainSubstring("is captured for netns")))
 	g.Expect(dp.InboundCaptured()).To(ConsistOf(pair.pod.Cookie(t)))
-	g.Expect(ask(pair.client, pair.pod4+":8080", 0)).To(HavePrefix("inbound "+pair.pod4+":8080"))
+	g.Expect(ask(pair.client, pair.pod4+":8080", 0)).To(HavePrefix("inbound " + pair.pod4 + ":8080"))
 }
 
 // TestZeroBypassMarkRefused: a bypass mark of 0 would exempt every
