@@ -16,27 +16,33 @@ import (
 type RedirectConfig struct {
 	_          structs.HostLayout
 	ProxyIp4   uint32
+	ProxyIp6   [4]uint32
 	ProxyPort  uint16
-	Pad        uint16
+	DnsPort    uint16
 	BypassMark uint32
-	Pad2       uint32
 }
 
 type RedirectConnKey struct {
 	_           structs.HostLayout
 	NetnsCookie uint64
-	ClientIp4   uint32
-	ProxyIp4    uint32
+	ClientIp    [4]uint32
+	ProxyIp     [4]uint32
 	ClientPort  uint16
 	ProxyPort   uint16
-	Pad         uint32
+	Family      uint32
 }
 
 type RedirectOrigDst struct {
-	_    structs.HostLayout
-	Ip4  uint32
-	Port uint16
-	Pad  uint16
+	_      structs.HostLayout
+	Ip     [4]uint32
+	Port   uint16
+	Family uint16
+}
+
+type RedirectPodAddr struct {
+	_      structs.HostLayout
+	Family uint32
+	Ip     [4]uint32
 }
 
 type RedirectPodInfo struct {
@@ -53,23 +59,33 @@ type RedirectSockState struct {
 	Orig       RedirectOrigDst
 	Redirected uint8
 	Counted    uint8
-	Pad        [6]uint8
+	Pad        [2]uint8
 }
 
 // Names of all BPF objects in the ELF.
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
-	RedirectMapEnrolled        = "enrolled"
-	RedirectMapMkConfig        = "mk_config"
-	RedirectMapProxyConns      = "proxy_conns"
-	RedirectMapSocks           = "socks"
-	RedirectProgMkConnect4     = "mk_connect4"
-	RedirectProgMkConnect6     = "mk_connect6"
-	RedirectProgMkGetpeername4 = "mk_getpeername4"
-	RedirectProgMkGetpeername6 = "mk_getpeername6"
-	RedirectProgMkGetsockopt   = "mk_getsockopt"
-	RedirectProgMkSockops      = "mk_sockops"
+	RedirectMapBypassConns      = "bypass_conns"
+	RedirectMapDnsSocks         = "dns_socks"
+	RedirectMapEnrolled         = "enrolled"
+	RedirectMapInboundAddrs     = "inbound_addrs"
+	RedirectMapInboundBypassSrc = "inbound_bypass_src"
+	RedirectMapInboundListeners = "inbound_listeners"
+	RedirectMapMkConfigV2       = "mk_config_v2"
+	RedirectMapProxyConnsV2     = "proxy_conns_v2"
+	RedirectMapSocksV2          = "socks_v2"
+	RedirectProgMkConnect4      = "mk_connect4"
+	RedirectProgMkConnect6      = "mk_connect6"
+	RedirectProgMkGetpeername4  = "mk_getpeername4"
+	RedirectProgMkGetpeername6  = "mk_getpeername6"
+	RedirectProgMkGetsockopt    = "mk_getsockopt"
+	RedirectProgMkRecvmsg4      = "mk_recvmsg4"
+	RedirectProgMkRecvmsg6      = "mk_recvmsg6"
+	RedirectProgMkSendmsg4      = "mk_sendmsg4"
+	RedirectProgMkSendmsg6      = "mk_sendmsg6"
+	RedirectProgMkSkLookup      = "mk_sk_lookup"
+	RedirectProgMkSockops       = "mk_sockops"
 )
 
 // LoadRedirect returns the embedded CollectionSpec for Redirect.
@@ -119,6 +135,11 @@ type RedirectProgramSpecs struct {
 	MkGetpeername4 *ebpf.ProgramSpec `ebpf:"mk_getpeername4"`
 	MkGetpeername6 *ebpf.ProgramSpec `ebpf:"mk_getpeername6"`
 	MkGetsockopt   *ebpf.ProgramSpec `ebpf:"mk_getsockopt"`
+	MkRecvmsg4     *ebpf.ProgramSpec `ebpf:"mk_recvmsg4"`
+	MkRecvmsg6     *ebpf.ProgramSpec `ebpf:"mk_recvmsg6"`
+	MkSendmsg4     *ebpf.ProgramSpec `ebpf:"mk_sendmsg4"`
+	MkSendmsg6     *ebpf.ProgramSpec `ebpf:"mk_sendmsg6"`
+	MkSkLookup     *ebpf.ProgramSpec `ebpf:"mk_sk_lookup"`
 	MkSockops      *ebpf.ProgramSpec `ebpf:"mk_sockops"`
 }
 
@@ -126,10 +147,15 @@ type RedirectProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type RedirectMapSpecs struct {
-	Enrolled   *ebpf.MapSpec `ebpf:"enrolled"`
-	MkConfig   *ebpf.MapSpec `ebpf:"mk_config"`
-	ProxyConns *ebpf.MapSpec `ebpf:"proxy_conns"`
-	Socks      *ebpf.MapSpec `ebpf:"socks"`
+	BypassConns      *ebpf.MapSpec `ebpf:"bypass_conns"`
+	DnsSocks         *ebpf.MapSpec `ebpf:"dns_socks"`
+	Enrolled         *ebpf.MapSpec `ebpf:"enrolled"`
+	InboundAddrs     *ebpf.MapSpec `ebpf:"inbound_addrs"`
+	InboundBypassSrc *ebpf.MapSpec `ebpf:"inbound_bypass_src"`
+	InboundListeners *ebpf.MapSpec `ebpf:"inbound_listeners"`
+	MkConfigV2       *ebpf.MapSpec `ebpf:"mk_config_v2"`
+	ProxyConnsV2     *ebpf.MapSpec `ebpf:"proxy_conns_v2"`
+	SocksV2          *ebpf.MapSpec `ebpf:"socks_v2"`
 }
 
 // RedirectVariableSpecs contains global variables before they are loaded into the kernel.
@@ -158,18 +184,28 @@ func (o *RedirectObjects) Close() error {
 //
 // It can be passed to LoadRedirectObjects or ebpf.CollectionSpec.LoadAndAssign.
 type RedirectMaps struct {
-	Enrolled   *ebpf.Map `ebpf:"enrolled"`
-	MkConfig   *ebpf.Map `ebpf:"mk_config"`
-	ProxyConns *ebpf.Map `ebpf:"proxy_conns"`
-	Socks      *ebpf.Map `ebpf:"socks"`
+	BypassConns      *ebpf.Map `ebpf:"bypass_conns"`
+	DnsSocks         *ebpf.Map `ebpf:"dns_socks"`
+	Enrolled         *ebpf.Map `ebpf:"enrolled"`
+	InboundAddrs     *ebpf.Map `ebpf:"inbound_addrs"`
+	InboundBypassSrc *ebpf.Map `ebpf:"inbound_bypass_src"`
+	InboundListeners *ebpf.Map `ebpf:"inbound_listeners"`
+	MkConfigV2       *ebpf.Map `ebpf:"mk_config_v2"`
+	ProxyConnsV2     *ebpf.Map `ebpf:"proxy_conns_v2"`
+	SocksV2          *ebpf.Map `ebpf:"socks_v2"`
 }
 
 func (m *RedirectMaps) Close() error {
 	return _RedirectClose(
+		m.BypassConns,
+		m.DnsSocks,
 		m.Enrolled,
-		m.MkConfig,
-		m.ProxyConns,
-		m.Socks,
+		m.InboundAddrs,
+		m.InboundBypassSrc,
+		m.InboundListeners,
+		m.MkConfigV2,
+		m.ProxyConnsV2,
+		m.SocksV2,
 	)
 }
 
@@ -188,6 +224,11 @@ type RedirectPrograms struct {
 	MkGetpeername4 *ebpf.Program `ebpf:"mk_getpeername4"`
 	MkGetpeername6 *ebpf.Program `ebpf:"mk_getpeername6"`
 	MkGetsockopt   *ebpf.Program `ebpf:"mk_getsockopt"`
+	MkRecvmsg4     *ebpf.Program `ebpf:"mk_recvmsg4"`
+	MkRecvmsg6     *ebpf.Program `ebpf:"mk_recvmsg6"`
+	MkSendmsg4     *ebpf.Program `ebpf:"mk_sendmsg4"`
+	MkSendmsg6     *ebpf.Program `ebpf:"mk_sendmsg6"`
+	MkSkLookup     *ebpf.Program `ebpf:"mk_sk_lookup"`
 	MkSockops      *ebpf.Program `ebpf:"mk_sockops"`
 }
 
@@ -198,6 +239,11 @@ func (p *RedirectPrograms) Close() error {
 		p.MkGetpeername4,
 		p.MkGetpeername6,
 		p.MkGetsockopt,
+		p.MkRecvmsg4,
+		p.MkRecvmsg6,
+		p.MkSendmsg4,
+		p.MkSendmsg6,
+		p.MkSkLookup,
 		p.MkSockops,
 	)
 }

@@ -45,24 +45,27 @@ function add(key, val) { vals[key] = (key in vals) ? vals[key] " " val : val }
 
 END {
 	if (npaths > 0) {
-		print "| path | conns/s | p50 µs | p99 µs | vs direct |"
-		print "|---|---:|---:|---:|---:|"
+		print "| path | conns/s | p50 µs | p99 µs | CPU µs/conn | BPF ns/conn | vs direct |"
+		print "|---|---:|---:|---:|---:|---:|---:|"
 		for (k = 1; k <= npaths; k++) {
 			p = order[k]
 			vs = "—"
-			if (p != "direct") {
+			base = (p ~ /^inbound-/) ? "inbound-direct" : "direct"
+			if (p != base) {
 				ratios = ""
 				for (key in conns) {
 					split(key, kr, SUBSEP)
-					if (kr[1] == p && (("direct", kr[2]) in conns) && conns["direct", kr[2]] > 0)
-						ratios = ratios " " conns[key] / conns["direct", kr[2]]
+					if (kr[1] == p && ((base, kr[2]) in conns) && conns[base, kr[2]] > 0)
+						ratios = ratios " " conns[key] / conns[base, kr[2]]
 				}
 				if (ratios != "") vs = sprintf("%+.1f%%", (median(ratios) - 1) * 100)
 			}
-			printf "| %s | %.0f | %.1f | %.1f | %s |\n", p, median(vals[p SUBSEP "conns/s"]), median(vals[p SUBSEP "p50-µs"]), median(vals[p SUBSEP "p99-µs"]), vs
+			cpuc = (p SUBSEP "cpu-µs/conn") in vals ? sprintf("%.1f", median(vals[p SUBSEP "cpu-µs/conn"])) : "—"
+			bpfc = (p SUBSEP "bpf-ns/conn") in vals ? sprintf("%.0f", median(vals[p SUBSEP "bpf-ns/conn"])) : "—"
+			printf "| %s | %.0f | %.1f | %.1f | %s | %s | %s |\n", p, median(vals[p SUBSEP "conns/s"]), median(vals[p SUBSEP "p50-µs"]), median(vals[p SUBSEP "p99-µs"]), cpuc, bpfc, vs
 		}
 		print ""
-		printf "Medians of %d interleaved rounds of %d connections per path (one client; latency is connect + first byte of the reply); vs direct: median of the per-round conns/s ratios", rounds[order[1]], ops
+		printf "Medians of %d interleaved rounds of %d connections per path (one client; latency is connect + first byte of the reply); CPU: user+system time of the benchmark process (client and proxy, and the kernel work done for them) per connection; BPF: run time of the datapath programs per connection (kernel BPF stats); vs direct: median of the per-round conns/s ratios to direct (inbound paths: to inbound-direct)", rounds[order[1]], ops
 		if (cpu != "") printf "; cpu: %s", cpu
 		if (procs != "") printf ", GOMAXPROCS %s", procs
 		print "."

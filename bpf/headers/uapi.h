@@ -1,7 +1,7 @@
 /* SPDX-License-Identifier: GPL-2.0 WITH Linux-syscall-note */
 /*
  * The few kernel UAPI definitions meshkeeper's programs use, copied from
- * include/uapi/linux/{types,bpf,in,socket,tcp}.h so that generation does
+ * include/uapi/linux/{types,bpf,in,in6,socket,tcp}.h so that generation does
  * not depend on the build host's kernel headers. The context structs are
  * part of the stable BPF ABI: fields are only ever appended.
  */
@@ -32,6 +32,7 @@ enum bpf_map_type {
 	BPF_MAP_TYPE_HASH = 1,
 	BPF_MAP_TYPE_ARRAY = 2,
 	BPF_MAP_TYPE_LRU_HASH = 9,
+	BPF_MAP_TYPE_SOCKHASH = 18,
 };
 
 /* flags for bpf_map_update_elem */
@@ -130,6 +131,29 @@ struct bpf_sockopt {
 	__s32 retval;
 };
 
+struct bpf_sk_lookup {
+	union {
+		__bpf_md_ptr(struct bpf_sock *, sk); /* Selected socket */
+		__u64 cookie; /* Non-zero if socket was selected in PROG_TEST_RUN */
+	};
+	__u32 family; /* Protocol family (AF_INET, AF_INET6) */
+	__u32 protocol; /* IP protocol (IPPROTO_TCP, IPPROTO_UDP) */
+	__u32 remote_ip4; /* Network byte order */
+	__u32 remote_ip6[4]; /* Network byte order */
+	__be16 remote_port; /* Network byte order */
+	__u16 : 16; /* Zero padding */
+	__u32 local_ip4; /* Network byte order */
+	__u32 local_ip6[4]; /* Network byte order */
+	__u32 local_port; /* Host byte order */
+	__u32 ingress_ifindex; /* The arriving interface. Determined by inet_iif. */
+};
+
+/* sk_lookup verdicts */
+enum sk_action {
+	SK_DROP = 0,
+	SK_PASS,
+};
+
 /* bpf_sock_ops_cb_flags */
 enum {
 	BPF_SOCK_OPS_RTO_CB_FLAG = (1 << 0),
@@ -172,10 +196,15 @@ enum {
 #define AF_INET 2
 #define AF_INET6 10
 #define SOCK_STREAM 1
+#define SOCK_DGRAM 2
 #define IPPROTO_TCP 6
+#define IPPROTO_UDP 17
 #define SOL_IP 0
+#define SOL_IPV6 41
 /* linux/netfilter_ipv4.h */
 #define SO_ORIGINAL_DST 80
+/* linux/netfilter_ipv6/ip6_tables.h */
+#define IP6T_SO_ORIGINAL_DST 80
 
 /* errno values sock_ops reads from sk_err */
 #define EPIPE 32

@@ -88,7 +88,8 @@ func run(args []string) error {
 	fs.StringVar(&o.NodeName, "node-name", os.Getenv("NODE_NAME"), "this node's name (the MeshNode's name); defaults to $NODE_NAME")
 	fs.StringVar(&o.MetricsAddr, "metrics-addr", ":9102", "address of the /metrics and /healthz endpoint; 0 disables it")
 	fs.UintVar(&capturePort, "capture-port", 15001, "the node proxy's capture port on 127.0.0.1 in each enrolled pod's network namespace")
-	fs.UintVar(&bypassMark, "bypass-mark", agent.DefaultBypassMark, "SO_MARK of the proxy's own sockets, which are never redirected; 0 disables")
+	fs.UintVar(&bypassMark, "bypass-mark", agent.DefaultBypassMark, "SO_MARK of the proxy's own sockets, which are never redirected (ztunnel's is 0x539); must not be 0")
+	fs.BoolVar(&o.DNSCapture, "dns-capture", false, "send enrolled pods' DNS (UDP and TCP port 53) to ztunnel's DNS proxy on port 15053 in their netns; only for bundles that enable ztunnel's DNS proxy")
 	fs.StringVar(&o.PinPath, "pin-path", agent.DefaultPinPath, "bpffs directory for the pinned maps, programs and links")
 	fs.StringVar(&o.ProcRoot, "proc-root", agent.DefaultProcRoot, "the host's procfs, where pods' processes and network namespaces are found (the chart mounts the host's /proc there; /proc for an agent run as a host process)")
 	fs.StringVar(&o.CgroupPath, "cgroup-path", "", "cgroup v2 directory to attach to (default: the cgroup2 mount found by preflight)")
@@ -111,7 +112,13 @@ func run(args []string) error {
 		return fmt.Errorf("--capture-port %d: want 1-65535", capturePort)
 	}
 	o.CapturePort = uint16(capturePort)
+	if bypassMark > 0xffffffff {
+		return fmt.Errorf("--bypass-mark %d: want a 32-bit SO_MARK", bypassMark)
+	}
 	o.BypassMark = uint32(bypassMark)
+	if err := agent.CheckBypassMark(o.BypassMark); err != nil {
+		return fmt.Errorf("--bypass-mark: %w", err)
+	}
 	if _, set := os.LookupEnv("GOMEMLIMIT"); !set && memLimit > 0 {
 		debug.SetMemoryLimit(memLimit)
 	}

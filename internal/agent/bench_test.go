@@ -23,6 +23,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/cilium/ebpf"
 	"github.com/go-logr/logr"
 	"golang.org/x/sys/unix"
 )
@@ -42,7 +43,8 @@ import (
 //   - iptables: no datapath; a nat OUTPUT REDIRECT rule in the namespace,
 //     what istio-cni installs (here as a single rule, not istio's chains).
 //
-// The paths take turns, benchConnectRounds times (sub-benchmarks direct,
+// and the same for inbound (inbound-direct, inbound-ebpf, inbound-iptables;
+// see below). The paths take turns, benchConnectRounds times (sub-benchmarks direct,
 // ebpf, iptables, ebpf#01, iptables#01, direct#01, ...), so that a noisy
 // neighbour on the machine hits them alike; hack/benchtable.sh takes each
 // path's median and compares the paths round by round. The datapath is
@@ -86,10 +88,40 @@ func BenchmarkConnect(b *testing.B) {
 		"-j", "REDIRECT", "--to-ports", strconv.Itoa(capturePort))
 	startStandInProxy(b, iptablesNS, captureAddr)
 
+	// Inbound: a client in another namespace connects over a veth pair to
+	// the pod's address, port 8080, and the same stand-in inbound listener
+	// (15006 in the pod) answers: directly (the client dials 15006), through
+	// the sk_lookup program (the datapath is loaded and the pod's inbound
+	// captured for each ebpf round), or through a nat PREROUTING REDIRECT to
+	// 15006 in the pod's namespace, what istio-cni's in-pod rules do.
+	inDirect, inEBPF, inIptables := newPodPair(b, nodeEnvs[0], 11), newPodPair(b, nodeEnvs[0], 12), newPodPair(b, nodeEnvs[0], 13)
+	startLabelServer(b, inDirect.pod, ":15006", "inbound")
+	inEBPFListener := startLabelServer(b, inEBPF.pod, ":15006", "inbound")
+	startLabelServer(b, inIptables.pod, ":15006", "inbound")
+	runCmd(b, "ip", "netns", "exec", inIptables.pod.Name, "iptables", "-w", "5", "-t", "nat", "-A", "PREROUTING",
+		"-p", "tcp", "-d", inIptables.pod4, "--dport", "8080", "-j", "REDIRECT", "--to-ports", "15006")
+	inPod := PodRef{Namespace: "bench", Name: "server", UID: "6d2e3b8f-1e5c-4f9b-8c7a-4b3e2d1f0a12"}
+	port := func(addr string, p uint16) netip.AddrPort { return netip.AddrPortFrom(netip.MustParseAddr(addr), p) }
+
 	paths := []struct {
 		name string
 		run  func(b *testing.B)
 	}{
+		{"inbound-direct", func(b *testing.B) {
+			benchConnect(b, inDirect.client, port(inDirect.pod4, 15006), "inbound ")
+		}},
+		{"inbound-ebpf", func(b *testing.B) {
+			dp, _ := loadTestDatapath(b, capturePort)
+			if err := dp.EnrollNetns(inEBPF.pod.Cookie(b), inPod.UID); err != nil {
+				b.Fatal(err)
+			}
+			captureInbound(b, dp, inEBPF.pod, inEBPFListener)
+			defer reportBPFTime(b, dp)()
+			benchConnect(b, inEBPF.client, port(inEBPF.pod4, 8080), "inbound "+inEBPF.pod4+":8080")
+		}},
+		{"inbound-iptables", func(b *testing.B) {
+			benchConnect(b, inIptables.client, port(inIptables.pod4, 8080), "inbound ")
+		}},
 		{"direct", func(b *testing.B) {
 			// Not redirected: the proxy has no original destination to report.
 			benchConnect(b, directNS, capture, "error ")
@@ -103,6 +135,7 @@ func BenchmarkConnect(b *testing.B) {
 			if err := enroller.EnrollPath(pod, ebpfNS.Path); err != nil {
 				b.Fatal(err)
 			}
+			defer reportBPFTime(b, dp)()
 			benchConnect(b, ebpfNS, svc, "orig "+serviceAddr)
 		}},
 		{"iptables", func(b *testing.B) {
@@ -116,6 +149,34 @@ func BenchmarkConnect(b *testing.B) {
 			p := paths[(round+i)%len(paths)]
 			b.Run(p.name, p.run)
 		}
+	}
+}
+
+// reportBPFTime turns on the kernel's BPF run-time statistics and returns a
+// function that reports the datapath's programs' own run time per
+// connection (bpf-ns/conn, over the b.N measured connections and the one
+// checked before): what the datapath costs, whatever the machine's load.
+// The statistics add two clock reads to every program run.
+func reportBPFTime(b *testing.B, dp *Datapath) func() {
+	stats, err := ebpf.EnableStats(uint32(unix.BPF_STATS_RUN_TIME))
+	if err != nil {
+		b.Fatalf("enable BPF run-time statistics: %v", err)
+	}
+	total := func() time.Duration {
+		var t time.Duration
+		for name, p := range dp.programs() {
+			st, err := p.Stats()
+			if err != nil {
+				b.Fatalf("stats of %s: %v", name, err)
+			}
+			t += st.Runtime
+		}
+		return t
+	}
+	t0 := total()
+	return func() {
+		defer stats.Close()
+		b.ReportMetric(float64(total()-t0)/float64(b.N+1), "bpf-ns/conn")
 	}
 }
 
@@ -154,6 +215,8 @@ func benchConnect(b *testing.B, ns *testNetns, dst netip.AddrPort, want string) 
 	var wrongReplies int
 	var lastWrong [64]byte
 	deadline := time.Now().Add(benchBudget)
+	var ru0, ru1 unix.Rusage
+	_ = unix.Getrusage(unix.RUSAGE_SELF, &ru0)
 	if err := ns.Do(func() {
 		var buf [64]byte
 		for b.Loop() {
@@ -179,6 +242,7 @@ func benchConnect(b *testing.B, ns *testNetns, dst netip.AddrPort, want string) 
 	}); err != nil {
 		b.Fatal(err)
 	}
+	_ = unix.Getrusage(unix.RUSAGE_SELF, &ru1)
 	if opErr != nil {
 		b.Fatal(opErr)
 	}
@@ -189,6 +253,10 @@ func benchConnect(b *testing.B, ns *testNetns, dst netip.AddrPort, want string) 
 	b.ReportMetric(float64(b.N)/b.Elapsed().Seconds(), "conns/s")
 	b.ReportMetric(float64(percentile(lat, 0.50))/1e3, "p50-µs")
 	b.ReportMetric(float64(percentile(lat, 0.99))/1e3, "p99-µs")
+	// CPU of this process (client and proxy, and the kernel's work done on
+	// their behalf, loopback and veth softirqs included) per connection.
+	cpu := time.Duration(ru1.Utime.Nano()-ru0.Utime.Nano()) + time.Duration(ru1.Stime.Nano()-ru0.Stime.Nano())
+	b.ReportMetric(float64(cpu.Microseconds())/float64(max(len(lat), 1)), "cpu-µs/conn")
 }
 
 // connectFirstByte opens a TCP connection to sa and reads once; on success

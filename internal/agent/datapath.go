@@ -20,9 +20,14 @@ import (
 // DefaultPinPath is where the agent pins its maps, programs and links.
 const DefaultPinPath = "/sys/fs/bpf/meshkeeper"
 
-// DefaultBypassMark is the SO_MARK of the node proxy's own outbound sockets
-// (ztunnel's 0x539), which are never redirected.
+// DefaultBypassMark is the SO_MARK of the node proxy's own sockets, which
+// are never redirected: upstream ztunnel in in-pod mode marks every socket it
+// opens in a pod's netns with 0x539 (1337), and istio-cni's in-pod iptables
+// rules match the same mark.
 const DefaultBypassMark = 0x539
+
+// DefaultDNSPort is where ztunnel's DNS proxy listens in each pod's netns.
+const DefaultDNSPort = 15053
 
 // attachment is one program of the datapath and its cgroup hook.
 type attachment struct {
@@ -33,6 +38,10 @@ type attachment struct {
 var attachments = []attachment{
 	{mkbpf.RedirectProgMkConnect4, ebpf.AttachCGroupInet4Connect},
 	{mkbpf.RedirectProgMkConnect6, ebpf.AttachCGroupInet6Connect},
+	{mkbpf.RedirectProgMkSendmsg4, ebpf.AttachCGroupUDP4Sendmsg},
+	{mkbpf.RedirectProgMkSendmsg6, ebpf.AttachCGroupUDP6Sendmsg},
+	{mkbpf.RedirectProgMkRecvmsg4, ebpf.AttachCGroupUDP4Recvmsg},
+	{mkbpf.RedirectProgMkRecvmsg6, ebpf.AttachCGroupUDP6Recvmsg},
 	{mkbpf.RedirectProgMkGetpeername4, ebpf.AttachCgroupInet4GetPeername},
 	{mkbpf.RedirectProgMkGetpeername6, ebpf.AttachCgroupInet6GetPeername},
 	{mkbpf.RedirectProgMkGetsockopt, ebpf.AttachCGroupGetsockopt},
@@ -49,8 +58,15 @@ type DatapathConfig struct {
 	// CaptureAddr is the node proxy's capture address inside each enrolled
 	// pod's network namespace, e.g. 127.0.0.1:15001.
 	CaptureAddr netip.AddrPort
+	// CaptureAddr6 is where native IPv6 connects go: [::1] and CaptureAddr's
+	// port when unset.
+	CaptureAddr6 netip.AddrPort
+	// DNSPort, when not 0, captures DNS (UDP, and TCP to port 53) from
+	// enrolled pods to this port on the capture addresses: ztunnel's DNS
+	// proxy (15053), for bundles that enable it. 0 leaves DNS alone.
+	DNSPort uint16
 	// BypassMark is the SO_MARK of sockets that are never redirected (the
-	// proxy's own upstream connections); 0 disables the check.
+	// proxy's own sockets). It must not be 0: every socket has mark 0.
 	BypassMark uint32
 	// ForceReplace replaces attached programs even when the running ones
 	// are identical (same kernel tag).
@@ -80,6 +96,10 @@ type LoadReport struct {
 	AdoptedMaps []string
 	// Links maps each program name to what happened to its link.
 	Links map[string]LinkAction
+	// InboundLinks maps the pinned sk_lookup link of each captured pod
+	// netns (mk_sk_lookup-<netns cookie>) to what happened to it; links of
+	// namespaces that are gone are removed and not listed.
+	InboundLinks map[string]LinkAction
 }
 
 // Datapath is the loaded eBPF datapath. Close releases this process's
@@ -95,7 +115,7 @@ type Datapath struct {
 // that is already pinned is kept: its program is swapped atomically with
 // link.Update when it differs, so redirection never has a gap.
 func LoadDatapath(cfg DatapathConfig) (*Datapath, LoadReport, error) {
-	report := LoadReport{Links: map[string]LinkAction{}}
+	report := LoadReport{Links: map[string]LinkAction{}, InboundLinks: map[string]LinkAction{}}
 	if cfg.PinPath == "" {
 		cfg.PinPath = DefaultPinPath
 	}
@@ -104,6 +124,15 @@ func LoadDatapath(cfg DatapathConfig) (*Datapath, LoadReport, error) {
 	}
 	if !cfg.CaptureAddr.Addr().Is4() || cfg.CaptureAddr.Port() == 0 {
 		return nil, report, fmt.Errorf("load datapath: capture address %s: want an IPv4 address and a port", cfg.CaptureAddr)
+	}
+	if !cfg.CaptureAddr6.IsValid() {
+		cfg.CaptureAddr6 = netip.AddrPortFrom(netip.IPv6Loopback(), cfg.CaptureAddr.Port())
+	}
+	if !cfg.CaptureAddr6.Addr().Is6() || cfg.CaptureAddr6.Addr().Is4In6() || cfg.CaptureAddr6.Port() != cfg.CaptureAddr.Port() {
+		return nil, report, fmt.Errorf("load datapath: IPv6 capture address %s: want an IPv6 address with the IPv4 capture port %d", cfg.CaptureAddr6, cfg.CaptureAddr.Port())
+	}
+	if err := CheckBypassMark(cfg.BypassMark); err != nil {
+		return nil, report, fmt.Errorf("load datapath: %w", err)
 	}
 	if err := rlimit.RemoveMemlock(); err != nil {
 		return nil, report, fmt.Errorf("load datapath: remove memlock rlimit: %w", err)
@@ -151,23 +180,41 @@ func LoadDatapath(cfg DatapathConfig) (*Datapath, LoadReport, error) {
 		}
 		report.Links[a.prog] = action
 	}
+	// The inbound links of enrolled pods (pinned per netns) take this
+	// agent's sk_lookup program too.
+	if err := d.adoptInboundLinks(report.InboundLinks); err != nil {
+		d.Close()
+		return nil, report, fmt.Errorf("load datapath: %w", err)
+	}
 	return d, report, nil
 }
 
 func (d *Datapath) program(name string) *ebpf.Program {
-	switch name {
-	case mkbpf.RedirectProgMkConnect4:
-		return d.objs.MkConnect4
-	case mkbpf.RedirectProgMkConnect6:
-		return d.objs.MkConnect6
-	case mkbpf.RedirectProgMkGetpeername4:
-		return d.objs.MkGetpeername4
-	case mkbpf.RedirectProgMkGetpeername6:
-		return d.objs.MkGetpeername6
-	case mkbpf.RedirectProgMkGetsockopt:
-		return d.objs.MkGetsockopt
-	case mkbpf.RedirectProgMkSockops:
-		return d.objs.MkSockops
+	return d.programs()[name]
+}
+
+func (d *Datapath) programs() map[string]*ebpf.Program {
+	o := &d.objs
+	return map[string]*ebpf.Program{
+		mkbpf.RedirectProgMkConnect4:     o.MkConnect4,
+		mkbpf.RedirectProgMkConnect6:     o.MkConnect6,
+		mkbpf.RedirectProgMkSendmsg4:     o.MkSendmsg4,
+		mkbpf.RedirectProgMkSendmsg6:     o.MkSendmsg6,
+		mkbpf.RedirectProgMkRecvmsg4:     o.MkRecvmsg4,
+		mkbpf.RedirectProgMkRecvmsg6:     o.MkRecvmsg6,
+		mkbpf.RedirectProgMkGetpeername4: o.MkGetpeername4,
+		mkbpf.RedirectProgMkGetpeername6: o.MkGetpeername6,
+		mkbpf.RedirectProgMkGetsockopt:   o.MkGetsockopt,
+		mkbpf.RedirectProgMkSockops:      o.MkSockops,
+		mkbpf.RedirectProgMkSkLookup:     o.MkSkLookup,
+	}
+}
+
+// CheckBypassMark refuses a bypass mark of 0: every socket that sets no
+// mark has mark 0, so it would exempt every pod's traffic from the mesh.
+func CheckBypassMark(mark uint32) error {
+	if mark == 0 {
+		return fmt.Errorf("bypass mark 0 would exempt every unmarked socket from redirection; use the proxy's real SO_MARK (ztunnel: 0x%x = %d, the default)", DefaultBypassMark, DefaultBypassMark)
 	}
 	return nil
 }
@@ -177,10 +224,12 @@ func (d *Datapath) writeConfig() error {
 	cfg := mkbpf.RedirectConfig{
 		// Network byte order in memory: the bytes as they are on the wire.
 		ProxyIp4:   binary.NativeEndian.Uint32(ip[:]),
+		ProxyIp6:   ip6Words(d.cfg.CaptureAddr6.Addr()),
 		ProxyPort:  htons(d.cfg.CaptureAddr.Port()),
+		DnsPort:    htons(d.cfg.DNSPort),
 		BypassMark: d.cfg.BypassMark,
 	}
-	if err := d.objs.MkConfig.Put(uint32(0), &cfg); err != nil {
+	if err := d.objs.MkConfigV2.Put(uint32(0), &cfg); err != nil {
 		return fmt.Errorf("load datapath: write config: %w", err)
 	}
 	return nil
@@ -319,10 +368,15 @@ func (d *Datapath) ProgramIDs() map[string]ebpf.ProgramID {
 // Maps returns the datapath's maps by name.
 func (d *Datapath) Maps() map[string]*ebpf.Map {
 	return map[string]*ebpf.Map{
-		mkbpf.RedirectMapEnrolled:   d.objs.Enrolled,
-		mkbpf.RedirectMapMkConfig:   d.objs.MkConfig,
-		mkbpf.RedirectMapSocks:      d.objs.Socks,
-		mkbpf.RedirectMapProxyConns: d.objs.ProxyConns,
+		mkbpf.RedirectMapEnrolled:         d.objs.Enrolled,
+		mkbpf.RedirectMapMkConfigV2:       d.objs.MkConfigV2,
+		mkbpf.RedirectMapSocksV2:          d.objs.SocksV2,
+		mkbpf.RedirectMapProxyConnsV2:     d.objs.ProxyConnsV2,
+		mkbpf.RedirectMapDnsSocks:         d.objs.DnsSocks,
+		mkbpf.RedirectMapInboundAddrs:     d.objs.InboundAddrs,
+		mkbpf.RedirectMapInboundListeners: d.objs.InboundListeners,
+		mkbpf.RedirectMapBypassConns:      d.objs.BypassConns,
+		mkbpf.RedirectMapInboundBypassSrc: d.objs.InboundBypassSrc,
 	}
 }
 

@@ -213,8 +213,8 @@ func testRedirectInNetns(t *testing.T, env nodeEnv) {
 	g.Expect(metricValue(t, reg, "meshkeeper_agent_enrolled_pods")).To(Equal(1.0))
 
 	// Per-socket state goes when the sockets close.
-	g.Eventually(func() int { return dp.MapUsage()[mkbpf.RedirectMapSocks].Entries }).WithTimeout(5*time.Second).Should(BeZero(), "socks entries leak")
-	g.Eventually(func() int { return dp.MapUsage()[mkbpf.RedirectMapProxyConns].Entries }).WithTimeout(5*time.Second).Should(BeZero(), "proxy_conns entries leak")
+	g.Eventually(func() int { return dp.MapUsage()[mkbpf.RedirectMapSocksV2].Entries }).WithTimeout(5*time.Second).Should(BeZero(), "socks entries leak")
+	g.Eventually(func() int { return dp.MapUsage()[mkbpf.RedirectMapProxyConnsV2].Entries }).WithTimeout(5*time.Second).Should(BeZero(), "proxy_conns entries leak")
 
 	enroller.Forget(pod.UID)
 	g.Expect(dp.EnrolledNetns()).To(BeEmpty())

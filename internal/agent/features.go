@@ -19,13 +19,14 @@ type FeatureProbe = v1alpha1.FeatureProbe
 // requiredPrograms, requiredMaps and requiredHelpers are exactly what
 // bpf/redirect.c uses; TestRequiredHelpersMatchObject keeps them in sync.
 var (
-	requiredPrograms = []ebpf.ProgramType{ebpf.CGroupSockAddr, ebpf.CGroupSockopt, ebpf.SockOps}
-	requiredMaps     = []ebpf.MapType{ebpf.Hash, ebpf.Array, ebpf.LRUHash}
+	requiredPrograms = []ebpf.ProgramType{ebpf.CGroupSockAddr, ebpf.CGroupSockopt, ebpf.SockOps, ebpf.SkLookup}
+	requiredMaps     = []ebpf.MapType{ebpf.Hash, ebpf.Array, ebpf.LRUHash, ebpf.SockHash}
 	requiredHelpers  = map[ebpf.ProgramType][]asm.BuiltinFunc{
 		ebpf.CGroupSockAddr: {asm.FnMapLookupElem, asm.FnMapUpdateElem, asm.FnMapDeleteElem, asm.FnGetNetnsCookie, asm.FnGetSocketCookie},
 		ebpf.CGroupSockopt:  {asm.FnMapLookupElem, asm.FnGetNetnsCookie},
 		ebpf.SockOps: {asm.FnMapLookupElem, asm.FnMapUpdateElem, asm.FnMapDeleteElem, asm.FnGetNetnsCookie,
 			asm.FnGetSocketCookie, asm.FnSockOpsCbFlagsSet, asm.FnSkcToTcpSock, asm.FnKtimeGetNs},
+		ebpf.SkLookup: {asm.FnMapLookupElem, asm.FnSkAssign, asm.FnSkRelease},
 	}
 )
 
@@ -67,11 +68,13 @@ var (
 		ebpf.CGroupSockAddr: "cgroup_sock_addr",
 		ebpf.CGroupSockopt:  "cgroup_sockopt",
 		ebpf.SockOps:        "sock_ops",
+		ebpf.SkLookup:       "sk_lookup",
 	}
 	mapTypeNames = map[ebpf.MapType]string{
-		ebpf.Hash:    "hash",
-		ebpf.Array:   "array",
-		ebpf.LRUHash: "lru_hash",
+		ebpf.Hash:     "hash",
+		ebpf.Array:    "array",
+		ebpf.LRUHash:  "lru_hash",
+		ebpf.SockHash: "sockhash",
 	}
 	helperNames = map[asm.BuiltinFunc]string{
 		asm.FnMapLookupElem:     "map_lookup_elem",
@@ -82,6 +85,8 @@ var (
 		asm.FnSockOpsCbFlagsSet: "sock_ops_cb_flags_set",
 		asm.FnSkcToTcpSock:      "skc_to_tcp_sock",
 		asm.FnKtimeGetNs:        "ktime_get_ns",
+		asm.FnSkAssign:          "sk_assign",
+		asm.FnSkRelease:         "sk_release",
 	}
 )
 

@@ -99,3 +99,14 @@ func AttachedPrograms(cgroupPath string) ([]Program, error) {
 	}
 	return out, errors.Join(errs...)
 }
+
+// CgroupProgramNames are the programs the datapath attaches at the cgroup v2
+// root, one pinned link each (links/<name>); the per-pod inbound links
+// (links/mk_sk_lookup-<netns cookie>) come on top.
+func CgroupProgramNames() []string {
+	out := make([]string, 0, len(attachments))
+	for _, a := range attachments {
+		out = append(out, a.prog)
+	}
+	return out
+}

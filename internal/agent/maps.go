@@ -53,9 +53,13 @@ func (d *Datapath) EnrollNetns(cookie uint64, podUID string) error {
 	return nil
 }
 
-// UnenrollNetns removes a namespace and returns its last counters.
+// UnenrollNetns removes a namespace and returns its last counters. Its
+// inbound capture, if any, goes too.
 func (d *Datapath) UnenrollNetns(cookie uint64) (NetnsEntry, error) {
 	var v NetnsEntry
+	if err := d.ReleaseInbound(cookie); err != nil {
+		return v, fmt.Errorf("unenroll netns %d: %w", cookie, err)
+	}
 	if err := d.objs.Enrolled.Lookup(cookie, &v); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
 		return v, fmt.Errorf("unenroll netns %d: %w", cookie, err)
 	}

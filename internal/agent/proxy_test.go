@@ -31,7 +31,11 @@ func startStandInProxy(tb testing.TB, ns *testNetns, addr string) *standInProxy 
 	tb.Helper()
 	p := &standInProxy{}
 	var err error
-	listen := func() { p.ln, err = net.Listen("tcp4", addr) }
+	network := "tcp4"
+	if strings.HasPrefix(addr, "[") {
+		network = "tcp6"
+	}
+	listen := func() { p.ln, err = net.Listen(network, addr) }
 	if ns != nil {
 		if nsErr := ns.Do(listen); nsErr != nil {
 			tb.Fatal(nsErr)

@@ -41,7 +41,7 @@ func testRestartUnderLoad(t *testing.T, env nodeEnv) {
 	startStandInProxy(t, ns, captureAddr)
 
 	const (
-		total   = 2000
+		total   = 6000 // enough that the load outlasts three restarts of the whole datapath
 		workers = 4
 		budget  = 10 * time.Second
 	)
@@ -58,7 +58,7 @@ func testRestartUnderLoad(t *testing.T, env nodeEnv) {
 					c, err := net.DialTimeout("tcp4", serviceAddr, 2*time.Second)
 					if err != nil {
 						failed.Add(1)
-						firstErr.CompareAndSwap(nil, err)
+						firstErr.CompareAndSwap(nil, errBox{err})
 						continue
 					}
 					reply, err := readReply(c)
@@ -67,10 +67,10 @@ func testRestartUnderLoad(t *testing.T, env nodeEnv) {
 					switch {
 					case err != nil:
 						failed.Add(1)
-						firstErr.CompareAndSwap(nil, err)
+						firstErr.CompareAndSwap(nil, errBox{err})
 					case reply != "orig "+serviceAddr || peer != serviceAddr:
 						escaped.Add(1)
-						firstErr.CompareAndSwap(nil, errors.New("reply "+reply+", peer "+peer))
+						firstErr.CompareAndSwap(nil, errBox{errors.New("reply " + reply + ", peer " + peer)})
 					default:
 						ok.Add(1)
 					}
@@ -112,7 +112,7 @@ func testRestartUnderLoad(t *testing.T, env nodeEnv) {
 
 	waitFor(300)
 	report, changed := restart(false)
-	g.Expect(report.AdoptedMaps).To(HaveLen(4))
+	g.Expect(report.AdoptedMaps).To(HaveLen(len(dp.Maps())))
 	for name, action := range report.Links {
 		g.Expect(action).To(Equal(LinkAdopted), "restart 1: %s", name)
 	}
@@ -143,3 +143,6 @@ func testRestartUnderLoad(t *testing.T, env nodeEnv) {
 	g.Expect(ok.Load()).To(BeNumerically(">", atRestart3), "traffic continued after the last restart")
 	g.Expect(ok.Load()).To(BeNumerically(">=", 1600), "the load ran through all restarts")
 }
+
+// errBox gives every error stored in an atomic.Value the same type.
+type errBox struct{ error }

@@ -28,7 +28,10 @@ type RunOptions struct {
 	MetricsAddr string
 	CapturePort uint16
 	BypassMark  uint32
-	PinPath     string
+	// DNSCapture sends enrolled pods' DNS to ztunnel's DNS proxy on port
+	// 15053 in their netns (for bundles that enable it).
+	DNSCapture bool
+	PinPath    string
 	// ProcRoot is the host's procfs, through which pods' processes and
 	// network namespaces are found ("" is /proc: a host process).
 	ProcRoot string
@@ -123,6 +126,7 @@ func Run(ctx context.Context, o RunOptions) error {
 		PinPath:     o.PinPath,
 		CgroupPath:  cgroupPath,
 		CaptureAddr: netip.AddrPortFrom(netip.AddrFrom4([4]byte{127, 0, 0, 1}), o.CapturePort),
+		DNSPort:     dnsPort(o.DNSCapture),
 		BypassMark:  o.BypassMark,
 	})
 	if err != nil {
@@ -161,7 +165,17 @@ func Run(ctx context.Context, o RunOptions) error {
 	// Loading parsed (and mapped) the kernel's BTF for CO-RE, several MiB
 	// the agent never needs again: let it go now rather than at some later GC.
 	releaseMemory()
-	log.Info("Datapath ready", "adoptedMaps", report.AdoptedMaps, "links", report.Links, "pinPath", o.PinPath)
+	log.Info("Datapath ready", "adoptedMaps", report.AdoptedMaps, "links", report.Links, "inboundLinks", len(report.InboundLinks), "pinPath", o.PinPath)
+
+	// The node's own connections to its pods (the kubelet's probes) are
+	// never captured inbound.
+	if addrs, err := NodeAddrs(o.ProcRoot); err != nil {
+		log.Error(err, "Cannot read the node's addresses; the kubelet's probes to captured pods go through the proxy")
+	} else if err := dp.SetInboundBypassSources(addrs); err != nil {
+		log.Error(err, "Cannot exempt the node's addresses from inbound capture; the kubelet's probes to captured pods go through the proxy")
+	} else {
+		log.Info("Inbound capture exempts the node's addresses", "addrs", addrs)
+	}
 
 	enroller, err := NewEnroller(dp, o.ProcRoot, log.WithName("enroll"))
 	if err != nil {
@@ -399,4 +413,11 @@ func releaseMemory() {
 	runtime.GC()
 	time.Sleep(10 * time.Millisecond)
 	debug.FreeOSMemory()
+}
+
+func dnsPort(capture bool) uint16 {
+	if capture {
+		return DefaultDNSPort
+	}
+	return 0
 }
