@@ -59,6 +59,8 @@ type options struct {
 	componentValues        map[string]string
 	spireServerAddress     string
 	spireTLSDir            string
+	spireRelayImage        string
+	spireRelaySecret       string
 	catalogSource          string
 	catalogInterval        time.Duration
 	catalogPublicKey       string
@@ -67,6 +69,13 @@ type options struct {
 }
 
 func main() {
+	if len(os.Args) > 1 && os.Args[1] == "spire-relay" {
+		if err := spireRelay(os.Args[2:]); err != nil {
+			fmt.Fprintln(os.Stderr, "spire-relay:", err)
+			os.Exit(1)
+		}
+		return
+	}
 	var o options
 	flag.StringVar(&o.metricsAddr, "metrics-bind-address", ":8080", "Address of the metrics endpoint; 0 disables it.")
 	flag.StringVar(&o.probeAddr, "health-probe-bind-address", ":8081", "Address of /healthz and /readyz.")
@@ -82,7 +91,9 @@ func main() {
 	flag.StringVar(&o.bundlesDir, "bundles-dir", "", "Load bundles from this directory instead of the embedded catalog (development).")
 	flag.StringVar(&o.prometheusAddress, "prometheus-address", "", "Prometheus base URL for SLO analysis when a Mesh sets no spec.analysis.prometheus; empty: such rollouts only bake.")
 	flag.StringVar(&o.spireServerAddress, "spire-server-address", "", "SPIRE server API for registration entries: unix:///path/api.sock, or host:port over mutual TLS (see --spire-tls-dir); empty: no registration.")
-	flag.StringVar(&o.spireTLSDir, "spire-tls-dir", "", "Directory with tls.crt, tls.key and ca.crt for --spire-server-address host:port.")
+	flag.StringVar(&o.spireTLSDir, "spire-tls-dir", "", "Directory with tls.crt, tls.key and ca.crt for --spire-server-address host:port, when you provide the relay's certificates yourself (and its Secret spire-relay-tls); empty: meshkeeper makes and renews them.")
+	flag.StringVar(&o.spireRelayImage, "spire-relay-image", "", "Image of the SPIRE admin API relay beside spire-server: this manager's own image (it runs `manager spire-relay`); required with --spire-server-address host:port.")
+	flag.StringVar(&o.spireRelaySecret, "spire-relay-secret", "meshkeeper-spire-relay", "Secret in --namespace where meshkeeper keeps the relay's CA and its own client certificate.")
 	flag.StringVar(&o.catalogSource, "catalog-source", "", "OCI reference of a bundle catalog to poll and merge with the embedded one, e.g. oci://registry.example.com/meshkeeper/catalog:stable (or pinned: ...@sha256:<digest>); empty: the embedded catalog only.")
 	flag.DurationVar(&o.catalogInterval, "catalog-interval", 5*time.Minute, "How often --catalog-source is polled.")
 	flag.StringVar(&o.catalogPublicKey, "catalog-public-key", "", "PEM file of the ed25519 public key catalog artifacts must be signed with; required unless --catalog-source pins a digest.")
@@ -211,6 +222,10 @@ func run(ctx context.Context, o options) error {
 	if err != nil {
 		return err
 	}
+	spireServer, spireRelay, err := spireFlags(o, direct)
+	if err != nil {
+		return err
+	}
 	if err := (&controller.MeshReconciler{
 		Client:              mgr.GetClient(),
 		Recorder:            mgr.GetEventRecorder("meshkeeper"),
@@ -221,7 +236,8 @@ func run(ctx context.Context, o options) error {
 		ComponentsNamespace: o.componentsNamespace,
 		PrometheusAddress:   o.prometheusAddress,
 		NotEnrolledGrace:    o.notEnrolledGrace,
-		SpireServer:         identity.Connector(o.spireServerAddress, o.spireTLSDir),
+		SpireServer:         spireServer,
+		SpireRelay:          spireRelay,
 	}).SetupWithManager(mgr); err != nil {
 		return fmt.Errorf("set up mesh controller: %w", err)
 	}
@@ -241,6 +257,49 @@ func run(ctx context.Context, o options) error {
 	log.Info("Starting manager", "namespace", o.namespace, "webhookPort", o.webhookPort,
 		"componentsNamespace", o.componentsNamespace, "bundles", catalog.Versions())
 	return mgr.Start(ctx)
+}
+
+// spireFlags: how the manager reaches the SPIRE server API. host:port is
+// the relay beside spire-server, with the client certificate from
+// --spire-tls-dir, or else from the Secret meshkeeper keeps.
+func spireFlags(o options, c client.Client) (controller.SpireConnector, func() *controller.SpireRelay, error) {
+	addr := o.spireServerAddress
+	if addr == "" || strings.HasPrefix(addr, "unix:") {
+		return identity.Connector(addr, o.spireTLSDir), nil, nil
+	}
+	if o.spireRelayImage == "" {
+		return nil, nil, fmt.Errorf("--spire-server-address %s is the SPIRE admin API relay, which runs beside spire-server: set --spire-relay-image to this manager's image", addr)
+	}
+	relay := &controller.SpireRelay{Image: o.spireRelayImage, ManageCerts: o.spireTLSDir == "", Namespace: o.namespace, Secret: o.spireRelaySecret}
+	get := func() *controller.SpireRelay { return relay }
+	if !relay.ManageCerts {
+		return identity.Connector(addr, o.spireTLSDir), get, nil
+	}
+	load := func(ctx context.Context) (map[string][]byte, error) {
+		var s corev1.Secret
+		if err := c.Get(ctx, client.ObjectKey{Namespace: o.namespace, Name: o.spireRelaySecret}, &s); err != nil {
+			return nil, err
+		}
+		return s.Data, nil
+	}
+	return identity.SecretConnector(addr, "", load), get, nil
+}
+
+// spireRelay is `manager spire-relay`: the relay container in spire-server's
+// pod (bundles/charts/spire-server).
+func spireRelay(args []string) error {
+	fs := flag.NewFlagSet("spire-relay", flag.ContinueOnError)
+	var o identity.RelayOptions
+	fs.StringVar(&o.Listen, "listen", ":8082", "Mutual-TLS address the admin API is relayed on.")
+	fs.StringVar(&o.Health, "health", ":8083", "Address of /live and /ready (plain HTTP); empty: none.")
+	fs.StringVar(&o.Socket, "socket", "/run/spire/server-tmp/spire-server/private/api.sock", "spire-server's admin API socket.")
+	fs.StringVar(&o.TLSDir, "tls-dir", "/run/spire/relay-tls", "Directory with tls.crt, tls.key (serving) and ca.crt (client CAs), re-read at every handshake.")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	ctx := ctrl.SetupSignalHandler()
+	fmt.Fprintf(os.Stderr, "spire-relay: relaying %s on %s (mutual TLS)\n", o.Socket, o.Listen)
+	return identity.RunRelay(ctx, o)
 }
 
 // ensureCertsWithRetry waits out a briefly unavailable API server at start.

@@ -56,3 +56,30 @@ func TestCatalogSourceFlags(t *testing.T) {
 		})
 	}
 }
+
+// TestSpireFlags: --spire-server-address host:port is the relay beside
+// spire-server, which needs the relay's image; with --spire-tls-dir the
+// operator brings the certificates, else meshkeeper keeps them.
+func TestSpireFlags(t *testing.T) {
+	g := NewWithT(t)
+	_, relay, err := spireFlags(options{}, nil)
+	g.Expect(err).NotTo(HaveOccurred())
+	g.Expect(relay).To(BeNil(), "no address: no relay")
+	_, relay, err = spireFlags(options{spireServerAddress: "unix:///run/spire/api.sock"}, nil)
+	g.Expect(err).NotTo(HaveOccurred())
+	g.Expect(relay).To(BeNil(), "the admin socket itself: no relay")
+
+	_, _, err = spireFlags(options{spireServerAddress: "spire-server.istio-system.svc:8082"}, nil)
+	g.Expect(err).To(MatchError(ContainSubstring("set --spire-relay-image to this manager's image")))
+
+	o := options{spireServerAddress: "spire-server.istio-system.svc:8082", spireRelayImage: "ghcr.io/meshkeeper/manager:0.1.0",
+		namespace: "meshkeeper-system", spireRelaySecret: "meshkeeper-spire-relay"}
+	_, relay, err = spireFlags(o, nil)
+	g.Expect(err).NotTo(HaveOccurred())
+	g.Expect(*relay()).To(And(HaveField("Image", "ghcr.io/meshkeeper/manager:0.1.0"), HaveField("ManageCerts", true),
+		HaveField("Namespace", "meshkeeper-system"), HaveField("Secret", "meshkeeper-spire-relay")))
+	o.spireTLSDir = "/etc/spire-relay"
+	_, relay, err = spireFlags(o, nil)
+	g.Expect(err).NotTo(HaveOccurred())
+	g.Expect(relay().ManageCerts).To(BeFalse(), "certificates the operator brings are not written by meshkeeper")
+}

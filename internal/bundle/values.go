@@ -28,6 +28,10 @@ type Inputs struct {
 	// Spire is spec.identity.spire.enabled: in Sidecar mode, where the
 	// bundle supports it, injected proxies take their SVIDs from SPIRE.
 	Spire bool
+	// SpireRelayImage, when set, runs the relay of the SPIRE server's admin
+	// API (`manager spire-relay`, this image) beside spire-server, serving
+	// mutual TLS with the certificates in the Secret spire-relay-tls.
+	SpireRelayImage string
 	// MaxUnavailable bounds node-component rollouts: a count ("2") or a
 	// percentage ("10%"); empty means 10%.
 	MaxUnavailable string
@@ -123,6 +127,10 @@ func (b *Bundle) Values(c Component, in Inputs) map[string]any {
 		v["trustDomain"] = trustDomain
 		v["svidTTL"] = ttl
 		v["caTTL"] = caTTL(ttl)
+		if in.SpireRelayImage != "" {
+			v["relay"] = map[string]any{"enabled": true}
+			v["images"].(map[string]any)["spireRelay"] = in.SpireRelayImage
+		}
 	case SpireAgent:
 		v["spireVersion"] = b.SpireVersion
 		v["namespace"] = in.Namespace

@@ -128,6 +128,14 @@ func TestValues(t *testing.T) {
 			"svidTTL":     "12h0m0s",
 			"caTTL":       "72h0m0s",
 		}},
+		{name: "spire-server with the admin API relay", c: bundle.SpireServer, in: bundle.Inputs{SpireRelayImage: "ghcr.io/meshkeeper/manager:0.1.0"}, want: map[string]any{
+			"revision": "1-28-2", "version": "1.28.2", "spireVersion": "1.13.3",
+			"images":      map[string]any{"spireServer": "ghcr.io/spiffe/spire-server:1.13.3", "spireRelay": "ghcr.io/meshkeeper/manager:0.1.0"},
+			"trustDomain": "cluster.local",
+			"svidTTL":     "1h",
+			"caTTL":       "24h0m0s",
+			"relay":       map[string]any{"enabled": true},
+		}},
 		{name: "spire-agent", c: bundle.SpireAgent, in: spire, want: map[string]any{
 			"revision": "1-28-2", "version": "1.28.2", "spireVersion": "1.13.3",
 			"images":         map[string]any{"spireAgent": "ghcr.io/spiffe/spire-agent:1.13.3"},

@@ -36,6 +36,23 @@ var testSpire spireTarget
 type spireTarget struct {
 	mu     sync.Mutex
 	socket string
+	// Through the relay at relayAddr (its certificate valid for
+	// relayName) with the manager's relay Secret, when relay is set.
+	relayAddr, relayName string
+	relayCfg             *SpireRelay
+}
+
+// setRelay points the suite's reconciler at a relay (nil: none).
+func (s *spireTarget) setRelay(addr, name string, cfg *SpireRelay) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.relayAddr, s.relayName, s.relayCfg = addr, name, cfg
+}
+
+func (s *spireTarget) relay() *SpireRelay {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.relayCfg
 }
 
 func (s *spireTarget) set(socket string) {
@@ -44,10 +61,14 @@ func (s *spireTarget) set(socket string) {
 	s.socket = socket
 }
 
-func (s *spireTarget) connect(context.Context) (identity.Server, error) {
+func (s *spireTarget) connect(ctx context.Context) (identity.Server, error) {
 	s.mu.Lock()
-	socket := s.socket
+	socket, relayAddr, relayName, relayCfg := s.socket, s.relayAddr, s.relayName, s.relayCfg
 	s.mu.Unlock()
+	if relayCfg != nil {
+		return identity.SecretConnector(relayAddr, relayName,
+			secretData(client.ObjectKey{Namespace: relayCfg.Namespace, Name: relayCfg.Secret}))(ctx)
+	}
 	if socket == "" {
 		return nil, identity.ErrNotConfigured
 	}

@@ -55,6 +55,10 @@ func (r *MeshReconciler) reconcileComponents(ctx context.Context, mesh *meshv1.M
 	b := obs.bundle
 	in := inputsFor(mesh, r.ComponentsNamespace)
 	in.NodeWaves = obs.rollout.nodeWaves
+	relay := r.spireRelay()
+	if relay != nil {
+		in.SpireRelayImage = relay.Image
+	}
 	wanted := bundle.Components(in.Mode, in.Redirection, spireEnabled(mesh))
 	previous := map[string]meshv1.ComponentStatus{}
 	for _, c := range mesh.Status.Components {
@@ -80,6 +84,18 @@ func (r *MeshReconciler) reconcileComponents(ctx context.Context, mesh *meshv1.M
 		items = append(items, item{from, bundle.Istiod, "istiod-previous"})
 	}
 	for _, it := range items {
+		if it.c == bundle.SpireServer && relay != nil && relay.ManageCerts {
+			// The relay's certificates before the pod that mounts them.
+			if err := r.ensureSpireRelayCerts(ctx, mesh, relay); err != nil {
+				st := previous[it.name]
+				st.Name, st.Ready, st.Message = it.name, false, err.Error()
+				obs.components = append(obs.components, st)
+				obs.componentsReady = false
+				obs.wantedReleases = append(obs.wantedReleases, releaseName(it.c, it.b))
+				errs = append(errs, err)
+				continue
+			}
+		}
 		if it.c == bundle.SpireAgent {
 			if wait := r.spireAgentGate(ctx, findComponent(obs.components, string(bundle.SpireServer))); wait != "" {
 				// Server first: the agents keep what they run until the

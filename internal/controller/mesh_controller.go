@@ -68,6 +68,10 @@ type MeshReconciler struct {
 	// SpireServer reaches the SPIRE server API for registration entries
 	// (mesh_identity.go); nil: registration off.
 	SpireServer SpireConnector
+	// SpireRelay, when set and returning non-nil, runs the relay container
+	// beside spire-server and keeps its certificates (mesh_spire_relay.go);
+	// SpireServer then reaches the server through it.
+	SpireRelay func() *SpireRelay
 
 	catalogState bundle.SourceState // of the Catalogs snapshot
 }

@@ -286,7 +286,8 @@ func (r *MeshReconciler) removeIdentity(ctx context.Context, mesh *meshv1.Mesh) 
 		log.FromContext(ctx).Info("Removed meshkeeper's SPIRE entries", "deleted", deleted, "foreignLeft", foreign)
 		r.event(mesh, corev1.EventTypeNormal, "IdentityRemoved", "Deleted meshkeeper's %d SPIRE entries; left %d foreign entries alone", deleted, foreign)
 	}
-	return nil
+	// The relay is not needed any more: its entries are gone.
+	return r.removeSpireRelayCerts(ctx)
 }
 
 // spireAgentGate is why the spire-agent release must wait, or "": the SPIRE

@@ -10,7 +10,9 @@ package controller
 // a Role there, not a ClusterRole. The manager's cache is limited to that
 // namespace for those kinds (cmd/manager). Helm's release Secrets, the
 // webhook certificate and the leader lease are in meshkeeper-system (Role in
-// mesh_controller.go); no Secret anywhere else is readable.
+// mesh_controller.go); no Secret anywhere else is readable but the SPIRE
+// relay's spire-relay-tls in the components' namespace, by name
+// (mesh_spire_relay.go).
 //
 // Cluster-scoped kinds the charts render: CRDs (never deleted: the crds
 // release keeps them), ClusterRoles and ClusterRoleBindings, istiod's

@@ -164,6 +164,7 @@ func run(m *testing.M) int {
 		Clock:               windowClock,
 		ComponentsNamespace: componentsNamespace,
 		SpireServer:         testSpire.connect,
+		SpireRelay:          testSpire.relay,
 	}).SetupWithManager(mgr); err != nil {
 		fmt.Println("setup:", err)
 		return 1

@@ -58,3 +58,28 @@ func clientTLS(address, dir string) (*tls.Config, error) {
 	}
 	return &tls.Config{Certificates: []tls.Certificate{cert}, RootCAs: pool, ServerName: host, MinVersion: tls.VersionTLS13}, nil
 }
+
+// SecretConnector reaches the SPIRE server API at address (host:port)
+// through the relay, with the client certificate in the manager's relay
+// Secret, which load returns (read at every connection: a renewed
+// certificate is used at once). serverName is what the relay's serving
+// certificate must be valid for; empty: address's host.
+func SecretConnector(address, serverName string, load func(context.Context) (map[string][]byte, error)) func(context.Context) (Server, error) {
+	if serverName == "" {
+		serverName = address
+		if i := strings.LastIndex(address, ":"); i > 0 {
+			serverName = address[:i]
+		}
+	}
+	return func(ctx context.Context) (Server, error) {
+		data, err := load(ctx)
+		if err != nil {
+			return nil, fmt.Errorf("SPIRE relay client certificate: %w", err)
+		}
+		cfg, err := ClientTLSFromSecret(data, serverName)
+		if err != nil {
+			return nil, err
+		}
+		return Dial(address, cfg)
+	}
+}

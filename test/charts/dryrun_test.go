@@ -73,6 +73,8 @@ func TestEveryBundleIsAcceptedByTheAPIServer(t *testing.T) {
 		{Mode: "Sidecar", Namespace: ns, TrustDomain: "example.org"},
 		// During node waves the node components' DaemonSets are OnDelete.
 		{Mode: "Ambient", Redirection: "EBPF", Namespace: ns, NodeWaves: true},
+		// The SPIRE server with its admin API relay (manager --spire-server-address host:port).
+		{Mode: "Sidecar", Namespace: ns, TrustDomain: "example.org", SpireRelayImage: "ghcr.io/meshkeeper/manager:0.1.0"},
 	}
 	for _, v := range catalog.Versions() {
 		b, err := catalog.Resolve(v)
@@ -83,6 +85,9 @@ func TestEveryBundleIsAcceptedByTheAPIServer(t *testing.T) {
 			variant := in.Mode + "-" + in.Redirection
 			if in.NodeWaves {
 				variant += "-nodewaves"
+			}
+			if in.SpireRelayImage != "" {
+				variant += "-spirerelay"
 			}
 			for _, c := range bundle.Components(in.Mode, in.Redirection, true) {
 				t.Run(fmt.Sprintf("%s/%s/%s", v, variant, c), func(t *testing.T) {

@@ -147,6 +147,7 @@ func TestMeshkeeperChartValues(t *testing.T) {
 		"webhook":             map[string]any{"port": 10443, "failurePolicy": "Ignore"},
 		"metrics":             map[string]any{"enabled": false},
 		"prometheusRule":      map[string]any{"enabled": true, "labels": map[string]any{"release": "kube-prometheus"}},
+		"spire":               map[string]any{"registration": true},
 	})
 	dep := as[appsv1.Deployment](g, objs["Deployment ops/meshkeeper-manager"])
 	c := dep.Spec.Template.Spec.Containers[0]
@@ -158,7 +159,10 @@ func TestMeshkeeperChartValues(t *testing.T) {
 		"--components-namespace=mesh-system",
 		"--webhook-port=10443",
 		"--metrics-bind-address=0",
-		"--webhook-hosts=meshkeeper-webhook.ops.svc,meshkeeper-webhook.ops.svc.cluster.local"))
+		"--webhook-hosts=meshkeeper-webhook.ops.svc,meshkeeper-webhook.ops.svc.cluster.local",
+		// SPIRE registration through the relay, which runs the manager's own image.
+		"--spire-server-address=spire-server.mesh-system.svc:8082",
+		"--spire-relay-image=registry.example.com/meshkeeper/manager:v0.2.0"))
 	g.Expect(c.Ports).To(ContainElement(HaveField("ContainerPort", BeEquivalentTo(10443))))
 	g.Expect(objs).NotTo(HaveKey("PodDisruptionBudget ops/meshkeeper-manager"), "no PDB for one replica")
 	g.Expect(objs).NotTo(HaveKey("Service ops/meshkeeper-metrics"))

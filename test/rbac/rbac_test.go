@@ -56,6 +56,13 @@ var ownNamespaced = map[string]string{
 	"coordination.k8s.io/leases": "meshkeeper-system",
 }
 
+// relaySecret is the one Secret the manager writes in the components'
+// namespace: the SPIRE admin API relay's certificates
+// (internal/controller/mesh_spire_relay.go). It may create Secrets there
+// (RBAC cannot limit create by name) and read, update and delete only that
+// one; list and watch never.
+const relaySecret = "spire-relay-tls"
+
 // readAnywhere are rendered namespaced kinds the manager also reads (only
 // reads) in every namespace, each with why.
 var readAnywhere = map[string]string{
@@ -81,6 +88,7 @@ func render(t *testing.T) map[string]*rendered {
 		{Mode: "Ambient", Redirection: "IPTables", TrustDomain: "example.org"},
 		{Mode: "Sidecar", TrustDomain: "example.org"},
 		{Mode: "Ambient", Redirection: "EBPF", NodeWaves: true},
+		{Mode: "Sidecar", TrustDomain: "example.org", SpireRelayImage: "ghcr.io/meshkeeper/manager:0.1.0"},
 	}
 	out := map[string]*rendered{}
 	for _, v := range catalog.Versions() {
@@ -237,6 +245,18 @@ func TestManagerRBACMatchesWhatTheChartsRender(t *testing.T) {
 						}
 					default:
 						t.Errorf("%s grants %q on %s: no chart needs it", where, v, key)
+					}
+				}
+			case key == "/secrets" && namespace == componentsNamespace:
+				for v, names := range g.verbs {
+					switch {
+					case v == "create":
+					case slices.Contains([]string{"get", "update", "delete"}, v):
+						if !slices.Equal(names, []string{relaySecret}) {
+							t.Errorf("%s grants %q on Secrets %v: only on %s (resourceNames)", where, v, names, relaySecret)
+						}
+					default:
+						t.Errorf("%s grants %q on Secrets: the manager only creates, reads, updates and deletes %s there", where, v, relaySecret)
 					}
 				}
 			case isOwn:
