@@ -20,6 +20,7 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/log/zap"
 
 	"github.com/meshkeeper/meshkeeper/internal/agent"
+	"github.com/meshkeeper/meshkeeper/internal/agent/zds"
 )
 
 var version = "dev"
@@ -80,6 +81,7 @@ func run(args []string) error {
 	fs.StringVar(&o.MetricsAddr, "metrics-addr", ":9102", "address of the /metrics and /healthz endpoint; 0 disables it")
 	fs.UintVar(&capturePort, "capture-port", 15001, "the node proxy's capture port on 127.0.0.1 in each enrolled pod's network namespace")
 	fs.UintVar(&bypassMark, "bypass-mark", agent.DefaultBypassMark, "SO_MARK of the proxy's own sockets, which are never redirected; 0 disables")
+	fs.StringVar(&o.ZDSSocket, "zds-socket", zds.DefaultSocketPath, "unix socket where ztunnel connects for the ZDS hand-off of each enrolled pod's netns (its directory is shared with ztunnel); \"\" hands nothing to ztunnel")
 	fs.StringVar(&o.PinPath, "pin-path", agent.DefaultPinPath, "bpffs directory for the pinned maps, programs and links")
 	fs.StringVar(&o.ProcRoot, "proc-root", agent.DefaultProcRoot, "the host's procfs, where pods' processes and network namespaces are found (the chart mounts the host's /proc there; /proc for an agent run as a host process)")
 	fs.StringVar(&o.CgroupPath, "cgroup-path", "", "cgroup v2 directory to attach to (default: the cgroup2 mount found by preflight)")
