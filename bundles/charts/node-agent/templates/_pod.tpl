@@ -37,3 +37,10 @@ capabilities:
   mountPath: /host/proc
   readOnly: true
 {{- end }}
+
+{{/* node-agent.zdsMount: the directory of the ZDS socket, shared with
+ztunnel's DaemonSet (its cni-ztunnel-sock-dir volume). */}}
+{{- define "node-agent.zdsMount" -}}
+- name: ztunnel-sock-dir
+  mountPath: /var/run/ztunnel
+{{- end }}
