@@ -229,8 +229,8 @@ func (s *Server) AddWorkload(ctx context.Context, uid string, netns *os.File, in
 	if err != nil {
 		return fmt.Errorf("zds: add workload %s: %w", uid, err)
 	}
-	defer fd.Close()
 	if latest == nil {
+		_ = fd.Close()
 		return ErrNoZtunnel
 	}
 	msg := &zdsapi.WorkloadRequest{Payload: &zdsapi.WorkloadRequest_Add{Add: &zdsapi.AddWorkload{Uid: uid, WorkloadInfo: info.proto()}}}
@@ -382,6 +382,7 @@ func (s *Server) handle(ctx context.Context, c *conn) {
 			return
 		case r := <-c.reqs:
 			resp, err := c.exchange(r.msg, r.fd, s.o.AckTimeout)
+			r.closeFd()
 			err = s.ackResult(r.msg, resp, err)
 			r.resp <- err
 			if err != nil {
@@ -441,6 +442,7 @@ func (s *Server) unregister(c *conn, log logr.Logger) {
 	for {
 		select {
 		case r := <-c.reqs:
+			r.closeFd()
 			r.resp <- errors.New("zds: ztunnel connection closed before the request was sent")
 		default:
 			log.Info("ZDS connection closed", "connected", left)
@@ -545,28 +547,46 @@ type conn struct {
 	done chan struct{}
 }
 
+// request is one queued request; its fd, if any, belongs to it: the
+// handler (or whoever drops the request) closes it.
 type request struct {
 	msg  *zdsapi.WorkloadRequest
 	fd   *os.File
 	resp chan error
 }
 
+func (r *request) closeFd() {
+	if r.fd != nil {
+		_ = r.fd.Close()
+	}
+}
+
 var errClosed = errors.New("ztunnel closed the connection")
 
 // send queues a request for the connection's handler and waits for its
-// outcome.
+// outcome. It takes fd over: the request closes it once sent or dropped.
 func (c *conn) send(ctx context.Context, msg *zdsapi.WorkloadRequest, fd *os.File) error {
 	r := &request{msg: msg, fd: fd, resp: make(chan error, 1)}
 	select {
 	case c.reqs <- r:
 	case <-c.done:
+		r.closeFd()
 		return errors.New("zds: ztunnel connection closed")
 	case <-ctx.Done():
+		r.closeFd()
 		return fmt.Errorf("zds: waiting to send: %w", ctx.Err())
 	}
 	select {
 	case err := <-r.resp:
 		return err
+	case <-c.done:
+		// The handler answers before it lets go of the connection.
+		select {
+		case err := <-r.resp:
+			return err
+		default:
+			return errors.New("zds: ztunnel connection closed before the request was sent")
+		}
 	case <-ctx.Done():
 		return fmt.Errorf("zds: waiting for ztunnel's ack: %w", ctx.Err())
 	}
