@@ -146,7 +146,7 @@ var _ = Describe("The node agent as a real pod on a real node", Ordered, func() 
 			}).WithContext(ctx).WithTimeout(30 * time.Second).Should(Succeed())
 			st := standInStats(Default, ctx)
 			out := st.Count(p.Namespace, p.Name, "outbound")
-			Expect(out.OK + out.Failed).To(BeZero(), "connections of %s/%s through the stand-in", p.Namespace, p.Name)
+			Expect(out.OK+out.Failed).To(BeZero(), "connections of %s/%s through the stand-in", p.Namespace, p.Name)
 		}
 		// Neither is enrolled nor handed to ztunnel.
 		Expect(standInStats(Default, ctx).Workloads).To(Equal(clients + 1))
