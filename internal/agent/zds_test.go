@@ -5,6 +5,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -13,6 +14,7 @@ import (
 	. "github.com/onsi/gomega"
 	"istio.io/istio/pkg/zdsapi"
 
+	"github.com/meshkeeper/meshkeeper/internal/agent/zds"
 	"github.com/meshkeeper/meshkeeper/test/zdsclient"
 )
 
@@ -135,4 +137,98 @@ func TestRunHandsPodsToZtunnel(t *testing.T) {
 	g.Expect(c.Ack("")).To(Succeed())
 	g.Expect(r.Kind).To(Equal(zdsclient.Del))
 	g.Expect(r.UID).To(Equal(uid))
+}
+
+// handoffLog records what the enroller hands to ztunnel.
+type handoffLog struct {
+	mu     sync.Mutex
+	calls  []string
+	before func(uid string) // runs inside AddWorkload
+}
+
+func (h *handoffLog) AddWorkload(_ context.Context, uid string, netns *os.File, info zds.WorkloadInfo) error {
+	if h.before != nil {
+		h.before(uid)
+	}
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	h.calls = append(h.calls, "add "+uid+" "+info.Namespace+"/"+info.Name+" sa="+info.ServiceAccount)
+	return zds.ErrNoZtunnel
+}
+
+func (h *handoffLog) KeepWorkload(uid string, _ zds.WorkloadInfo) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	h.calls = append(h.calls, "keep "+uid)
+}
+
+func (h *handoffLog) DelWorkload(_ context.Context, uid string) error {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	h.calls = append(h.calls, "delete "+uid)
+	return nil
+}
+
+func (h *handoffLog) take() []string {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	out := h.calls
+	h.calls = nil
+	return out
+}
+
+// TestEnrollerHandsOffBeforeRedirecting: a pod found by the /proc scan is
+// handed to ztunnel before its netns is put in the redirect map; after an
+// agent restart the new enroller hands the adopted pod over again (for the
+// next snapshot), keeps a pod still enrolled whose processes it cannot
+// find, deletes at ztunnel an enrolment no pod claims, and a pod that goes
+// is deleted.
+func TestEnrollerHandsOffBeforeRedirecting(t *testing.T) {
+	requirePrivileged(t)
+	g := NewWithT(t)
+	dp, _ := loadTestDatapath(t, capturePort)
+	cgroups := newPodCgroups(t)
+	app := PodRef{Namespace: "shop", Name: "app", UID: "5b4c3d2e-1f0a-4b9c-8d7e-6f5a4b3c2d1e", ServiceAccount: "web"}
+	proc := cgroups.start(t, app.UID, false)
+	cookie, err := NetnsCookie(proc.netnsPath())
+	g.Expect(err).NotTo(HaveOccurred())
+
+	h := &handoffLog{before: func(uid string) {
+		entries, err := dp.EnrolledNetns()
+		g.Expect(err).NotTo(HaveOccurred())
+		g.Expect(entries).NotTo(HaveKey(cookie), "ztunnel gets %s before its traffic is redirected", uid)
+	}}
+	enroller, err := NewEnroller(dp, "", testr.New(t))
+	g.Expect(err).NotTo(HaveOccurred())
+	enroller.SetHandoff(h)
+	enroller.Want(app)
+	enroller.Sync(true)
+	g.Expect(enroller.Cookies(app.UID)).To(ConsistOf(cookie))
+	g.Expect(h.take()).To(Equal([]string{"add " + app.UID + " shop/app sa=web"}))
+
+	// What an earlier agent left: a pod still running whose processes this
+	// scan will not find (kept), and an enrolment of a pod that is gone.
+	unfound := PodRef{Namespace: "shop", Name: "unfound", UID: "6c5d4e3f-2a1b-4c0d-9e8f-7a6b5c4d3e2f"}
+	const unfoundCookie, staleCookie = 0x5eed0001, 0x5eed0002
+	g.Expect(dp.EnrollNetns(unfoundCookie, unfound.UID)).To(Succeed())
+	g.Expect(dp.EnrollNetns(staleCookie, "7d6e5f4a-3b2c-4d1e-8f9a-8b7c6d5e4f3a")).To(Succeed())
+
+	// The agent restarts.
+	h.before = nil
+	restarted, err := NewEnroller(dp, "", testr.New(t))
+	g.Expect(err).NotTo(HaveOccurred())
+	restarted.SetHandoff(h)
+	restarted.Want(app)
+	restarted.Want(unfound)
+	restarted.Reconcile()
+	restarted.Sync(true)
+	restarted.KeepUnfound()
+	g.Expect(h.take()).To(Equal([]string{
+		"delete 7d6e5f4a-3b2c-4d1e-8f9a-8b7c6d5e4f3a",
+		"add " + app.UID + " shop/app sa=web",
+		"keep " + unfound.UID,
+	}))
+	restarted.Forget(app.UID)
+	g.Expect(h.take()).To(Equal([]string{"delete " + app.UID}))
+	restarted.Forget(unfound.UID)
 }
