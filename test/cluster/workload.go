@@ -46,6 +46,7 @@ type StandInStats struct {
 	Ready     bool           `json:"ready"`
 	Workloads int            `json:"workloads"`
 	Counts    []StandInCount `json:"counts"`
+	LastError string         `json:"lastError"`
 }
 
 // Count returns a pod's count in a direction ("outbound", "inbound",

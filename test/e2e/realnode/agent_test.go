@@ -175,7 +175,7 @@ var _ = Describe("The node agent as a real pod on a real node", Ordered, func() 
 			Expect(err).NotTo(HaveOccurred())
 			Expect(c.Failed).To(BeZero(), "client %s failed connections across the agent restart: %s", name, c.LastError)
 			b, a := before.Count(appsNS, name, "outbound"), after.Count(appsNS, name, "outbound")
-			Expect(a.Failed).To(BeZero(), "stand-in connections of %s that failed", name)
+			Expect(a.Failed).To(BeZero(), "stand-in connections of %s that failed (client: %d failed, %d ok; stand-in's last error: %s)", name, c.Failed, c.OK, after.LastError)
 			Expect(a.OK).To(BeNumerically(">", b.OK+50), "client %s still goes through ztunnel's place after the restart", name)
 		}
 		expectThroughStandIn(ctx, 2*time.Second)
@@ -411,7 +411,7 @@ func expectThroughStandIn(ctx context.Context, window time.Duration) {
 			dc, ds := t1[name].client-t0[name].client, t1[name].standIn-t0[name].standIn
 			g.Expect(dc).To(BeNumerically(">=", 20), "connections of %s in %s", name, window)
 			g.Expect(ds).To(BeNumerically("~", dc, 2), "connections of %s through the stand-in (%d) vs the client's own count (%d)", name, ds, dc)
-			g.Expect(t1[name].failed).To(Equal(t0[name].failed), "failed connections of %s during the window", name)
+			g.Expect(t1[name].failed).To(Equal(t0[name].failed), "failed connections of %s during the window (stand-in's last error: %s)", name, standInStats(g, ctx).LastError)
 		}
 	}).WithContext(ctx).WithTimeout(30 * time.Second).Should(Succeed())
 }

@@ -97,6 +97,7 @@ type StandIn struct {
 	mu        sync.Mutex
 	workloads map[string]*workload // by pod UID
 	counts    map[countKey]*atomic.Int64
+	lastError string
 }
 
 type countKey struct{ namespace, pod, direction, result string }
@@ -294,11 +295,12 @@ func (s *StandIn) counter(k countKey) *atomic.Int64 {
 
 func (s *StandIn) count(w *workload, direction string, err error) {
 	res := "ok"
+	s.mu.Lock()
 	if err != nil {
 		res = "failed"
-		log.Printf("%s connection of %s/%s: %v", direction, w.namespace, w.name, err)
+		s.lastError = fmt.Sprintf("%s %s connection of %s/%s: %v", time.Now().UTC().Format(time.RFC3339Nano), direction, w.namespace, w.name, err)
+		log.Print(s.lastError)
 	}
-	s.mu.Lock()
 	c := s.counter(countKey{w.namespace, w.name, direction, res})
 	s.mu.Unlock()
 	c.Add(1)
@@ -438,6 +440,7 @@ type Stats struct {
 	Ready     bool    `json:"ready"`
 	Workloads int     `json:"workloads"`
 	Counts    []Count `json:"counts"`
+	LastError string  `json:"lastError,omitempty"`
 }
 
 // Stats returns the stand-in's counters.
@@ -458,7 +461,7 @@ func (s *StandIn) Stats() Stats {
 			c.Failed = v.Load()
 		}
 	}
-	out := Stats{Ready: s.ready.Load(), Workloads: len(s.workloads), Counts: []Count{}}
+	out := Stats{Ready: s.ready.Load(), Workloads: len(s.workloads), Counts: []Count{}, LastError: s.lastError}
 	for _, c := range by {
 		out.Counts = append(out.Counts, *c)
 	}
