@@ -310,7 +310,7 @@ func (e *Enroller) Sync(full bool) {
 			} else if e.handoff != nil && p.handedOff != c {
 				// Enrolled before this agent started (adopted from the
 				// pinned map): ztunnel gets it now.
-				e.handOff(p, c, path)
+				_ = e.handOff(p, c, path)
 			}
 		}
 		if full {
@@ -351,7 +351,12 @@ func (e *Enroller) enroll(p *podState, cookie uint64, netnsPath string) error {
 	if cookie == e.hostCookie {
 		return fmt.Errorf("pod %s: refusing to enroll the host network namespace", p.ref)
 	}
-	e.handOff(p, cookie, netnsPath)
+	_ = e.handOff(p, cookie, netnsPath)
+	return e.redirect(p, cookie)
+}
+
+// redirect puts the netns in the redirect map.
+func (e *Enroller) redirect(p *podState, cookie uint64) error {
 	if err := e.maps.EnrollNetns(cookie, p.ref.UID); err != nil {
 		return err
 	}
@@ -365,15 +370,45 @@ func workloadInfo(ref PodRef) zds.WorkloadInfo {
 	return zds.WorkloadInfo{Name: ref.Name, Namespace: ref.Namespace, ServiceAccount: ref.ServiceAccount}
 }
 
+// EnrollPathHandedOff is EnrollPath for a caller that must know ztunnel
+// took the pod, such as the CNI plugin's ADD, which fails closed: it hands
+// the netns to ztunnel and waits for the ack (at most HandoffTimeout), and
+// only then redirects it. When the hand-off fails it returns why
+// (zds.ErrNoZtunnel, a *zds.AckError, a timeout) and leaves the netns out
+// of the redirect map; the pod stays wanted, and the ZDS server keeps it
+// for the next snapshot until it is forgotten. Without a hand-off it is
+// EnrollPath.
+func (e *Enroller) EnrollPathHandedOff(ref PodRef, netnsPath string) error {
+	cookie, err := NetnsCookie(netnsPath)
+	if err != nil {
+		return err
+	}
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	p, ok := e.pods[ref.UID]
+	if !ok {
+		p = &podState{ref: ref, cookies: map[uint64]struct{}{}, since: e.now()}
+		e.pods[ref.UID] = p
+	}
+	p.ref, p.explicit = ref, true
+	if cookie == e.hostCookie {
+		return fmt.Errorf("pod %s: refusing to enroll the host network namespace", p.ref)
+	}
+	if err := e.handOff(p, cookie, netnsPath); err != nil {
+		return fmt.Errorf("pod %s: hand-off to ztunnel: %w", ref, err)
+	}
+	return e.redirect(p, cookie)
+}
+
 // handOff gives ztunnel the pod's netns and waits for its ack.
-func (e *Enroller) handOff(p *podState, cookie uint64, netnsPath string) {
+func (e *Enroller) handOff(p *podState, cookie uint64, netnsPath string) error {
 	if e.handoff == nil {
-		return
+		return nil
 	}
 	f, err := os.Open(netnsPath)
 	if err != nil {
 		e.log.Error(err, "Opening the pod's network namespace for ztunnel failed", "pod", p.ref.String())
-		return
+		return err
 	}
 	defer f.Close()
 	ctx, cancel := context.WithTimeout(context.Background(), HandoffTimeout)
@@ -389,6 +424,7 @@ func (e *Enroller) handOff(p *podState, cookie uint64, netnsPath string) {
 	}
 	// Recorded by the server either way: the next snapshot carries it.
 	p.handedOff = cookie
+	return err
 }
 
 func (e *Enroller) handoffDelete(uid, what string) {

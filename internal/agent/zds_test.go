@@ -144,6 +144,7 @@ type handoffLog struct {
 	mu     sync.Mutex
 	calls  []string
 	before func(uid string) // runs inside AddWorkload
+	ack    bool             // AddWorkload succeeds (else: no ztunnel)
 }
 
 func (h *handoffLog) AddWorkload(_ context.Context, uid string, netns *os.File, info zds.WorkloadInfo) error {
@@ -153,6 +154,9 @@ func (h *handoffLog) AddWorkload(_ context.Context, uid string, netns *os.File, 
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	h.calls = append(h.calls, "add "+uid+" "+info.Namespace+"/"+info.Name+" sa="+info.ServiceAccount)
+	if h.ack {
+		return nil
+	}
 	return zds.ErrNoZtunnel
 }
 
@@ -231,4 +235,17 @@ func TestEnrollerHandsOffBeforeRedirecting(t *testing.T) {
 	restarted.Forget(app.UID)
 	g.Expect(h.take()).To(Equal([]string{"delete " + app.UID}))
 	restarted.Forget(unfound.UID)
+
+	// The CNI path: no ztunnel took the pod, so it is not redirected and
+	// the caller learns why; once ztunnel acks, it is.
+	h.take()
+	err = restarted.EnrollPathHandedOff(app, proc.netnsPath())
+	g.Expect(err).To(MatchError(zds.ErrNoZtunnel))
+	g.Expect(restarted.Cookies(app.UID)).To(BeEmpty())
+	g.Expect(dp.EnrolledNetns()).NotTo(HaveKey(cookie))
+	h.ack = true
+	g.Expect(restarted.EnrollPathHandedOff(app, proc.netnsPath())).To(Succeed())
+	g.Expect(restarted.Cookies(app.UID)).To(ConsistOf(cookie))
+	g.Expect(h.take()).To(HaveLen(2))
+	restarted.Forget(app.UID)
 }
