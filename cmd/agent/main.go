@@ -25,6 +25,7 @@ import (
 
 	"github.com/meshkeeper/meshkeeper/internal/agent"
 	"github.com/meshkeeper/meshkeeper/internal/agent/cni"
+	"github.com/meshkeeper/meshkeeper/internal/agent/zds"
 )
 
 var version = "dev"
@@ -90,6 +91,7 @@ func run(args []string) error {
 	fs.UintVar(&capturePort, "capture-port", 15001, "the node proxy's capture port on 127.0.0.1 in each enrolled pod's network namespace")
 	fs.UintVar(&bypassMark, "bypass-mark", agent.DefaultBypassMark, "SO_MARK of the proxy's own sockets, which are never redirected (ztunnel's is 0x539); must not be 0")
 	fs.BoolVar(&o.DNSCapture, "dns-capture", false, "send enrolled pods' DNS (UDP and TCP port 53) to ztunnel's DNS proxy on port 15053 in their netns; only for bundles that enable ztunnel's DNS proxy")
+	fs.StringVar(&o.ZDSSocket, "zds-socket", zds.DefaultSocketPath, "unix socket where ztunnel connects for the ZDS hand-off of each enrolled pod's netns (its directory is shared with ztunnel); \"\" hands nothing to ztunnel")
 	fs.StringVar(&o.PinPath, "pin-path", agent.DefaultPinPath, "bpffs directory for the pinned maps, programs and links")
 	fs.StringVar(&o.ProcRoot, "proc-root", agent.DefaultProcRoot, "the host's procfs, where pods' processes and network namespaces are found (the chart mounts the host's /proc there; /proc for an agent run as a host process)")
 	fs.StringVar(&o.CgroupPath, "cgroup-path", "", "cgroup v2 directory to attach to (default: the cgroup2 mount found by preflight)")

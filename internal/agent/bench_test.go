@@ -412,8 +412,16 @@ func measureAgentMemory(b *testing.B, pods int) *agentMemory {
 		}
 	})
 
+	// Its ZDS server on a socket of its own, never the host's
+	// /var/run/ztunnel (a real node's agent may serve there).
+	zdsDir, err := os.MkdirTemp("", "mk-zds")
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { os.RemoveAll(zdsDir) })
 	cmd := exec.Command(bin, "run", "--no-kube", "--pods-file", podsPath, "--pin-path", pinPath,
-		"--cgroup-path", cgroup2Root(b), "--metrics-addr", "127.0.0.1:0", "--proc-root", "/proc")
+		"--cgroup-path", cgroup2Root(b), "--metrics-addr", "127.0.0.1:0", "--proc-root", "/proc",
+		"--zds-socket", filepath.Join(zdsDir, "ztunnel.sock"))
 	for _, kv := range os.Environ() {
 		if k, _, _ := strings.Cut(kv, "="); k != "GOGC" && k != "GOMEMLIMIT" && k != "GODEBUG" {
 			cmd.Env = append(cmd.Env, kv)

@@ -2,7 +2,9 @@ package agent
 
 import (
 	"context"
+	"errors"
 	"fmt"
+	"os"
 	"path/filepath"
 	"sort"
 	"strconv"
@@ -10,6 +12,8 @@ import (
 	"time"
 
 	"github.com/go-logr/logr"
+
+	"github.com/meshkeeper/meshkeeper/internal/agent/zds"
 )
 
 // PodRef names a pod.
@@ -19,6 +23,9 @@ type PodRef struct {
 	// istio.io/rev), for the workload_revision label; it may change while
 	// the pod lives, when its namespace moves.
 	Revision string
+	// ServiceAccount is the pod's service account, which ztunnel is told
+	// with the pod's netns (its identity).
+	ServiceAccount string
 }
 
 func (p PodRef) String() string { return p.Namespace + "/" + p.Name }
@@ -42,7 +49,20 @@ type podState struct {
 	explicit bool      // enrolled through an explicit netns path, not found by scanning
 	since    time.Time // when it was wanted
 	retired  NetnsEntry
+	// handedOff is the netns cookie last handed to ztunnel (0: none yet).
+	handedOff uint64
 }
+
+// Handoff is where enrolled pods' network namespaces go besides the
+// datapath: ztunnel, through the agent's ZDS server (*zds.Server).
+type Handoff interface {
+	AddWorkload(ctx context.Context, uid string, netns *os.File, info zds.WorkloadInfo) error
+	KeepWorkload(uid string, info zds.WorkloadInfo)
+	DelWorkload(ctx context.Context, uid string) error
+}
+
+// HandoffTimeout bounds one hand-off to ztunnel (its ack included).
+const HandoffTimeout = 5 * time.Second
 
 // Enroller keeps the datapath's enrolled map equal to the network
 // namespaces of the pods it is told to want. Pods are found by scanning
@@ -60,6 +80,16 @@ type Enroller struct {
 	cookies map[procKey]uint64 // process instance -> its netns cookie
 	wake    chan struct{}
 	now     func() time.Time
+	handoff Handoff // nil: the datapath only
+}
+
+// SetHandoff makes the enroller hand each pod's netns to ztunnel before it
+// redirects the pod's traffic, and tell ztunnel when the pod is gone. Call
+// it before Run.
+func (e *Enroller) SetHandoff(h Handoff) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	e.handoff = h
 }
 
 // NewEnroller adopts what the map holds already (after an agent restart
@@ -128,7 +158,7 @@ func (e *Enroller) EnrollPath(ref PodRef, netnsPath string) error {
 		e.pods[ref.UID] = p
 	}
 	p.explicit = true
-	return e.enroll(p, cookie)
+	return e.enroll(p, cookie, netnsPath)
 }
 
 // Enroll enrolls the network namespace of process pid for a pod.
@@ -150,6 +180,7 @@ func (e *Enroller) Forget(uid string) {
 		}
 	}
 	delete(e.pods, uid)
+	e.handoffDelete(uid, p.ref.String())
 	e.log.V(1).Info("Pod unenrolled", "pod", p.ref.String())
 }
 
@@ -168,6 +199,26 @@ func (e *Enroller) Reconcile() {
 		}
 		delete(e.orphans, cookie)
 		e.log.Info("Removed stale enrolment", "podUID", uid, "netnsCookie", cookie)
+		// ztunnel may still proxy it from before the agent restarted.
+		e.handoffDelete(uid, uid)
+	}
+}
+
+// KeepUnfound tells the hand-off to keep (not drop) every wanted pod that
+// is enrolled in the datapath but whose netns the agent has not opened
+// yet, such as a pod adopted from the pinned map after an agent restart
+// whose processes the scan has not found. Call it before the first
+// snapshot is served.
+func (e *Enroller) KeepUnfound() {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if e.handoff == nil {
+		return
+	}
+	for uid, p := range e.pods {
+		if len(p.cookies) > 0 && p.handedOff == 0 {
+			e.handoff.KeepWorkload(uid, workloadInfo(p.ref))
+		}
 	}
 }
 
@@ -241,20 +292,25 @@ func (e *Enroller) Sync(full bool) {
 		if p.explicit || (!full && len(p.cookies) > 0) {
 			continue
 		}
-		found := map[uint64]struct{}{}
+		found := map[uint64]int{} // netns cookie -> a pid in it
 		for _, pid := range pids[uid] {
 			if c, ok := e.cookieOf(pid); ok {
-				found[c] = struct{}{}
+				found[c] = pid
 			}
 		}
 		if len(found) == 0 {
 			continue // not started yet, or only host-network processes
 		}
-		for c := range found {
+		for c, pid := range found {
+			path := filepath.Join(e.procRoot, strconv.Itoa(pid), "ns", "net")
 			if _, ok := p.cookies[c]; !ok {
-				if err := e.enroll(p, c); err != nil {
+				if err := e.enroll(p, c, path); err != nil {
 					e.log.Error(err, "Enrolling pod failed", "pod", p.ref.String())
 				}
+			} else if e.handoff != nil && p.handedOff != c {
+				// Enrolled before this agent started (adopted from the
+				// pinned map): ztunnel gets it now.
+				_ = e.handOff(p, c, path)
 			}
 		}
 		if full {
@@ -286,10 +342,21 @@ func (e *Enroller) cookieOf(pid int) (uint64, bool) {
 	return c, c != e.hostCookie
 }
 
-func (e *Enroller) enroll(p *podState, cookie uint64) error {
+// enroll hands a pod's netns to ztunnel (when there is a hand-off), then
+// redirects it: ztunnel listens in the netns before the first connection
+// is sent there. A failed hand-off still redirects (fail closed, as
+// istio-cni does): the pod's traffic never leaves the mesh unseen, and the
+// next ztunnel's snapshot carries the pod.
+func (e *Enroller) enroll(p *podState, cookie uint64, netnsPath string) error {
 	if cookie == e.hostCookie {
 		return fmt.Errorf("pod %s: refusing to enroll the host network namespace", p.ref)
 	}
+	_ = e.handOff(p, cookie, netnsPath)
+	return e.redirect(p, cookie)
+}
+
+// redirect puts the netns in the redirect map.
+func (e *Enroller) redirect(p *podState, cookie uint64) error {
 	if err := e.maps.EnrollNetns(cookie, p.ref.UID); err != nil {
 		return err
 	}
@@ -297,6 +364,78 @@ func (e *Enroller) enroll(p *podState, cookie uint64) error {
 	delete(e.orphans, cookie)
 	e.log.Info("Pod enrolled", "pod", p.ref.String(), "netnsCookie", cookie, "after", e.now().Sub(p.since).Round(time.Millisecond).String())
 	return nil
+}
+
+func workloadInfo(ref PodRef) zds.WorkloadInfo {
+	return zds.WorkloadInfo{Name: ref.Name, Namespace: ref.Namespace, ServiceAccount: ref.ServiceAccount}
+}
+
+// EnrollPathHandedOff is EnrollPath for a caller that must know ztunnel
+// took the pod, such as the CNI plugin's ADD, which fails closed: it hands
+// the netns to ztunnel and waits for the ack (at most HandoffTimeout), and
+// only then redirects it. When the hand-off fails it returns why
+// (zds.ErrNoZtunnel, a *zds.AckError, a timeout) and leaves the netns out
+// of the redirect map; the pod stays wanted, and the ZDS server keeps it
+// for the next snapshot until it is forgotten. Without a hand-off it is
+// EnrollPath.
+func (e *Enroller) EnrollPathHandedOff(ref PodRef, netnsPath string) error {
+	cookie, err := NetnsCookie(netnsPath)
+	if err != nil {
+		return err
+	}
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	p, ok := e.pods[ref.UID]
+	if !ok {
+		p = &podState{ref: ref, cookies: map[uint64]struct{}{}, since: e.now()}
+		e.pods[ref.UID] = p
+	}
+	p.ref, p.explicit = ref, true
+	if cookie == e.hostCookie {
+		return fmt.Errorf("pod %s: refusing to enroll the host network namespace", p.ref)
+	}
+	if err := e.handOff(p, cookie, netnsPath); err != nil {
+		return fmt.Errorf("pod %s: hand-off to ztunnel: %w", ref, err)
+	}
+	return e.redirect(p, cookie)
+}
+
+// handOff gives ztunnel the pod's netns and waits for its ack.
+func (e *Enroller) handOff(p *podState, cookie uint64, netnsPath string) error {
+	if e.handoff == nil {
+		return nil
+	}
+	f, err := os.Open(netnsPath)
+	if err != nil {
+		e.log.Error(err, "Opening the pod's network namespace for ztunnel failed", "pod", p.ref.String())
+		return err
+	}
+	defer f.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), HandoffTimeout)
+	defer cancel()
+	err = e.handoff.AddWorkload(ctx, p.ref.UID, f, workloadInfo(p.ref))
+	switch {
+	case err == nil:
+		e.log.V(1).Info("Pod handed to ztunnel", "pod", p.ref.String())
+	case errors.Is(err, zds.ErrNoZtunnel):
+		e.log.Info("No ztunnel connected; the pod goes into the next ztunnel's snapshot", "pod", p.ref.String())
+	default:
+		e.log.Error(err, "Handing the pod to ztunnel failed; it is redirected all the same and goes into the next snapshot", "pod", p.ref.String())
+	}
+	// Recorded by the server either way: the next snapshot carries it.
+	p.handedOff = cookie
+	return err
+}
+
+func (e *Enroller) handoffDelete(uid, what string) {
+	if e.handoff == nil {
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), HandoffTimeout)
+	defer cancel()
+	if err := e.handoff.DelWorkload(ctx, uid); err != nil {
+		e.log.Error(err, "Telling ztunnel a pod is gone failed", "pod", what)
+	}
 }
 
 // retire unenrolls a namespace the pod no longer uses and keeps its counts,

@@ -6,6 +6,8 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
+
+	"github.com/meshkeeper/meshkeeper/internal/agent/zds"
 )
 
 // The labels of a pod's series. They name the pod, its node and the
@@ -73,7 +75,15 @@ type Collector struct {
 	OnError func(error)
 	// notReady is why the agent runs without a datapath, when it does.
 	notReady atomic.Pointer[string]
+	// ZDSMetrics, when set before NewRegistry, are registered with it.
+	ZDSMetrics *zds.Metrics
+	// zds is the ZDS server readiness waits for, when the agent hands
+	// pods to ztunnel.
+	zds atomic.Pointer[zds.Server]
 }
+
+// SetZDS makes readiness wait for the ZDS server to serve.
+func (c *Collector) SetZDS(s *zds.Server) { c.zds.Store(s) }
 
 // SetNotReady records why the agent runs without a datapath; /readyz says it.
 func (c *Collector) SetNotReady(why string) { c.notReady.Store(&why) }
@@ -94,6 +104,8 @@ func (c *Collector) Ready() (bool, string) {
 		return false, "this node is not eligible for eBPF redirection (see its MeshNode)"
 	case c.datapath.Load() == nil || c.enroller.Load() == nil:
 		return false, "the eBPF datapath is not loaded (see the agent's log and its MeshNode)"
+	case c.zds.Load() != nil && !c.zds.Load().IsServing():
+		return false, "the ZDS server for ztunnel is not serving yet: it waits until the node's pods are found, so that ztunnel's first snapshot is complete"
 	}
 	return true, ""
 }
@@ -166,5 +178,8 @@ func boolFloat(b bool) float64 {
 func NewRegistry(c *Collector) *prometheus.Registry {
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(c, cniRequests, cniAddSeconds, collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	if c.ZDSMetrics != nil {
+		reg.MustRegister(c.ZDSMetrics.Collectors()...)
+	}
 	return reg
 }

@@ -5,6 +5,7 @@ import (
 	"os"
 	"path/filepath"
 	"strconv"
+	"strings"
 
 	"golang.org/x/sys/unix"
 )
@@ -83,13 +84,26 @@ func observeProcRoot(root string) procRootFacts {
 
 // hostNetnsCookie is the cookie of the host's network namespace, the one of
 // PID 1 under procRoot. The agent runs with hostNetwork: false, so its own
-// namespace is not the host's. When PID 1's namespace cannot be opened (a
-// test's fake proc tree, or a PID 1 that no one may inspect) it falls back
-// to the agent's own namespace and says why.
+// namespace is not the host's. Some PID 1s cannot be inspected even by root
+// (a microVM's init: EACCES on /proc/1/ns/net); then kthreadd (PID 2),
+// whose kernel threads always live in the host's namespace, answers. Only
+// when neither can be opened (a test's fake proc tree) it falls back to the
+// agent's own namespace and says why.
+//
+// It matters: runc puts a container's first process into the pod's cgroup
+// before that process joins the pod's netns, so a scan can see a pod
+// process in the host's namespace; refusing the wrong cookie would enrol
+// the host's namespace (every host connection redirected) and hand it to
+// ztunnel.
 func hostNetnsCookie(procRoot string) (cookie uint64, fallback error, err error) {
 	c, err := NetnsCookie(filepath.Join(procRoot, "1", "ns", "net"))
 	if err == nil {
 		return c, nil, nil
+	}
+	if comm, cerr := os.ReadFile(filepath.Join(procRoot, "2", "comm")); cerr == nil && strings.TrimSpace(string(comm)) == "kthreadd" {
+		if c, kerr := NetnsCookie(filepath.Join(procRoot, "2", "ns", "net")); kerr == nil {
+			return c, nil, nil
+		}
 	}
 	own, ownErr := CurrentNetnsCookie()
 	if ownErr != nil {

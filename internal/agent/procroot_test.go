@@ -100,3 +100,21 @@ func TestCheckProcRootOwnPIDNamespace(t *testing.T) {
 	g.Expect(exit.ExitCode()).To(Equal(3), "%s %s", out, exit.Stderr)
 	g.Expect(string(out)).To(ContainSubstring("proc root /proc shows only the agent's own PID namespace"))
 }
+
+// TestHostNetnsCookieIsTheHosts: this test runs in the host's network
+// namespace, so the agent's idea of the host namespace must be this one,
+// also on machines whose PID 1 cannot be inspected (a microVM's init),
+// where kthreadd answers.
+func TestHostNetnsCookieIsTheHosts(t *testing.T) {
+	requirePrivileged(t)
+	g := NewWithT(t)
+	own, err := CurrentNetnsCookie()
+	g.Expect(err).NotTo(HaveOccurred())
+	host, fallback, err := hostNetnsCookie("/proc")
+	g.Expect(err).NotTo(HaveOccurred())
+	g.Expect(fallback).NotTo(HaveOccurred(), "PID 1 or kthreadd answers")
+	g.Expect(host).To(Equal(own))
+	if _, err := NetnsCookie("/proc/1/ns/net"); err != nil {
+		t.Logf("PID 1's namespace cannot be opened here (%v): kthreadd answered", err)
+	}
+}

@@ -12,6 +12,7 @@ import (
 	"runtime"
 	"runtime/debug"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/go-logr/logr"
@@ -20,6 +21,7 @@ import (
 	"k8s.io/client-go/rest"
 
 	"github.com/meshkeeper/meshkeeper/api/v1alpha1"
+	"github.com/meshkeeper/meshkeeper/internal/agent/zds"
 )
 
 // RunOptions configure the agent's run command.
@@ -47,6 +49,10 @@ type RunOptions struct {
 	// path the pod's namespace is found by scanning /proc. The file is
 	// re-read when it changes.
 	PodsFile string
+	// ZDSSocket is where the agent serves ztunnel's ZDS hand-off of each
+	// enrolled pod's netns (zds.DefaultSocketPath in the chart); "" hands
+	// nothing to ztunnel (the datapath only: tests of it alone).
+	ZDSSocket string
 	// Ready, when set, is closed once the datapath is loaded (or known to
 	// be unavailable) and enrolment is running.
 	Ready chan<- struct{}
@@ -70,6 +76,9 @@ func Run(ctx context.Context, o RunOptions) error {
 	}
 	log.Info("Preflight", "kernel", result.KernelRelease, "eligible", result.Eligible, "reason", result.Reason, "cgroup2", result.CgroupV2Path)
 	collector := &Collector{Node: o.NodeName, OnError: func(err error) { log.Error(err, "Reading datapath maps failed") }}
+	if o.ZDSSocket != "" {
+		collector.ZDSMetrics = zds.NewMetrics()
+	}
 	collector.Eligible.Store(result.Eligible)
 
 	srv, err := serveMetrics(o.MetricsAddr, collector, log)
@@ -181,15 +190,26 @@ func Run(ctx context.Context, o RunOptions) error {
 	if err != nil {
 		return err
 	}
+	var zsrv *zds.Server
+	if o.ZDSSocket != "" {
+		zsrv = zds.NewServer(zds.Options{Path: o.ZDSSocket, Log: log.WithName("zds"), Metrics: collector.ZDSMetrics})
+		enroller.SetHandoff(zsrv)
+		collector.SetZDS(zsrv)
+	}
 	collector.SetDatapath(dp, enroller)
 	go enroller.Run(ctx)
 	if reporter != nil {
 		go reportEnrolment(ctx, enroller, reporter, MeshNodeStatus(result, nil, o.AgentVersion, time.Now()))
 	}
 
-	errc := make(chan error, 1)
+	errc := make(chan error, 2)
+	// The pods the node has: known once the watcher (or the pods file) has
+	// handled every existing one.
+	initial := make(chan struct{})
+	var once sync.Once
+	synced := func() { once.Do(func() { close(initial) }) }
 	if kube != nil {
-		w := &PodWatcher{Client: kube.Core, NodeName: o.NodeName, NamespaceSelector: o.NamespaceSelector, Enroller: enroller, Log: log.WithName("watch")}
+		w := &PodWatcher{Client: kube.Core, NodeName: o.NodeName, NamespaceSelector: o.NamespaceSelector, Enroller: enroller, Log: log.WithName("watch"), Synced: synced}
 		go func() { errc <- w.Run(ctx) }()
 		if o.CNI.Socket != "" {
 			stopCNI, err := startCNI(ctx, o.CNI, &CNIHandler{Pods: w, Enroller: enroller, Log: log.WithName("cni")}, log.WithName("cni"))
@@ -199,7 +219,26 @@ func Run(ctx context.Context, o RunOptions) error {
 			defer stopCNI()
 		}
 	} else if o.PodsFile != "" {
-		go func() { errc <- watchPodsFile(ctx, o.PodsFile, enroller, log.WithName("podsfile")) }()
+		go func() { errc <- watchPodsFile(ctx, o.PodsFile, enroller, synced, log.WithName("podsfile")) }()
+	} else {
+		synced()
+	}
+	if zsrv != nil {
+		go func() {
+			select {
+			case <-initial:
+			case <-ctx.Done():
+				return
+			}
+			// ztunnel drops whatever its first snapshot after a restart
+			// of the agent leaves out: find every pod's netns first, and
+			// keep the ones still enrolled but not found.
+			enroller.Sync(true)
+			enroller.KeepUnfound()
+			if err := zsrv.Serve(ctx); err != nil {
+				errc <- fmt.Errorf("ZDS server: %w", err)
+			}
+		}()
 	}
 	signalReady(o.Ready)
 	select {
@@ -330,7 +369,7 @@ func (r *nodeReporter) report(st v1alpha1.MeshNodeStatus) {
 }
 
 // watchPodsFile enrolls the pods listed in path and follows its changes.
-func watchPodsFile(ctx context.Context, path string, e *Enroller, log logr.Logger) error {
+func watchPodsFile(ctx context.Context, path string, e *Enroller, synced func(), log logr.Logger) error {
 	var lastMod time.Time
 	current := map[string]bool{}
 	first := true
@@ -363,6 +402,7 @@ func watchPodsFile(ctx context.Context, path string, e *Enroller, log logr.Logge
 				current = next
 				if first {
 					e.Reconcile()
+					synced()
 					first = false
 				}
 			}

@@ -46,6 +46,8 @@ type PodWatcher struct {
 	NamespaceSelector string
 	Enroller          *Enroller
 	Log               logr.Logger
+	// Synced, when set, is called once every existing pod was handled.
+	Synced func()
 
 	pods       cache.SharedIndexInformer
 	namespaces cache.SharedIndexInformer
@@ -109,6 +111,9 @@ func (w *PodWatcher) Run(ctx context.Context) error {
 		return ctx.Err()
 	}
 	w.Enroller.Reconcile()
+	if w.Synced != nil {
+		w.Synced()
+	}
 	w.Log.Info("Watching pods", "node", w.NodeName, "namespaceSelector", sel.String())
 	<-ctx.Done()
 	return nil
@@ -130,7 +135,7 @@ func (w *PodWatcher) syncPod(obj any) {
 		return
 	}
 	enrolled, revision := w.namespace(pod.Namespace)
-	ref := PodRef{Namespace: pod.Namespace, Name: pod.Name, UID: string(pod.UID), Revision: revision}
+	ref := PodRef{Namespace: pod.Namespace, Name: pod.Name, UID: string(pod.UID), Revision: revision, ServiceAccount: pod.Spec.ServiceAccountName}
 	if WantPod(pod, enrolled) {
 		w.Enroller.Want(ref)
 	} else {
@@ -174,7 +179,7 @@ func slimPod(obj any) (any, error) {
 			Name: pod.Name, Namespace: pod.Namespace, UID: pod.UID,
 			ResourceVersion: pod.ResourceVersion, DeletionTimestamp: pod.DeletionTimestamp,
 		},
-		Spec:   corev1.PodSpec{NodeName: pod.Spec.NodeName, HostNetwork: pod.Spec.HostNetwork},
+		Spec:   corev1.PodSpec{NodeName: pod.Spec.NodeName, HostNetwork: pod.Spec.HostNetwork, ServiceAccountName: pod.Spec.ServiceAccountName},
 		Status: corev1.PodStatus{Phase: pod.Status.Phase},
 	}
 	if v, ok := pod.Labels[optOutLabel]; ok {

@@ -43,8 +43,9 @@ type Image struct {
 var (
 	PauseImage    = Image{Ref: "meshkeeper.test/pause:dev", Package: "./test/images/pause"}
 	WorkloadImage = Image{Ref: "meshkeeper.test/workload:dev", Package: "./test/images/workload"}
-	// ZtunnelStandInImage stands in for upstream ztunnel; it only serves
-	// readiness (test/images/ztunnel-stand-in).
+	// ZtunnelStandInImage is a test double of upstream ztunnel: a ZDS client
+	// of the node agent that proxies each handed-off pod's connections
+	// (test/images/ztunnel-stand-in).
 	ZtunnelStandInImage = Image{Ref: "meshkeeper.test/ztunnel-stand-in:dev", Package: "./test/images/ztunnel-stand-in"}
 	// AgentImage is the shipped node agent, cmd/agent, with the CNI plugin
 	// it installs on its node (cmd/meshkeeper-cni), as Dockerfile.agent.

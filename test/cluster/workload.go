@@ -32,3 +32,48 @@ func GetWorkloadStats(ctx context.Context, addr string) (WorkloadStats, error) {
 	defer resp.Body.Close()
 	return s, json.NewDecoder(resp.Body).Decode(&s)
 }
+
+// StandInCount is one pod's connections in one direction through the
+// ztunnel stand-in (test/images/ztunnel-stand-in).
+type StandInCount struct {
+	Namespace string `json:"namespace"`
+	Pod       string `json:"pod"`
+	Direction string `json:"direction"`
+	OK        int64  `json:"ok"`
+	Failed    int64  `json:"failed"`
+}
+
+// StandInStats is the ztunnel stand-in's GET /stats (on :15020).
+type StandInStats struct {
+	Ready     bool           `json:"ready"`
+	Workloads int            `json:"workloads"`
+	Counts    []StandInCount `json:"counts"`
+	LastError string         `json:"lastError"`
+}
+
+// Count returns a pod's count in a direction ("outbound", "inbound",
+// "hbone"); zero when the stand-in never had the pod.
+func (s StandInStats) Count(namespace, pod, direction string) StandInCount {
+	for _, c := range s.Counts {
+		if c.Namespace == namespace && c.Pod == pod && c.Direction == direction {
+			return c
+		}
+	}
+	return StandInCount{Namespace: namespace, Pod: pod, Direction: direction}
+}
+
+// GetStandInStats reads the ztunnel stand-in's counters from the host; addr
+// is its pod IP and port 15020.
+func GetStandInStats(ctx context.Context, addr string) (StandInStats, error) {
+	var s StandInStats
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+addr+"/stats", nil)
+	if err != nil {
+		return s, err
+	}
+	resp, err := (&http.Client{Timeout: 2 * time.Second}).Do(req)
+	if err != nil {
+		return s, err
+	}
+	defer resp.Body.Close()
+	return s, json.NewDecoder(resp.Body).Decode(&s)
+}

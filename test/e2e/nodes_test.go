@@ -187,8 +187,14 @@ func startAgent(ctx context.Context, bin, logDir, logName, pinPath string, extra
 	GinkgoHelper()
 	log, err := os.Create(filepath.Join(logDir, logName))
 	Expect(err).NotTo(HaveOccurred())
+	// Its own ZDS socket: the host's /var/run/ztunnel is the real node's
+	// (its agent pod serves ztunnel there).
+	zdsDir, err := os.MkdirTemp("", "mk-zds")
+	Expect(err).NotTo(HaveOccurred())
+	DeferCleanup(os.RemoveAll, zdsDir)
 	args := append([]string{"run", "--node-name=node-c", "--kubeconfig=" + kc.KubeconfigPath,
-		"--metrics-addr=127.0.0.1:0", "--pin-path=" + pinPath, "--proc-root=/proc"}, extra...)
+		"--metrics-addr=127.0.0.1:0", "--pin-path=" + pinPath, "--proc-root=/proc",
+		"--zds-socket=" + filepath.Join(zdsDir, "ztunnel.sock")}, extra...)
 	cmd := exec.Command(bin, args...)
 	cmd.Stdout, cmd.Stderr = log, log
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}

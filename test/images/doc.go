@@ -10,7 +10,10 @@
 //   - workload: a test client and server that count their connections
 //     (workload/), plus the capture-port listener standing in for ztunnel's
 //     in-pod listener;
-//   - ztunnel-stand-in: a stand-in for the ztunnel DaemonSet that serves its
-//     readiness endpoint and nothing else (ztunnel-stand-in/);
+//   - ztunnel-stand-in: a test double of ztunnel (ztunnel-stand-in/): a ZDS
+//     client of the node agent that listens on 15001/15006/15008 inside each
+//     pod netns it is handed, proxies to the original destination with
+//     ztunnel's in-pod mark and counts connections per pod; ready only once
+//     it got the agent's snapshot;
 //   - agent: the node agent, cmd/agent, exactly as shipped.
 package images

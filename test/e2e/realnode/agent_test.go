@@ -125,15 +125,16 @@ var _ = Describe("The node agent as a real pod on a real node", Ordered, func() 
 		wanted := clients + 1
 		expectEnrolled(ctx, wanted)
 
-		// Redirection works: every client's connections went through the
-		// capture port (ztunnel's in-pod listener stand-in), and none failed.
+		// The agent handed every meshed pod to ztunnel (its stand-in).
 		Eventually(func(g Gomega) {
-			for _, ip := range clientIPs {
-				capture := stats(g, ctx, ip+":9001")
-				g.Expect(capture.OK).To(BeNumerically(">=", 20), "connections redirected to the capture port of %s", ip)
-				g.Expect(capture.Failed).To(BeZero(), "capture at %s: %s", ip, capture.LastError)
-			}
+			st := standInStats(g, ctx)
+			g.Expect(st.Ready).To(BeTrue())
+			g.Expect(st.Workloads).To(Equal(wanted), "workloads the stand-in has listeners for")
 		}).WithContext(ctx).WithTimeout(30 * time.Second).Should(Succeed())
+		// Redirection works: every connection each client made went through
+		// the stand-in's outbound listener in the client's netns, which
+		// proxied it to the server; none failed.
+		expectThroughStandIn(ctx, 2*time.Second)
 		for _, ip := range clientIPs {
 			c, err := cluster.GetWorkloadStats(ctx, ip+":9000")
 			Expect(err).NotTo(HaveOccurred())
@@ -141,13 +142,37 @@ var _ = Describe("The node agent as a real pod on a real node", Ordered, func() 
 		}
 	})
 
-	It("loses no connection and keeps every pod enrolled while its DaemonSet replaces the agent pod", func(ctx SpecContext) {
-		before := map[string]cluster.WorkloadStats{}
-		for _, ip := range clientIPs {
-			s, err := cluster.GetWorkloadStats(ctx, ip+":9001")
-			Expect(err).NotTo(HaveOccurred())
-			before[ip] = s
+	It("lets pods of an unmeshed namespace, and pods labelled istio.io/dataplane-mode=none, bypass ztunnel", func(ctx SpecContext) {
+		const plainNS = "plain"
+		Expect(kc.CreateNamespace(ctx, plainNS, nil)).To(Succeed())
+		plain := clientPod("plain-client", serverIP+":8080")
+		plain.Namespace = plainNS
+		optOut := clientPod("opt-out-client", serverIP+":8080")
+		optOut.Labels["istio.io/dataplane-mode"] = "none"
+		Expect(kc.Client.Create(ctx, plain)).To(Succeed())
+		Expect(kc.Client.Create(ctx, optOut)).To(Succeed())
+		DeferCleanup(func(ctx SpecContext) {
+			kubectl(ctx, "delete", "pod", "-n", appsNS, optOut.Name, "--wait", "--timeout=60s")
+			kubectl(ctx, "delete", "namespace", plainNS, "--wait", "--timeout=120s")
+		})
+		for _, p := range []*corev1.Pod{plain, optOut} {
+			ip := waitPodIP(ctx, p.Namespace, p.Name)
+			Eventually(func(g Gomega) {
+				c := stats(g, ctx, ip+":9000")
+				g.Expect(c.OK).To(BeNumerically(">=", 50), "%s/%s talks to the server", p.Namespace, p.Name)
+				g.Expect(c.Failed).To(BeZero(), "%s/%s: %s", p.Namespace, p.Name, c.LastError)
+			}).WithContext(ctx).WithTimeout(30 * time.Second).Should(Succeed())
+			st := standInStats(Default, ctx)
+			out := st.Count(p.Namespace, p.Name, "outbound")
+			Expect(out.OK+out.Failed).To(BeZero(), "connections of %s/%s through the stand-in", p.Namespace, p.Name)
 		}
+		// Neither is enrolled nor handed to ztunnel.
+		Expect(standInStats(Default, ctx).Workloads).To(Equal(clients + 1))
+		expectEnrolled(ctx, clients+1)
+	})
+
+	It("loses no connection and keeps every pod enrolled while its DaemonSet replaces the agent pod", func(ctx SpecContext) {
+		before := standInStats(Default, ctx)
 		old := agentPod
 		kubectl(ctx, "delete", "pod", "-n", "istio-system", old.Name, "--wait=false")
 		Eventually(func(g Gomega) {
@@ -160,15 +185,37 @@ var _ = Describe("The node agent as a real pod on a real node", Ordered, func() 
 		expectEnrolled(ctx, clients+1)
 		// Traffic kept flowing through the datapath during and after.
 		time.Sleep(3 * time.Second)
-		for _, ip := range clientIPs {
+		after := standInStats(Default, ctx)
+		Expect(after.Workloads).To(Equal(clients+1), "ztunnel kept every workload: the new agent's snapshot named them all")
+		for i, ip := range clientIPs {
+			name := fmt.Sprintf("client-%d", i)
 			c, err := cluster.GetWorkloadStats(ctx, ip+":9000")
 			Expect(err).NotTo(HaveOccurred())
-			Expect(c.Failed).To(BeZero(), "client %s failed connections across the agent restart: %s", ip, c.LastError)
-			capture, err := cluster.GetWorkloadStats(ctx, ip+":9001")
-			Expect(err).NotTo(HaveOccurred())
-			Expect(capture.Failed).To(BeZero(), "capture %s: %s", ip, capture.LastError)
-			Expect(capture.OK).To(BeNumerically(">", before[ip].OK+50), "client %s still redirected after the restart", ip)
+			Expect(c.Failed).To(BeZero(), "client %s failed connections across the agent restart: %s", name, c.LastError)
+			b, a := before.Count(appsNS, name, "outbound"), after.Count(appsNS, name, "outbound")
+			Expect(a.Failed).To(BeZero(), "stand-in connections of %s that failed (client: %d failed, %d ok; stand-in's last error: %s)", name, c.Failed, c.OK, after.LastError)
+			Expect(a.OK).To(BeNumerically(">", b.OK+50), "client %s still goes through ztunnel's place after the restart", name)
 		}
+		expectThroughStandIn(ctx, 2*time.Second)
+	})
+
+	It("accepts new connections through a restarted ztunnel (stand-in), which gets a new snapshot", func(ctx SpecContext) {
+		old := podOnRealNode(Default, ctx, "ztunnel")
+		kubectl(ctx, "delete", "pod", "-n", "istio-system", old.Name, "--wait=false")
+		var replaced *corev1.Pod
+		Eventually(func(g Gomega) {
+			p := podOnRealNode(g, ctx, "ztunnel")
+			g.Expect(p.UID).NotTo(Equal(old.UID))
+			g.Expect(podReady(p)).To(BeTrue(), "ready only once it got the agent's snapshot")
+			replaced = p
+		}).WithContext(ctx).WithTimeout(90 * time.Second).WithPolling(200 * time.Millisecond).Should(Succeed())
+		GinkgoWriter.Printf("ztunnel stand-in %s replaced by %s\n", old.Name, replaced.Name)
+		st := standInStats(Default, ctx)
+		Expect(st.Ready).To(BeTrue())
+		Expect(st.Workloads).To(Equal(clients+1), "the new ztunnel's snapshot carries every meshed pod")
+		// Connections in flight or attempted while no ztunnel listened may
+		// have failed; new ones go through the new one, every one of them.
+		expectThroughStandIn(ctx, 2*time.Second)
 	})
 
 	It("lets none of 50 pods that connect the instant they start escape the redirect (CNI-time enrolment)", func(ctx SpecContext) {
@@ -405,24 +452,76 @@ func serverPod(name string) *corev1.Pod {
 	}})
 }
 
-// clientPod runs the client behind the capture-port stand-in, a native
-// sidecar that is up before the client starts.
+// clientPod runs the client, which opens a connection to target every
+// 20 ms. In a meshed namespace its connections go to ztunnel's in-pod
+// listener, which the ztunnel stand-in opens once the agent handed it the
+// pod's netns.
 func clientPod(name, target string) *corev1.Pod {
-	always := corev1.ContainerRestartPolicyAlways
-	p := onRealNode(name, []corev1.Container{{
+	return onRealNode(name, []corev1.Container{{
 		Name: "client", Image: cluster.WorkloadImage.Ref, ImagePullPolicy: corev1.PullNever,
 		Args:           []string{"client", "--target=" + target, "--interval=20ms", "--stats=:9000"},
 		ReadinessProbe: httpProbe(9000),
 	}})
-	p.Spec.InitContainers = []corev1.Container{{
-		Name: "capture", Image: cluster.WorkloadImage.Ref, ImagePullPolicy: corev1.PullNever,
-		Args:          []string{"capture", "--listen=127.0.0.1:15001", "--mark=" + strconv.Itoa(agent.DefaultBypassMark), "--stats=:9001"},
-		RestartPolicy: &always,
-		StartupProbe:  httpProbe(9001),
-		// SO_MARK on its upstream sockets, as ztunnel's.
-		SecurityContext: &corev1.SecurityContext{Capabilities: &corev1.Capabilities{Add: []corev1.Capability{"NET_ADMIN"}}},
-	}}
-	return p
+}
+
+// podOnRealNode is the pod of an istio-system DaemonSet (by its
+// meshkeeper.dev/component) on the real node.
+func podOnRealNode(g Gomega, ctx context.Context, component string) *corev1.Pod {
+	var pods corev1.PodList
+	g.Expect(kc.Client.List(ctx, &pods, client.InNamespace("istio-system"), client.MatchingLabels{"meshkeeper.dev/component": component})).To(Succeed())
+	var found []corev1.Pod
+	for _, p := range pods.Items {
+		if p.Spec.NodeName == realNode && p.DeletionTimestamp == nil {
+			found = append(found, p)
+		}
+	}
+	g.Expect(found).To(HaveLen(1), "%s pods on %s", component, realNode)
+	return &found[0]
+}
+
+// standInStats reads the ztunnel stand-in's counters on the real node.
+func standInStats(g Gomega, ctx context.Context) cluster.StandInStats {
+	p := podOnRealNode(g, ctx, "ztunnel")
+	g.Expect(p.Status.PodIP).NotTo(BeEmpty())
+	st, err := cluster.GetStandInStats(ctx, p.Status.PodIP+":15020")
+	g.Expect(err).NotTo(HaveOccurred())
+	return st
+}
+
+// expectThroughStandIn: over a window, each client's new connections and the
+// stand-in's new outbound connections of that client are the same number
+// (one may be in flight at either end), none failed, and there were some.
+func expectThroughStandIn(ctx context.Context, window time.Duration) {
+	GinkgoHelper()
+	ips := map[string]string{}
+	for i := range clients {
+		name := fmt.Sprintf("client-%d", i)
+		ips[name] = waitPodIP(ctx, appsNS, name)
+	}
+	Eventually(func(g Gomega) {
+		type sample struct{ client, standIn, failed int64 }
+		// Counters read back to back: the clients open one connection
+		// every 20 ms, so at most one or two are in flight between reads.
+		read := func() map[string]sample {
+			out := map[string]sample{}
+			st := standInStats(g, ctx)
+			for name, ip := range ips {
+				c := stats(g, ctx, ip+":9000")
+				sc := st.Count(appsNS, name, "outbound")
+				out[name] = sample{c.OK + c.Failed, sc.OK + sc.Failed, c.Failed + sc.Failed}
+			}
+			return out
+		}
+		t0 := read()
+		time.Sleep(window)
+		t1 := read()
+		for name := range t1 {
+			dc, ds := t1[name].client-t0[name].client, t1[name].standIn-t0[name].standIn
+			g.Expect(dc).To(BeNumerically(">=", 20), "connections of %s in %s", name, window)
+			g.Expect(ds).To(BeNumerically("~", dc, 2), "connections of %s through the stand-in (%d) vs the client's own count (%d)", name, ds, dc)
+			g.Expect(t1[name].failed).To(Equal(t0[name].failed), "failed connections of %s during the window (stand-in's last error: %s)", name, standInStats(g, ctx).LastError)
+		}
+	}).WithContext(ctx).WithTimeout(30 * time.Second).Should(Succeed())
 }
 
 func httpProbe(port int) *corev1.Probe {
@@ -447,7 +546,7 @@ func expectEnrolled(ctx context.Context, wanted int) {
 		g.Expect(kc.Client.List(ctx, &pods, client.InNamespace(appsNS))).To(Succeed())
 		var uids []string
 		for _, p := range pods.Items {
-			if p.Spec.NodeName == realNode && p.DeletionTimestamp == nil && p.Status.Phase == corev1.PodRunning {
+			if p.Spec.NodeName == realNode && p.DeletionTimestamp == nil && p.Status.Phase == corev1.PodRunning && p.Labels["istio.io/dataplane-mode"] != "none" {
 				uids = append(uids, string(p.UID))
 			}
 		}

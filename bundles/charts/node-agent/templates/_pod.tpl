@@ -56,3 +56,10 @@ capabilities:
 - --cni-conf-dir=/host/etc/cni/net.d
 - --cni-bin-dir=/host/opt/cni/bin
 {{- end }}
+
+{{/* node-agent.zdsMount: the directory of the ZDS socket, shared with
+ztunnel's DaemonSet (its cni-ztunnel-sock-dir volume). */}}
+{{- define "node-agent.zdsMount" -}}
+- name: ztunnel-sock-dir
+  mountPath: /var/run/ztunnel
+{{- end }}
