@@ -50,8 +50,18 @@ func (e *Enroller) EnrolNetns(_ context.Context, ref PodRef, netns *os.File) err
 		}
 		e.pods[ref.UID] = p
 	}
-	p.explicit = true
-	return e.enroll(p, cookie)
+	p.ref, p.explicit = ref, true
+	if cookie == e.hostCookie {
+		return fmt.Errorf("pod %s: refusing to enroll the host network namespace", p.ref)
+	}
+	// Fail closed, like EnrollPathHandedOff: the sandbox starts only once
+	// ztunnel has taken the namespace, so its first connection finds
+	// ztunnel's in-pod listener; otherwise the ADD fails and the kubelet
+	// retries.
+	if err := e.handOffFile(p, cookie, netns); err != nil {
+		return fmt.Errorf("pod %s: hand-off to ztunnel: %w", ref, err)
+	}
+	return e.redirect(p, cookie)
 }
 
 // ReleaseNetns unenrols one network namespace of a pod (its sandbox was

@@ -411,9 +411,18 @@ func (e *Enroller) handOff(p *podState, cookie uint64, netnsPath string) error {
 		return err
 	}
 	defer f.Close()
+	return e.handOffFile(p, cookie, f)
+}
+
+// handOffFile is handOff for a netns already open (the CNI plugin passes
+// its fd).
+func (e *Enroller) handOffFile(p *podState, cookie uint64, f *os.File) error {
+	if e.handoff == nil {
+		return nil
+	}
 	ctx, cancel := context.WithTimeout(context.Background(), HandoffTimeout)
 	defer cancel()
-	err = e.handoff.AddWorkload(ctx, p.ref.UID, f, workloadInfo(p.ref))
+	err := e.handoff.AddWorkload(ctx, p.ref.UID, f, workloadInfo(p.ref))
 	switch {
 	case err == nil:
 		e.log.V(1).Info("Pod handed to ztunnel", "pod", p.ref.String())
