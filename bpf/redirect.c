@@ -851,10 +851,33 @@ static __always_inline void on_close(struct bpf_sock_ops *skops)
 	bpf_map_delete_elem(&socks_v2, &cookie);
 }
 
+// The proxy's inbound listener: a TCP socket that starts listening on
+// INBOUND_PORT with the proxy's mark (ztunnel marks every socket it opens in
+// a pod's netns, its listeners too) goes into inbound_listeners under its
+// netns cookie, which is where mk_sk_lookup looks for it. The kernel hands
+// it over here because the agent cannot: ztunnel opens it inside the pod's
+// netns, in a process the agent cannot reach (no hostPID). The enrolled map
+// is not consulted: ztunnel listens while the agent hands it the netns, just
+// before the agent enrols it. The kernel drops the entry when the socket
+// closes; a later listener (ztunnel restarted, or a newer one of a node wave)
+// replaces it.
+#define INBOUND_PORT 15006
+
+static __always_inline void on_listen(struct bpf_sock_ops *skops)
+{
+	if (skops->local_port != INBOUND_PORT || !is_bypass_sock(skops))
+		return;
+	__u64 netns = bpf_get_netns_cookie(skops);
+	bpf_sock_hash_update(skops, &inbound_listeners, &netns, BPF_ANY);
+}
+
 SEC("sockops")
 int mk_sockops(struct bpf_sock_ops *skops)
 {
 	switch (skops->op) {
+	case BPF_SOCK_OPS_TCP_LISTEN_CB:
+		on_listen(skops);
+		break;
 	case BPF_SOCK_OPS_TCP_CONNECT_CB:
 		on_connect(skops);
 		break;

@@ -175,6 +175,7 @@ enum {
 	BPF_SOCK_OPS_RTO_CB,
 	BPF_SOCK_OPS_RETRANS_CB,
 	BPF_SOCK_OPS_STATE_CB,
+	BPF_SOCK_OPS_TCP_LISTEN_CB,
 };
 
 /* TCP states as reported to sock_ops (same values as the kernel's). */

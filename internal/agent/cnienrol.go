@@ -61,7 +61,15 @@ func (e *Enroller) EnrolNetns(_ context.Context, ref PodRef, netns *os.File) err
 	if err := e.handOffFile(p, cookie, netns); err != nil {
 		return fmt.Errorf("pod %s: hand-off to ztunnel: %w", ref, err)
 	}
-	return e.redirect(p, cookie)
+	if err := e.redirect(p, cookie); err != nil {
+		return err
+	}
+	// ztunnel listens in the netns now (it acked): its inbound listener
+	// is in the capture map already.
+	if err := e.captureInbound(p, cookie, netns); err != nil {
+		return fmt.Errorf("pod %s: capture inbound: %w", ref, err)
+	}
+	return nil
 }
 
 // ReleaseNetns unenrols one network namespace of a pod (its sandbox was

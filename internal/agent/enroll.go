@@ -309,8 +309,12 @@ func (e *Enroller) Sync(full bool) {
 				}
 			} else if e.handoff != nil && p.handedOff != c {
 				// Enrolled before this agent started (adopted from the
-				// pinned map): ztunnel gets it now.
+				// pinned map): ztunnel gets it now, and its inbound is
+				// captured (the pinned link, if any, is adopted).
 				_ = e.handOff(p, c, path)
+				if err := e.captureInboundPath(p, c, path); err != nil {
+					e.log.Error(err, "Capturing the pod's inbound traffic failed; its inbound connections reach the application without ztunnel", "pod", p.ref.String())
+				}
 			}
 		}
 		if full {
@@ -352,7 +356,13 @@ func (e *Enroller) enroll(p *podState, cookie uint64, netnsPath string) error {
 		return fmt.Errorf("pod %s: refusing to enroll the host network namespace", p.ref)
 	}
 	_ = e.handOff(p, cookie, netnsPath)
-	return e.redirect(p, cookie)
+	if err := e.redirect(p, cookie); err != nil {
+		return err
+	}
+	if err := e.captureInboundPath(p, cookie, netnsPath); err != nil {
+		e.log.Error(err, "Capturing the pod's inbound traffic failed; its inbound connections reach the application without ztunnel", "pod", p.ref.String())
+	}
+	return nil
 }
 
 // redirect puts the netns in the redirect map.
@@ -364,6 +374,46 @@ func (e *Enroller) redirect(p *podState, cookie uint64) error {
 	delete(e.orphans, cookie)
 	e.log.Info("Pod enrolled", "pod", p.ref.String(), "netnsCookie", cookie, "after", e.now().Sub(p.since).Round(time.Millisecond).String())
 	return nil
+}
+
+// InboundCapturer is the inbound side of the datapath (*Datapath): it
+// captures a namespace's inbound TCP to ztunnel's in-pod listener, which the
+// kernel finds by itself (CaptureInboundNetns). UnenrollNetns releases it.
+type InboundCapturer interface {
+	CaptureInboundNetns(cookie uint64, netns *os.File) error
+}
+
+// captureInbound sends the pod's inbound TCP to ztunnel's inbound listener
+// in its netns. Only for pods handed to ztunnel: without a hand-off (the
+// datapath alone) nobody listens there. A pod whose hand-off failed is
+// captured all the same (fail closed): its inbound connections are refused
+// until ztunnel, taking it from its next snapshot, listens.
+func (e *Enroller) captureInbound(p *podState, cookie uint64, netns *os.File) error {
+	c, ok := e.maps.(InboundCapturer)
+	if !ok || e.handoff == nil {
+		return nil
+	}
+	if err := c.CaptureInboundNetns(cookie, netns); errors.Is(err, ErrNoInboundAddr) {
+		// Nothing can reach it from outside (yet): nothing to capture.
+		e.log.Info("The pod's network namespace has no address; its inbound is not captured", "pod", p.ref.String(), "netnsCookie", cookie)
+		return nil
+	} else if err != nil {
+		return err
+	}
+	e.log.V(1).Info("Pod's inbound captured", "pod", p.ref.String(), "netnsCookie", cookie)
+	return nil
+}
+
+func (e *Enroller) captureInboundPath(p *podState, cookie uint64, netnsPath string) error {
+	if _, ok := e.maps.(InboundCapturer); !ok || e.handoff == nil {
+		return nil
+	}
+	f, err := os.Open(netnsPath)
+	if err != nil {
+		return fmt.Errorf("open the pod's network namespace: %w", err)
+	}
+	defer f.Close()
+	return e.captureInbound(p, cookie, f)
 }
 
 func workloadInfo(ref PodRef) zds.WorkloadInfo {
@@ -397,7 +447,13 @@ func (e *Enroller) EnrollPathHandedOff(ref PodRef, netnsPath string) error {
 	if err := e.handOff(p, cookie, netnsPath); err != nil {
 		return fmt.Errorf("pod %s: hand-off to ztunnel: %w", ref, err)
 	}
-	return e.redirect(p, cookie)
+	if err := e.redirect(p, cookie); err != nil {
+		return err
+	}
+	if err := e.captureInboundPath(p, cookie, netnsPath); err != nil {
+		return fmt.Errorf("pod %s: capture inbound: %w", ref, err)
+	}
+	return nil
 }
 
 // handOff gives ztunnel the pod's netns and waits for its ack.

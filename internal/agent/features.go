@@ -25,7 +25,7 @@ var (
 		ebpf.CGroupSockAddr: {asm.FnMapLookupElem, asm.FnMapUpdateElem, asm.FnMapDeleteElem, asm.FnGetNetnsCookie, asm.FnGetSocketCookie},
 		ebpf.CGroupSockopt:  {asm.FnMapLookupElem, asm.FnGetNetnsCookie},
 		ebpf.SockOps: {asm.FnMapLookupElem, asm.FnMapUpdateElem, asm.FnMapDeleteElem, asm.FnGetNetnsCookie,
-			asm.FnGetSocketCookie, asm.FnSockOpsCbFlagsSet, asm.FnSkcToTcpSock, asm.FnKtimeGetNs},
+			asm.FnGetSocketCookie, asm.FnSockOpsCbFlagsSet, asm.FnSkcToTcpSock, asm.FnKtimeGetNs, asm.FnSockHashUpdate},
 		ebpf.SkLookup: {asm.FnMapLookupElem, asm.FnSkAssign, asm.FnSkRelease},
 	}
 )
@@ -87,6 +87,7 @@ var (
 		asm.FnKtimeGetNs:        "ktime_get_ns",
 		asm.FnSkAssign:          "sk_assign",
 		asm.FnSkRelease:         "sk_release",
+		asm.FnSockHashUpdate:    "sock_hash_update",
 	}
 )
 

@@ -26,10 +26,16 @@ import (
 // 15053), to the proxy's inbound listener in that namespace (ztunnel's 15006).
 // HBONE (15008) reaches ztunnel's HBONE listener by the normal lookup.
 //
-// The ZDS server calls CaptureInbound once ztunnel has its listeners up in the
-// pod's namespace, with a duplicate of the listener (pidfd_getfd), and
-// ReleaseInbound when the pod goes; UnenrollNetns releases too. Everything
-// is pinned: an agent restart keeps capturing, `agent uninstall` removes it.
+// The listener is ztunnel's own socket, which the agent never holds: the
+// sockops program puts it in inbound_listeners as it starts listening (see
+// CaptureInboundNetns). The enroller calls CaptureInboundNetns when it
+// redirects a pod that it hands to ztunnel; UnenrollNetns releases it
+// (ReleaseInbound). Everything is pinned: an agent restart keeps capturing,
+// `agent uninstall` removes it.
+
+// ErrNoInboundAddr: a namespace with only loopback and link-local
+// addresses has nothing inbound capture could apply to.
+var ErrNoInboundAddr = errors.New("the namespace has no address to capture (only loopback or link-local)")
 
 // inboundLinkPrefix names the pinned sk_lookup link of one netns:
 // links/mk_sk_lookup-<netns cookie>.
@@ -41,13 +47,13 @@ func (d *Datapath) inboundLinkPin(cookie uint64) string {
 
 // CaptureInbound captures the inbound TCP of the network namespace netns
 // (whose cookie is cookie, as enrolled with EnrollNetns) to listener, a
-// listening TCP socket inside that namespace. Addresses are the namespace's
-// non-loopback, non-link-local addresses as they are now. Calling it again
-// (a new listener after a proxy restart, new addresses) replaces what was
-// captured. The datapath keeps no reference to the file: close it after the
-// call, so that the listener goes out of the capture map when its owner
-// closes it. A namespace captured while its listener is gone refuses inbound
-// connections (RST) rather than let them reach the application unproxied.
+// listening TCP socket inside that namespace, and is CaptureInboundNetns
+// otherwise. The live agent never has the listener (ztunnel opens it in
+// the pod's netns, in a process the agent cannot reach): there the kernel
+// puts it in the map as it starts listening (see CaptureInboundNetns); this
+// is for a proxy that hands its listener over, and for tests. The datapath
+// keeps no reference to the file: close it after the call, so that the
+// listener goes out of the capture map when its owner closes it.
 func (d *Datapath) CaptureInbound(cookie uint64, netns *os.File, listener *os.File) error {
 	if err := checkListener(listener); err != nil {
 		return fmt.Errorf("capture inbound of netns %d: %w", cookie, err)
@@ -59,8 +65,57 @@ func (d *Datapath) CaptureInbound(cookie uint64, netns *os.File, listener *os.Fi
 	if got != cookie {
 		return fmt.Errorf("capture inbound: the namespace file has netns cookie %d, not %d", got, cookie)
 	}
+	if err := withFd(listener, func(fd int) error {
+		return d.objs.InboundListeners.Update(cookie, uint64(fd), ebpf.UpdateAny)
+	}); err != nil {
+		return fmt.Errorf("capture inbound of netns %d: put listener in %s: %w", cookie, mkbpf.RedirectMapInboundListeners, err)
+	}
+	return d.captureAddrs(cookie, netns, addrs)
+}
+
+// CaptureInboundNetns captures the inbound TCP of the network namespace
+// netns (whose cookie is cookie, as enrolled with EnrollNetns) to the
+// proxy's inbound listener there, whenever it has one: mk_sockops puts every
+// TCP socket that starts listening on port 15006 with the proxy's mark into
+// inbound_listeners under its netns cookie (ztunnel marks every socket it
+// opens in a pod, its listeners too), and the kernel removes it when it
+// closes. So a ztunnel that listens before this call (as it does once it
+// acked the hand-off) or after it (a restarted one, taking the pod from its
+// snapshot) is found alike; until it listens, inbound connections are
+// refused (RST), never delivered around it. Addresses are the namespace's
+// non-loopback, non-link-local addresses as they are now. Calling it again
+// (new addresses) replaces what was captured.
+func (d *Datapath) CaptureInboundNetns(cookie uint64, netns *os.File) error {
+	got, addrs, err := netnsAddrs(netns)
+	if err != nil {
+		return fmt.Errorf("capture inbound of netns %d: %w", cookie, err)
+	}
+	if got != cookie {
+		return fmt.Errorf("capture inbound: the namespace file has netns cookie %d, not %d", got, cookie)
+	}
+	return d.captureAddrs(cookie, netns, addrs)
+}
+
+// InboundListener tells whether the namespace's inbound listener is in the
+// capture map.
+func (d *Datapath) InboundListener(cookie uint64) (bool, error) {
+	// A SOCKHASH lookup from user space answers the socket's cookie.
+	var sockCookie uint64
+	err := d.objs.InboundListeners.Lookup(cookie, &sockCookie)
+	switch {
+	case err == nil:
+		return true, nil
+	case errors.Is(err, ebpf.ErrKeyNotExist):
+		return false, nil
+	default:
+		return false, fmt.Errorf("read %s: %w", mkbpf.RedirectMapInboundListeners, err)
+	}
+}
+
+// captureAddrs records the namespace's addresses and attaches its link.
+func (d *Datapath) captureAddrs(cookie uint64, netns *os.File, addrs []netip.Addr) error {
 	if len(addrs) == 0 {
-		return fmt.Errorf("capture inbound of netns %d: the namespace has no address to capture (only loopback or link-local)", cookie)
+		return fmt.Errorf("capture inbound of netns %d: %w", cookie, ErrNoInboundAddr)
 	}
 	owners, err := d.inboundAddrs()
 	if err != nil {
@@ -69,15 +124,10 @@ func (d *Datapath) CaptureInbound(cookie uint64, netns *os.File, listener *os.Fi
 	keys := map[mkbpf.RedirectPodAddr]bool{}
 	for _, a := range addrs {
 		k := podAddrKey(a)
-		if other, ok := owners[k]; ok && other != cookie {
+		if other, ok := owners[k]; ok && other != cookie && d.netnsEnrolled(other) {
 			return fmt.Errorf("capture inbound of netns %d: address %s is captured for netns %d already: two enrolled pods on one node with the same address", cookie, a, other)
 		}
 		keys[k] = true
-	}
-	if err := withFd(listener, func(fd int) error {
-		return d.objs.InboundListeners.Update(cookie, uint64(fd), ebpf.UpdateAny)
-	}); err != nil {
-		return fmt.Errorf("capture inbound of netns %d: put listener in %s: %w", cookie, mkbpf.RedirectMapInboundListeners, err)
 	}
 	for k := range keys {
 		if err := d.objs.InboundAddrs.Update(k, cookie, ebpf.UpdateAny); err != nil {
@@ -231,6 +281,14 @@ func (d *Datapath) adoptInboundLinks(actions map[string]LinkAction) error {
 		actions[filepath.Base(pin)] = action
 	}
 	return nil
+}
+
+// netnsEnrolled tells whether a netns cookie is in the enrolled map; an
+// address left captured for one that is not (a pod gone while no agent ran)
+// may be taken over.
+func (d *Datapath) netnsEnrolled(cookie uint64) bool {
+	var v mkbpf.RedirectPodInfo
+	return d.objs.Enrolled.Lookup(cookie, &v) == nil
 }
 
 // inboundAddrs reads the captured addresses and their namespaces.

@@ -20,6 +20,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	mkbpf "github.com/meshkeeper/meshkeeper/bpf"
+	"github.com/meshkeeper/meshkeeper/internal/agent/zds"
 )
 
 // podPair is a pod's network namespace joined to a client's by a veth pair,
@@ -65,10 +66,22 @@ type labelServer struct {
 
 func startLabelServer(tb testing.TB, ns *testNetns, addr, label string) *labelServer {
 	tb.Helper()
+	return startMarkedLabelServer(tb, ns, addr, label, 0)
+}
+
+// startMarkedLabelServer is startLabelServer with SO_MARK mark on the
+// listener (unless 0), as ztunnel marks every socket it opens in a pod.
+func startMarkedLabelServer(tb testing.TB, ns *testNetns, addr, label string, mark int) *labelServer {
+	tb.Helper()
 	s := &labelServer{}
 	lc := net.ListenConfig{Control: func(_, _ string, rc syscall.RawConn) error {
 		var serr error
-		err := rc.Control(func(fd uintptr) { serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_REUSEPORT, 1) })
+		err := rc.Control(func(fd uintptr) {
+			serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_REUSEPORT, 1)
+			if serr == nil && mark != 0 {
+				serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_MARK, mark)
+			}
+		})
 		return errors.Join(err, serr)
 	}}
 	// Plain TCP, as ztunnel's listeners are (Go listens with MPTCP by
@@ -434,8 +447,9 @@ func TestCaptureInboundRefusesBadInput(t *testing.T) {
 	g.Expect(dp.MapUsage()[mkbpf.RedirectMapInboundAddrs].Entries).To(BeZero())
 	g.Expect(ask(pair.client, pair.pod4+":15006", 0)).To(HavePrefix("inbound "+pair.pod4+":15006"), "the listener itself still works")
 
-	// Two pods with one address: the second is refused, the first keeps
-	// its capture.
+	// Two pods with one address: the second is refused, the first (an
+	// enrolled one) keeps its capture.
+	g.Expect(dp.EnrollNetns(pair.pod.Cookie(t), "4f1e9a2b-7c3d-4e5f-8a9b-0c1d2e3f4a5b")).To(Succeed())
 	captureInbound(t, dp, pair.pod, inbound)
 	twin := newPodPair(t, nodeEnvs[0], 4)
 	twinInbound := startLabelServer(t, twin.pod, ":15006", "inbound")
@@ -458,4 +472,94 @@ func TestZeroBypassMarkRefused(t *testing.T) {
 	g.Expect(err).To(MatchError(ContainSubstring("bypass mark 0 would exempt every unmarked socket")))
 	g.Expect(err).To(MatchError(ContainSubstring("0x539")))
 	g.Expect(CheckBypassMark(DefaultBypassMark)).To(Succeed())
+}
+
+// listeningZtunnel plays ztunnel's part in a hand-off for
+// TestInboundListenerFromKernel: on AddWorkload it opens its inbound
+// listener, marked, in the pod's netns, and hands no socket to anyone, as
+// ztunnel does.
+type listeningZtunnel struct {
+	t         testing.TB
+	pods      map[string]*testNetns // by pod UID
+	listeners map[string]*labelServer
+}
+
+func (z *listeningZtunnel) AddWorkload(_ context.Context, uid string, _ *os.File, _ zds.WorkloadInfo) error {
+	z.listeners[uid] = startMarkedLabelServer(z.t, z.pods[uid], ":15006", "ztunnel", DefaultBypassMark)
+	return nil
+}
+func (z *listeningZtunnel) KeepWorkload(string, zds.WorkloadInfo) {}
+func (z *listeningZtunnel) DelWorkload(_ context.Context, uid string) error {
+	if l := z.listeners[uid]; l != nil {
+		l.Close()
+	}
+	return nil
+}
+
+// TestInboundListenerFromKernel: the live agent's inbound capture, with no
+// listener passed to it. A pod handed to ztunnel is captured inbound; the
+// listener ztunnel opens on 15006 with its mark inside the pod (after the
+// datapath is loaded) is found by the kernel, so connections from outside
+// to any port of the pod reach it, with the original destination as local
+// address. A ztunnel that restarts and listens again is found again without
+// the agent; an unmarked listener on 15006 (the application's, say) is
+// never taken for ztunnel's; unenrolment releases everything.
+func TestInboundListenerFromKernel(t *testing.T) {
+	requirePrivileged(t)
+	g := NewWithT(t)
+	pair, rogue := newPodPair(t, nodeEnvs[0], 5), newPodPair(t, nodeEnvs[0], 6)
+	app := startLabelServer(t, pair.pod, ":8080", "app")
+	rogueApp := startLabelServer(t, rogue.pod, ":8080", "app")
+	dp, cfg := loadTestDatapath(t, capturePort)
+	pod := PodRef{Namespace: "shop", Name: "server", UID: "7c8d9e0f-1a2b-4c3d-8e4f-5a6b7c8d9e0f"}
+	roguePod := PodRef{Namespace: "shop", Name: "rogue", UID: "8d9e0f1a-2b3c-4d4e-9f5a-6b7c8d9e0f1a"}
+	zt := &listeningZtunnel{t: t, pods: map[string]*testNetns{pod.UID: pair.pod}, listeners: map[string]*labelServer{}}
+	enroller, err := NewEnroller(dp, "", testr.New(t))
+	g.Expect(err).NotTo(HaveOccurred())
+	enroller.SetHandoff(zt)
+
+	g.Expect(enroller.EnrollPathHandedOff(pod, pair.pod.Path)).To(Succeed())
+	cookie := pair.pod.Cookie(t)
+	g.Expect(dp.InboundListener(cookie)).To(BeTrue(), "the kernel put ztunnel's listener in the map as it started listening")
+	g.Expect(dp.InboundCaptured()).To(ConsistOf(cookie))
+	app4, app6 := pair.pod4+":8080", "["+pair.pod6+"]:8080"
+	for _, tc := range []struct{ addr, from string }{{app4, pair.client4}, {app6, pair.cli6}, {pair.pod4 + ":9999", pair.client4}} {
+		g.Expect(ask(pair.client, tc.addr, 0)).To(MatchRegexp(`^ztunnel %s from %s:\d+$`, regexpQuote(unbracket(tc.addr)), regexpQuote(tc.from)), tc.addr)
+	}
+	g.Expect(zt.listeners[pod.UID].Accepted()).To(Equal(3))
+	g.Expect(app.Accepted()).To(BeZero(), "nothing reaches the application around ztunnel")
+
+	// ztunnel restarts: while it is away the pod refuses; its new listener
+	// is found without the agent doing anything.
+	zt.listeners[pod.UID].Close()
+	_, err = ask(pair.client, app4, 0)
+	g.Expect(err).To(MatchError(unix.ECONNREFUSED), "fail closed while ztunnel is away")
+	g.Expect(dp.InboundListener(cookie)).To(BeFalse())
+	again := startMarkedLabelServer(t, pair.pod, ":15006", "ztunnel-2", DefaultBypassMark)
+	g.Expect(ask(pair.client, app4, 0)).To(HavePrefix("ztunnel-2 "+app4+" from "), "the restarted ztunnel's listener")
+	zt.listeners[pod.UID] = again
+
+	// An unmarked listener on 15006 is not ztunnel's: a captured pod with
+	// only that one refuses.
+	zt.pods[roguePod.UID] = rogue.pod
+	g.Expect(enroller.EnrollPathHandedOff(roguePod, rogue.pod.Path)).To(Succeed())
+	zt.listeners[roguePod.UID].Close()
+	unmarked := startLabelServer(t, rogue.pod, ":15006", "not-ztunnel")
+	_, err = ask(rogue.client, rogue.pod4+":8080", 0)
+	g.Expect(err).To(MatchError(unix.ECONNREFUSED))
+	g.Expect(unmarked.Accepted()).To(BeZero())
+	g.Expect(rogueApp.Accepted()).To(BeZero())
+	g.Expect(dp.InboundListener(rogue.pod.Cookie(t))).To(BeFalse())
+
+	// Unenrolment releases: link, pin, addresses, listener entry.
+	linkPin := filepath.Join(cfg.PinPath, linkPinnedName, inboundLinkPrefix+fmt.Sprint(cookie))
+	progID := linkProgram(t, linkPin)
+	enroller.Forget(pod.UID)
+	enroller.Forget(roguePod.UID)
+	_, err = os.Stat(linkPin)
+	g.Expect(errors.Is(err, os.ErrNotExist)).To(BeTrue(), "the inbound link's pin is gone")
+	g.Expect(linksOfProgram(t, progID)).To(BeEmpty(), "no sk_lookup link remains attached")
+	g.Expect(dp.MapUsage()[mkbpf.RedirectMapInboundAddrs].Entries).To(BeZero())
+	g.Expect(dp.MapUsage()[mkbpf.RedirectMapInboundListeners].Entries).To(BeZero())
+	g.Expect(ask(pair.client, app4, 0)).To(HavePrefix("app "), "an unenrolled pod is no longer captured")
 }
