@@ -14,7 +14,8 @@
 //     asks SO_ORIGINAL_DST, which the agent's eBPF answers, and proxies to
 //     it), 15006 and 15008 (inbound: it proxies to the local address the
 //     connection was accepted on, the original destination under
-//     sk_lookup/TPROXY-like capture); its upstream sockets carry ztunnel's
+//     sk_lookup/TPROXY-like capture), all with plain TCP, not MPTCP, as
+//     ztunnel (tokio) listens; its sockets, listeners too, carry ztunnel's
 //     in-pod SO_MARK, 0x539 (1337: istio-cni's InpodMark, which ztunnel's
 //     in-pod config matches), so the agent never redirects them again;
 //   - a Delete closes the workload's listeners.
@@ -205,7 +206,7 @@ func (s *StandIn) add(r *zdsclient.Request) error {
 		var ln net.Listener
 		err := inNetns(w.netns, func() error {
 			var err error
-			ln, err = net.Listen(l.network, l.addr)
+			ln, err = s.listenConfig().Listen(context.Background(), l.network, l.addr)
 			return err
 		})
 		if err != nil {
@@ -231,6 +232,24 @@ func (s *StandIn) add(r *zdsclient.Request) error {
 	}
 	log.Printf("workload %s/%s (%s) added", w.namespace, w.name, w.uid)
 	return nil
+}
+
+// listenConfig is how ztunnel (Rust, tokio) listens in a pod: plain TCP
+// (Go would listen with MPTCP, which the agent's listener map refuses), and
+// with its in-pod mark, on its listeners as on every other socket it opens
+// there: the agent's datapath finds the inbound listener by port and mark.
+func (s *StandIn) listenConfig() *net.ListenConfig {
+	lc := &net.ListenConfig{Control: func(_, _ string, rc syscall.RawConn) error {
+		var serr error
+		if err := rc.Control(func(fd uintptr) {
+			serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_MARK, int(s.mark))
+		}); err != nil {
+			return err
+		}
+		return serr
+	}}
+	lc.SetMultipathTCP(false)
+	return lc
 }
 
 func (s *StandIn) del(uid string) {
