@@ -628,6 +628,15 @@ int mk_sk_lookup(struct bpf_sk_lookup *ctx)
 	struct bpf_sock *sk = bpf_map_lookup_elem(&inbound_listeners, netns);
 	if (!sk)
 		return SK_DROP; // captured pod without a listener: fail closed (RST), never around the proxy
+	// Only the proxy's listener: sock_ops put every listener on the inbound
+	// port in the map, before its owner could mark it (ztunnel sets its
+	// mark right after listen). Another one (the application's own on
+	// 15006) is refused rather than handed the pod's inbound traffic.
+	struct config *cfg = get_config();
+	if (!cfg || !cfg->bypass_mark || sk->mark != cfg->bypass_mark) {
+		bpf_sk_release(sk);
+		return SK_DROP;
+	}
 	long err = bpf_sk_assign(ctx, sk, 0);
 	bpf_sk_release(sk);
 	return err ? SK_DROP : SK_PASS;
@@ -852,9 +861,10 @@ static __always_inline void on_close(struct bpf_sock_ops *skops)
 }
 
 // The proxy's inbound listener: a TCP socket that starts listening on
-// INBOUND_PORT with the proxy's mark (ztunnel marks every socket it opens in
-// a pod's netns, its listeners too) goes into inbound_listeners under its
-// netns cookie, which is where mk_sk_lookup looks for it. The kernel hands
+// INBOUND_PORT goes into inbound_listeners under its netns cookie, which is
+// where mk_sk_lookup looks for it. Its mark is not checked here: ztunnel
+// marks its listeners only after listen() (std's TcpListener::bind listens
+// at once); mk_sk_lookup checks it, when it is set. The kernel hands
 // it over here because the agent cannot: ztunnel opens it inside the pod's
 // netns, in a process the agent cannot reach (no hostPID). The enrolled map
 // is not consulted: ztunnel listens while the agent hands it the netns, just
@@ -865,7 +875,7 @@ static __always_inline void on_close(struct bpf_sock_ops *skops)
 
 static __always_inline void on_listen(struct bpf_sock_ops *skops)
 {
-	if (skops->local_port != INBOUND_PORT || !is_bypass_sock(skops))
+	if (skops->local_port != INBOUND_PORT)
 		return;
 	__u64 netns = bpf_get_netns_cookie(skops);
 	bpf_sock_hash_update(skops, &inbound_listeners, &netns, BPF_ANY);

@@ -95,9 +95,9 @@ func BenchmarkConnect(b *testing.B) {
 	// captured for each ebpf round), or through a nat PREROUTING REDIRECT to
 	// 15006 in the pod's namespace, what istio-cni's in-pod rules do.
 	inDirect, inEBPF, inIptables := newPodPair(b, nodeEnvs[0], 11), newPodPair(b, nodeEnvs[0], 12), newPodPair(b, nodeEnvs[0], 13)
-	startLabelServer(b, inDirect.pod, ":15006", "inbound")
-	inEBPFListener := startLabelServer(b, inEBPF.pod, ":15006", "inbound")
-	startLabelServer(b, inIptables.pod, ":15006", "inbound")
+	startMarkedLabelServer(b, inDirect.pod, ":15006", "inbound", DefaultBypassMark)
+	inEBPFListener := startMarkedLabelServer(b, inEBPF.pod, ":15006", "inbound", DefaultBypassMark)
+	startMarkedLabelServer(b, inIptables.pod, ":15006", "inbound", DefaultBypassMark)
 	runCmd(b, "ip", "netns", "exec", inIptables.pod.Name, "iptables", "-w", "5", "-t", "nat", "-A", "PREROUTING",
 		"-p", "tcp", "-d", inIptables.pod4, "--dport", "8080", "-j", "REDIRECT", "--to-ports", "15006")
 	inPod := PodRef{Namespace: "bench", Name: "server", UID: "6d2e3b8f-1e5c-4f9b-8c7a-4b3e2d1f0a12"}

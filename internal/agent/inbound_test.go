@@ -70,18 +70,15 @@ func startLabelServer(tb testing.TB, ns *testNetns, addr, label string) *labelSe
 }
 
 // startMarkedLabelServer is startLabelServer with SO_MARK mark on the
-// listener (unless 0), as ztunnel marks every socket it opens in a pod.
+// listener (unless 0), as ztunnel marks every socket it opens in a pod: set
+// after listen, as ztunnel's InPodSocketFactory::tcp_bind does (std's
+// TcpListener::bind listens at once).
 func startMarkedLabelServer(tb testing.TB, ns *testNetns, addr, label string, mark int) *labelServer {
 	tb.Helper()
 	s := &labelServer{}
 	lc := net.ListenConfig{Control: func(_, _ string, rc syscall.RawConn) error {
 		var serr error
-		err := rc.Control(func(fd uintptr) {
-			serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_REUSEPORT, 1)
-			if serr == nil && mark != 0 {
-				serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_MARK, mark)
-			}
-		})
+		err := rc.Control(func(fd uintptr) { serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_REUSEPORT, 1) })
 		return errors.Join(err, serr)
 	}}
 	// Plain TCP, as ztunnel's listeners are (Go listens with MPTCP by
@@ -93,6 +90,16 @@ func startMarkedLabelServer(tb testing.TB, ns *testNetns, addr, label string, ma
 	}
 	if err != nil {
 		tb.Fatalf("%s listen %s in %s: %v", label, addr, ns.Name, err)
+	}
+	if mark != 0 {
+		rc, err := s.ln.(*net.TCPListener).SyscallConn()
+		if err != nil {
+			tb.Fatal(err)
+		}
+		var serr error
+		if err := rc.Control(func(fd uintptr) { serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_MARK, mark) }); err != nil || serr != nil {
+			tb.Fatalf("mark the listener: %v", errors.Join(err, serr))
+		}
 	}
 	s.wg.Add(1)
 	go func() {
@@ -200,7 +207,7 @@ func testInboundCapture(t *testing.T, env nodeEnv) {
 	otherApp := startLabelServer(t, other.pod, ":8080", "app")
 	// The pod that is not captured has an inbound listener too, so that a
 	// wrongful capture there would be seen.
-	otherInbound := startLabelServer(t, other.pod, ":15006", "inbound")
+	otherInbound := startMarkedLabelServer(t, other.pod, ":15006", "inbound", DefaultBypassMark)
 
 	app4, app6 := pair.pod4+":8080", "["+pair.pod6+"]:8080"
 	for _, addr := range []string{app4, app6} {
@@ -215,7 +222,7 @@ func testInboundCapture(t *testing.T, env nodeEnv) {
 	g.Expect(enroller.EnrollPath(PodRef{Namespace: "shop", Name: "other", UID: "5a6b7c8d-9e0f-4a1b-8c2d-3e4f5a6b7c8d"}, other.pod.Path)).To(Succeed())
 	g.Expect(ask(pair.client, app4, 0)).To(HavePrefix("app "), "enrolled but not captured yet: the application answers")
 
-	inbound := startLabelServer(t, pair.pod, ":15006", "inbound")
+	inbound := startMarkedLabelServer(t, pair.pod, ":15006", "inbound", DefaultBypassMark)
 	captureInbound(t, dp, pair.pod, inbound)
 	atApp := app.Accepted()
 
@@ -311,7 +318,7 @@ func testInboundCapture(t *testing.T, env nodeEnv) {
 	g.Expect(app.Accepted()).To(Equal(atApp), "and nothing reaches the application")
 	g.Expect(dp.MapUsage()[mkbpf.RedirectMapInboundListeners].Entries).To(BeZero(), "the kernel drops a closed listener from the map")
 	// A new ztunnel brings a new listener.
-	inbound = startLabelServer(t, pair.pod, ":15006", "inbound")
+	inbound = startMarkedLabelServer(t, pair.pod, ":15006", "inbound", DefaultBypassMark)
 	captureInbound(t, dp, pair.pod, inbound)
 	g.Expect(ask(pair.client, app4, 0)).To(HavePrefix("inbound " + app4))
 
@@ -334,7 +341,7 @@ func TestInboundUninstall(t *testing.T) {
 	g := NewWithT(t)
 	pair := newPodPair(t, nodeEnvs[0], 3)
 	startLabelServer(t, pair.pod, ":8080", "app")
-	inbound := startLabelServer(t, pair.pod, ":15006", "inbound")
+	inbound := startMarkedLabelServer(t, pair.pod, ":15006", "inbound", DefaultBypassMark)
 	dp, cfg := loadTestDatapath(t, capturePort)
 	g.Expect(dp.EnrollNetns(pair.pod.Cookie(t), "6b7c8d9e-0f1a-4b2c-9d3e-4f5a6b7c8d9e")).To(Succeed())
 	captureInbound(t, dp, pair.pod, inbound)
@@ -407,7 +414,7 @@ func TestCaptureInboundRefusesBadInput(t *testing.T) {
 	pair := newPodPair(t, nodeEnvs[0], 4)
 	bare := newTestNetns(t) // loopback only
 	dp, _ := loadTestDatapath(t, capturePort)
-	inbound := startLabelServer(t, pair.pod, ":15006", "inbound")
+	inbound := startMarkedLabelServer(t, pair.pod, ":15006", "inbound", DefaultBypassMark)
 	h, err := os.Open(pair.pod.Path)
 	g.Expect(err).NotTo(HaveOccurred())
 	defer h.Close()
@@ -452,7 +459,7 @@ func TestCaptureInboundRefusesBadInput(t *testing.T) {
 	g.Expect(dp.EnrollNetns(pair.pod.Cookie(t), "4f1e9a2b-7c3d-4e5f-8a9b-0c1d2e3f4a5b")).To(Succeed())
 	captureInbound(t, dp, pair.pod, inbound)
 	twin := newPodPair(t, nodeEnvs[0], 4)
-	twinInbound := startLabelServer(t, twin.pod, ":15006", "inbound")
+	twinInbound := startMarkedLabelServer(t, twin.pod, ":15006", "inbound", DefaultBypassMark)
 	th, err := os.Open(twin.pod.Path)
 	g.Expect(err).NotTo(HaveOccurred())
 	defer th.Close()
@@ -501,9 +508,10 @@ func (z *listeningZtunnel) DelWorkload(_ context.Context, uid string) error {
 // listener ztunnel opens on 15006 with its mark inside the pod (after the
 // datapath is loaded) is found by the kernel, so connections from outside
 // to any port of the pod reach it, with the original destination as local
-// address. A ztunnel that restarts and listens again is found again without
-// the agent; an unmarked listener on 15006 (the application's, say) is
-// never taken for ztunnel's; unenrolment releases everything.
+// address. ztunnel marks its listener only after listen, as upstream does.
+// A ztunnel that restarts and listens again is found again without the
+// agent; an unmarked listener on 15006 (the application's, say) is never
+// handed ztunnel's traffic; unenrolment releases everything.
 func TestInboundListenerFromKernel(t *testing.T) {
 	requirePrivileged(t)
 	g := NewWithT(t)
@@ -540,7 +548,8 @@ func TestInboundListenerFromKernel(t *testing.T) {
 	zt.listeners[pod.UID] = again
 
 	// An unmarked listener on 15006 is not ztunnel's: a captured pod with
-	// only that one refuses.
+	// only that one refuses (it is in the map: the mark is checked at
+	// lookup, since ztunnel sets it after listen).
 	zt.pods[roguePod.UID] = rogue.pod
 	g.Expect(enroller.EnrollPathHandedOff(roguePod, rogue.pod.Path)).To(Succeed())
 	zt.listeners[roguePod.UID].Close()
@@ -549,7 +558,8 @@ func TestInboundListenerFromKernel(t *testing.T) {
 	g.Expect(err).To(MatchError(unix.ECONNREFUSED))
 	g.Expect(unmarked.Accepted()).To(BeZero())
 	g.Expect(rogueApp.Accepted()).To(BeZero())
-	g.Expect(dp.InboundListener(rogue.pod.Cookie(t))).To(BeFalse())
+	g.Expect(dp.InboundListener(rogue.pod.Cookie(t))).To(BeTrue())
+	unmarked.Close()
 
 	// Unenrolment releases: link, pin, addresses, listener entry.
 	linkPin := filepath.Join(cfg.PinPath, linkPinnedName, inboundLinkPrefix+fmt.Sprint(cookie))

@@ -29,6 +29,7 @@ import (
 	"context"
 	"encoding/binary"
 	"encoding/json"
+	"errors"
 	"flag"
 	"fmt"
 	"io"
@@ -206,7 +207,7 @@ func (s *StandIn) add(r *zdsclient.Request) error {
 		var ln net.Listener
 		err := inNetns(w.netns, func() error {
 			var err error
-			ln, err = s.listenConfig().Listen(context.Background(), l.network, l.addr)
+			ln, err = s.listen(l.network, l.addr)
 			return err
 		})
 		if err != nil {
@@ -234,22 +235,32 @@ func (s *StandIn) add(r *zdsclient.Request) error {
 	return nil
 }
 
-// listenConfig is how ztunnel (Rust, tokio) listens in a pod: plain TCP
-// (Go would listen with MPTCP, which the agent's listener map refuses), and
-// with its in-pod mark, on its listeners as on every other socket it opens
-// there: the agent's datapath finds the inbound listener by port and mark.
-func (s *StandIn) listenConfig() *net.ListenConfig {
-	lc := &net.ListenConfig{Control: func(_, _ string, rc syscall.RawConn) error {
-		var serr error
-		if err := rc.Control(func(fd uintptr) {
-			serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_MARK, int(s.mark))
-		}); err != nil {
-			return err
-		}
-		return serr
-	}}
+// listen is how ztunnel (Rust) listens in a pod: plain TCP (Go would
+// listen with MPTCP, which the agent's listener map refuses), then its
+// in-pod mark, set right after listen as ztunnel's InPodSocketFactory does
+// on every socket it opens there (std's TcpListener::bind listens at once).
+// The agent's datapath takes a listener on 15006 as ztunnel's only when it
+// carries the mark.
+func (s *StandIn) listen(network, addr string) (net.Listener, error) {
+	var lc net.ListenConfig
 	lc.SetMultipathTCP(false)
-	return lc
+	ln, err := lc.Listen(context.Background(), network, addr)
+	if err != nil {
+		return nil, err
+	}
+	rc, err := ln.(*net.TCPListener).SyscallConn()
+	if err != nil {
+		ln.Close()
+		return nil, err
+	}
+	var serr error
+	if err := rc.Control(func(fd uintptr) {
+		serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_MARK, int(s.mark))
+	}); err != nil || serr != nil {
+		ln.Close()
+		return nil, fmt.Errorf("mark the listener: %w", errors.Join(err, serr))
+	}
+	return ln, nil
 }
 
 func (s *StandIn) del(uid string) {
