@@ -158,8 +158,9 @@ struct {
 } inbound_listeners SEC(".maps");
 
 // Connections the proxy itself opens inside an enrolled pod (its sockets
-// carry the bypass mark), by their 4-tuple (a conn_key with netns_cookie 0,
-// the connecting side as client): sk_lookup leaves their SYNs alone, so that
+// carry the bypass mark), by their 4-tuple and the netns they were opened
+// in (a conn_key, the connecting side as client): sk_lookup leaves their
+// SYNs alone when they are for that same netns, so that
 // ztunnel's connection to the application, which comes from inside the pod
 // and may carry the original client's address (IP_TRANSPARENT), is not
 // captured back to ztunnel. sk_lookup programs see no mark and no netns
@@ -621,6 +622,12 @@ int mk_sk_lookup(struct bpf_sk_lookup *ctx)
 	__u64 *netns = bpf_map_lookup_elem(&inbound_addrs, &addr);
 	if (!netns)
 		return SK_PASS; // not a captured address (a link-local one, say)
+	// Only a connection the proxy opened in this very pod (its inbound leg
+	// to the application) is left alone. One it opened in another pod's
+	// netns (its outbound leg from a client pod on this node) is inbound
+	// to this pod like any other, as behind istio-cni, where the mark does
+	// not cross the veth.
+	tuple.netns_cookie = *netns;
 	if (bpf_map_lookup_elem(&bypass_conns, &tuple))
 		return SK_PASS; // the proxy's own connection to the application
 	if (bpf_map_lookup_elem(&inbound_bypass_src, &src))
@@ -756,8 +763,7 @@ static __always_inline void on_connect(struct bpf_sock_ops *skops)
 	struct conn_key key = {};
 	proxy_key(&key, netns, skops, 1);
 	if (is_bypass_sock(skops)) {
-		struct conn_key tuple = key;
-		tuple.netns_cookie = 0;
+		struct conn_key tuple = key; // with the connecting socket's netns
 		__u8 one = 1;
 		bpf_map_update_elem(&bypass_conns, &tuple, &one, BPF_ANY);
 	}
@@ -823,7 +829,7 @@ static __always_inline void on_close(struct bpf_sock_ops *skops)
 
 	if (!st->redirected) {
 		struct conn_key tuple = {};
-		proxy_key(&tuple, 0, skops, 1);
+		proxy_key(&tuple, netns, skops, 1);
 		bpf_map_delete_elem(&bypass_conns, &tuple);
 	}
 	if (st->redirected && !st->counted) {

@@ -547,6 +547,17 @@ func TestInboundListenerFromKernel(t *testing.T) {
 	g.Expect(ask(pair.client, app4, 0)).To(HavePrefix("ztunnel-2 "+app4+" from "), "the restarted ztunnel's listener")
 	zt.listeners[pod.UID] = again
 
+	// ztunnel's outbound leg from a client pod on this node (a marked
+	// socket in another enrolled netns) is inbound to the server pod like
+	// any other connection: only ztunnel's own leg inside the server pod
+	// reaches the application directly.
+	g.Expect(dp.EnrollNetns(pair.client.Cookie(t), "9e0f1a2b-3c4d-4e5f-8a6b-7c8d9e0f1a2b")).To(Succeed())
+	g.Expect(ask(pair.client, app4, DefaultBypassMark)).To(HavePrefix("ztunnel-2 "+app4+" from "+pair.client4), "marked, from another enrolled pod")
+	g.Expect(ask(pair.pod, app4, DefaultBypassMark)).To(HavePrefix("app "+app4+" from "+pair.pod4), "marked, from inside the pod: ztunnel's own leg")
+	g.Expect(app.Accepted()).To(Equal(1))
+	_, err = dp.UnenrollNetns(pair.client.Cookie(t))
+	g.Expect(err).NotTo(HaveOccurred())
+
 	// An unmarked listener on 15006 is not ztunnel's: a captured pod with
 	// only that one refuses (it is in the map: the mark is checked at
 	// lookup, since ztunnel sets it after listen).
