@@ -48,7 +48,16 @@ type StandInStats struct {
 	Ready     bool           `json:"ready"`
 	Workloads int            `json:"workloads"`
 	Counts    []StandInCount `json:"counts"`
-	LastError string         `json:"lastError"`
+	// InboundPeers: pod ("namespace/name") -> client address -> inbound
+	// connections the stand-in proxied to it.
+	InboundPeers map[string]map[string]int64 `json:"inboundPeers"`
+	LastError    string                      `json:"lastError"`
+}
+
+// InboundFrom is how many inbound connections to a pod from the client
+// address ip the stand-in proxied.
+func (s StandInStats) InboundFrom(namespace, pod, ip string) int64 {
+	return s.InboundPeers[namespace+"/"+pod][ip]
 }
 
 // Count returns a pod's count in a direction ("outbound", "inbound",

@@ -142,6 +142,13 @@ var _ = Describe("The node agent as a real pod on a real node", Ordered, func() 
 		}
 	})
 
+	It("captures the meshed server's inbound connections to ztunnel's place, with no listener handed to the agent", func(ctx SpecContext) {
+		// The stand-in's 15006 listener in the server's netns is found by
+		// the kernel (sock_ops, as it starts listening): every connection
+		// the server answers comes through it.
+		expectInboundThroughStandIn(ctx, serverIP, 2*time.Second)
+	})
+
 	It("lets pods of an unmeshed namespace, and pods labelled istio.io/dataplane-mode=none, bypass ztunnel", func(ctx SpecContext) {
 		const plainNS = "plain"
 		Expect(kc.CreateNamespace(ctx, plainNS, nil)).To(Succeed())
@@ -165,6 +172,18 @@ var _ = Describe("The node agent as a real pod on a real node", Ordered, func() 
 			st := standInStats(Default, ctx)
 			out := st.Count(p.Namespace, p.Name, "outbound")
 			Expect(out.OK+out.Failed).To(BeZero(), "connections of %s/%s through the stand-in", p.Namespace, p.Name)
+			// Inbound capture does not depend on the client: at the meshed
+			// server, its connections come through ztunnel's place all the
+			// same, and none reaches the server around it.
+			Eventually(func(g Gomega) {
+				c0 := stats(g, ctx, ip+":9000")
+				in := standInStats(g, ctx).InboundFrom(appsNS, "server", ip)
+				c1 := stats(g, ctx, ip+":9000")
+				g.Expect(c0.OK).To(BeNumerically(">=", 50))
+				g.Expect(in).To(BeNumerically(">=", c0.OK-2), "inbound connections from %s/%s through the stand-in vs the client's own count", p.Namespace, p.Name)
+				g.Expect(in).To(BeNumerically("<=", c1.OK+2), "inbound connections from %s/%s through the stand-in vs the client's own count", p.Namespace, p.Name)
+			}).WithContext(ctx).WithTimeout(30 * time.Second).Should(Succeed())
+			Expect(stats(Default, ctx, serverIP+":9000").Peers[ip]).To(BeZero(), "connections from %s/%s the server answered directly", p.Namespace, p.Name)
 		}
 		// Neither is enrolled nor handed to ztunnel.
 		Expect(standInStats(Default, ctx).Workloads).To(Equal(clients + 1))
@@ -524,6 +543,53 @@ func expectThroughStandIn(ctx context.Context, window time.Duration) {
 	}).WithContext(ctx).WithTimeout(30 * time.Second).Should(Succeed())
 }
 
+// expectInboundThroughStandIn: over a window, the server's answered
+// connections and the stand-in's inbound connections of the server are the
+// same number (±2 in flight), each meshed client's connections arrive
+// through the stand-in's inbound listener by the client's address, and
+// none reaches the server from a client's address directly (the server
+// sees the stand-in's leg, from its own address).
+func expectInboundThroughStandIn(ctx context.Context, serverIP string, window time.Duration) {
+	GinkgoHelper()
+	ips := map[string]string{}
+	for i := range clients {
+		name := fmt.Sprintf("client-%d", i)
+		ips[name] = waitPodIP(ctx, appsNS, name)
+	}
+	Eventually(func(g Gomega) {
+		type sample struct {
+			answered, inbound int64
+			fromClient        map[string]int64 // by client name: stand-in's inbound from it
+			direct            map[string]int64 // by client name: the server's own count by peer
+			client            map[string]int64 // the client's own count
+		}
+		read := func() sample {
+			srv := stats(g, ctx, serverIP+":9000")
+			st := standInStats(g, ctx)
+			in := st.Count(appsNS, "server", "inbound")
+			out := sample{answered: srv.OK, inbound: in.OK, fromClient: map[string]int64{}, direct: map[string]int64{}, client: map[string]int64{}}
+			for name, ip := range ips {
+				out.fromClient[name] = st.InboundFrom(appsNS, "server", ip)
+				out.direct[name] = srv.Peers[ip]
+				c := stats(g, ctx, ip+":9000")
+				out.client[name] = c.OK
+			}
+			return out
+		}
+		t0 := read()
+		time.Sleep(window)
+		t1 := read()
+		da, di := t1.answered-t0.answered, t1.inbound-t0.inbound
+		g.Expect(da).To(BeNumerically(">=", 20*clients), "connections the server answered in %s", window)
+		g.Expect(di).To(BeNumerically("~", da, 2), "the server's inbound connections through the stand-in (%d) vs those it answered (%d)", di, da)
+		for name := range ips {
+			dc, df := t1.client[name]-t0.client[name], t1.fromClient[name]-t0.fromClient[name]
+			g.Expect(df).To(BeNumerically("~", dc, 2), "inbound connections from %s through the stand-in (%d) vs the client's own count (%d)", name, df, dc)
+			g.Expect(t1.direct[name]).To(BeZero(), "connections from %s the server answered around the stand-in", name)
+		}
+	}).WithContext(ctx).WithTimeout(30 * time.Second).Should(Succeed())
+}
+
 func httpProbe(port int) *corev1.Probe {
 	return &corev1.Probe{
 		ProbeHandler:  corev1.ProbeHandler{HTTPGet: &corev1.HTTPGetAction{Path: "/healthz", Port: intstr.FromInt(port)}},
@@ -651,8 +717,15 @@ func expectNoEscapes(ctx context.Context, serverIP string, n, batch int) {
 			ip := ips[name]
 			proxied := st.Count(appsNS, name, "outbound").OK
 			Expect(proxied).To(BeNumerically(">=", 3), "the stand-in proxied %d connections of pod %s", proxied, name)
-			Expect(after[ip]-before[ip]).To(BeNumerically("<=", proxied),
-				"the server answered %d connections from pod %s (%s), the stand-in proxied %d: the rest went around it", after[ip]-before[ip], name, ip, proxied)
+			// The server's inbound is captured too, so every connection
+			// from the pod that reached the server, proxied outbound or
+			// not, arrived through the stand-in's inbound listener there,
+			// which counts it by the pod's address.
+			reached := st.InboundFrom(appsNS, "server", ip)
+			Expect(reached).To(BeNumerically("<=", proxied),
+				"the server got %d connections from pod %s (%s), the stand-in proxied %d outbound: the rest went around it", reached, name, ip, proxied)
+			Expect(reached).To(BeNumerically(">=", 3), "connections from pod %s reaching the server through the stand-in", name)
+			Expect(after[ip]-before[ip]).To(BeZero(), "connections from pod %s (%s) the server answered around the stand-in's inbound listener", name, ip)
 		}
 		names = append(names, pods...)
 	}

@@ -21,7 +21,8 @@
 //   - a Delete closes the workload's listeners.
 //
 // It counts connections per pod and direction on :15020/metrics (and as
-// JSON on :15020/stats), and is ready on :15021/healthz/ready only once it
+// JSON on :15020/stats, with each pod's inbound connections by client
+// address), and is ready on :15021/healthz/ready only once it
 // got a SnapshotSent, as ztunnel is.
 package main
 
@@ -34,6 +35,7 @@ import (
 	"fmt"
 	"io"
 	"log"
+	"maps"
 	"net"
 	"net/http"
 	"net/netip"
@@ -99,7 +101,12 @@ type StandIn struct {
 	mu        sync.Mutex
 	workloads map[string]*workload // by pod UID
 	counts    map[countKey]*atomic.Int64
-	lastError string
+	// inboundPeers counts the inbound connections proxied for each pod
+	// ("namespace/name") by the client's address: the application sees the
+	// stand-in's leg, from its own address, so this is where a test learns
+	// who connected.
+	inboundPeers map[string]map[string]int64
+	lastError    string
 }
 
 type countKey struct{ namespace, pod, direction, result string }
@@ -113,7 +120,7 @@ type workload struct {
 
 // NewStandIn returns a stand-in with no workloads.
 func NewStandIn(mark uint32) *StandIn {
-	return &StandIn{mark: mark, workloads: map[string]*workload{}, counts: map[countKey]*atomic.Int64{}}
+	return &StandIn{mark: mark, workloads: map[string]*workload{}, counts: map[countKey]*atomic.Int64{}, inboundPeers: map[string]map[string]int64{}}
 }
 
 // Ready says whether a snapshot was received.
@@ -336,6 +343,16 @@ func (s *StandIn) count(w *workload, direction string, err error) {
 	c.Add(1)
 }
 
+func (s *StandIn) countPeer(w *workload, peer string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	pod := w.namespace + "/" + w.name
+	if s.inboundPeers[pod] == nil {
+		s.inboundPeers[pod] = map[string]int64{}
+	}
+	s.inboundPeers[pod][peer]++
+}
+
 func (s *StandIn) accept(w *workload, ln net.Listener, direction string) {
 	for {
 		conn, err := ln.Accept()
@@ -390,6 +407,9 @@ func (s *StandIn) proxy(w *workload, conn *net.TCPConn, direction string) {
 	}
 	defer up.Close()
 	s.count(w, direction, nil)
+	if direction == Inbound {
+		s.countPeer(w, conn.RemoteAddr().(*net.TCPAddr).AddrPort().Addr().Unmap().String())
+	}
 	done := make(chan struct{}, 2)
 	go func() { _, _ = io.Copy(up, conn); _ = up.(*net.TCPConn).CloseWrite(); done <- struct{}{} }()
 	go func() { _, _ = io.Copy(conn, up); _ = conn.CloseWrite(); done <- struct{}{} }()
@@ -470,7 +490,10 @@ type Stats struct {
 	Ready     bool    `json:"ready"`
 	Workloads int     `json:"workloads"`
 	Counts    []Count `json:"counts"`
-	LastError string  `json:"lastError,omitempty"`
+	// InboundPeers: pod ("namespace/name") -> client address -> inbound
+	// connections proxied.
+	InboundPeers map[string]map[string]int64 `json:"inboundPeers,omitempty"`
+	LastError    string                      `json:"lastError,omitempty"`
 }
 
 // Stats returns the stand-in's counters.
@@ -491,7 +514,10 @@ func (s *StandIn) Stats() Stats {
 			c.Failed = v.Load()
 		}
 	}
-	out := Stats{Ready: s.ready.Load(), Workloads: len(s.workloads), Counts: []Count{}, LastError: s.lastError}
+	out := Stats{Ready: s.ready.Load(), Workloads: len(s.workloads), Counts: []Count{}, LastError: s.lastError, InboundPeers: map[string]map[string]int64{}}
+	for pod, peers := range s.inboundPeers {
+		out.InboundPeers[pod] = maps.Clone(peers)
+	}
 	for _, c := range by {
 		out.Counts = append(out.Counts, *c)
 	}
