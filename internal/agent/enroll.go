@@ -51,6 +51,10 @@ type podState struct {
 	retired  NetnsEntry
 	// handedOff is the netns cookie last handed to ztunnel (0: none yet).
 	handedOff uint64
+	// inboundWait is an adopted netns whose inbound is not captured yet:
+	// ztunnel's listener there predates the datapath's listen hook, so it
+	// is captured once ztunnel listens again (0: none).
+	inboundWait uint64
 }
 
 // Handoff is where enrolled pods' network namespaces go besides the
@@ -312,9 +316,7 @@ func (e *Enroller) Sync(full bool) {
 				// pinned map): ztunnel gets it now, and its inbound is
 				// captured (the pinned link, if any, is adopted).
 				_ = e.handOff(p, c, path)
-				if err := e.captureInboundPath(p, c, path); err != nil {
-					e.log.Error(err, "Capturing the pod's inbound traffic failed; its inbound connections reach the application without ztunnel", "pod", p.ref.String())
-				}
+				e.captureAdopted(p, c, path)
 			}
 		}
 		if full {
@@ -322,6 +324,13 @@ func (e *Enroller) Sync(full bool) {
 				if _, ok := found[c]; !ok {
 					e.retire(p, c)
 				}
+			}
+		}
+	}
+	if full {
+		for _, p := range e.pods {
+			if p.inboundWait != 0 {
+				e.captureWaiting(p)
 			}
 		}
 	}
@@ -381,6 +390,81 @@ func (e *Enroller) redirect(p *podState, cookie uint64) error {
 // kernel finds by itself (CaptureInboundNetns). UnenrollNetns releases it.
 type InboundCapturer interface {
 	CaptureInboundNetns(cookie uint64, netns *os.File) error
+	// InboundListener tells whether ztunnel's listener of the netns is in
+	// the capture map, InboundLinked whether the netns is captured.
+	InboundListener(cookie uint64) (bool, error)
+	InboundLinked(cookie uint64) bool
+}
+
+// captureAdopted captures the inbound of a pod enrolled before this agent
+// started, unless that would refuse its inbound connections: when the netns
+// is not captured yet and ztunnel's listener there is not in the capture
+// map (it listened before this datapath had its listen hook: an agent
+// upgraded from one without inbound capture, or reinstalled under a
+// running ztunnel), its inbound stays as it is, reaching the application,
+// and is captured at the first full scan after ztunnel listens again.
+func (e *Enroller) captureAdopted(p *podState, cookie uint64, path string) {
+	c, ok := e.maps.(InboundCapturer)
+	if !ok || e.handoff == nil {
+		return
+	}
+	if !c.InboundLinked(cookie) {
+		if has, err := c.InboundListener(cookie); err != nil || !has {
+			if p.inboundWait != cookie {
+				e.log.Info("ztunnel's inbound listener of this pod predates the datapath's listen hook; its inbound reaches the application without ztunnel until ztunnel listens again (restart ztunnel to capture it now)", "pod", p.ref.String(), "netnsCookie", cookie)
+			}
+			p.inboundWait = cookie
+			return
+		}
+	}
+	p.inboundWait = 0
+	if err := e.captureInboundPath(p, cookie, path); err != nil {
+		e.log.Error(err, "Capturing the pod's inbound traffic failed; its inbound connections reach the application without ztunnel", "pod", p.ref.String())
+	}
+}
+
+// captureWaiting captures an adopted pod's inbound once ztunnel's listener
+// is in the capture map.
+func (e *Enroller) captureWaiting(p *podState) {
+	cookie := p.inboundWait
+	c, ok := e.maps.(InboundCapturer)
+	if _, enrolled := p.cookies[cookie]; !ok || !enrolled {
+		p.inboundWait = 0
+		return
+	}
+	if has, err := c.InboundListener(cookie); err != nil || !has {
+		return
+	}
+	f, err := e.openNetns(cookie)
+	if err != nil {
+		return // found again by the scan, with its path
+	}
+	defer f.Close()
+	p.inboundWait = 0
+	if err := e.captureInbound(p, cookie, f); err != nil {
+		e.log.Error(err, "Capturing the pod's inbound traffic failed; its inbound connections reach the application without ztunnel", "pod", p.ref.String())
+		return
+	}
+	e.log.Info("ztunnel listens in the pod again: its inbound is captured", "pod", p.ref.String(), "netnsCookie", cookie)
+}
+
+// openNetns opens the network namespace of a netns cookie through a process
+// of the last scan that lives in it.
+func (e *Enroller) openNetns(cookie uint64) (*os.File, error) {
+	for k, c := range e.cookies {
+		if c != cookie {
+			continue
+		}
+		f, err := os.Open(filepath.Join(e.procRoot, strconv.Itoa(k.pid), "ns", "net"))
+		if err != nil {
+			continue
+		}
+		if got, err := fileNetnsCookie(f); err == nil && got == cookie {
+			return f, nil
+		}
+		f.Close()
+	}
+	return nil, fmt.Errorf("no process in netns %d", cookie)
 }
 
 // captureInbound sends the pod's inbound TCP to ztunnel's inbound listener

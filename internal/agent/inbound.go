@@ -112,6 +112,13 @@ func (d *Datapath) InboundListener(cookie uint64) (bool, error) {
 	}
 }
 
+// InboundLinked tells whether the namespace's inbound is captured (its
+// sk_lookup link is pinned).
+func (d *Datapath) InboundLinked(cookie uint64) bool {
+	_, err := os.Stat(d.inboundLinkPin(cookie))
+	return err == nil
+}
+
 // captureAddrs records the namespace's addresses and attaches its link.
 func (d *Datapath) captureAddrs(cookie uint64, netns *os.File, addrs []netip.Addr) error {
 	if len(addrs) == 0 {

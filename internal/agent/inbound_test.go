@@ -584,3 +584,48 @@ func TestInboundListenerFromKernel(t *testing.T) {
 	g.Expect(dp.MapUsage()[mkbpf.RedirectMapInboundListeners].Entries).To(BeZero())
 	g.Expect(ask(pair.client, app4, 0)).To(HavePrefix("app "), "an unenrolled pod is no longer captured")
 }
+
+// TestAdoptedPodInboundWaitsForItsListener: a pod enrolled before this
+// agent started whose ztunnel listener predates the datapath's listen hook
+// (an agent upgraded from one without inbound capture) is not captured on
+// adoption, which would refuse its inbound connections while ztunnel is
+// fine; once ztunnel listens again, the next full scan captures it.
+func TestAdoptedPodInboundWaitsForItsListener(t *testing.T) {
+	requirePrivileged(t)
+	g := NewWithT(t)
+	dp, _ := loadTestDatapath(t, capturePort)
+	cgroups := newPodCgroups(t)
+	app := PodRef{Namespace: "shop", Name: "app", UID: "0f1a2b3c-4d5e-4f6a-8b7c-8d9e0f1a2b3c"}
+	proc := cgroups.start(t, app.UID, false)
+	ns := &testNetns{Name: "pod-" + app.Name, Path: proc.netnsPath()}
+	runCmd(t, "nsenter", "--net="+ns.Path, "ip", "addr", "add", "10.250.9.2/32", "dev", "lo")
+	runCmd(t, "nsenter", "--net="+ns.Path, "ip", "link", "set", "lo", "up")
+	cookie := ns.Cookie(t)
+
+	// What the earlier agent left: the pod enrolled, ztunnel listening, its
+	// listener not in the capture map.
+	g.Expect(dp.EnrollNetns(cookie, app.UID)).To(Succeed())
+	old := startMarkedLabelServer(t, ns, ":15006", "ztunnel", DefaultBypassMark)
+	g.Expect(dp.objs.InboundListeners.Delete(cookie)).To(Succeed())
+
+	h := &handoffLog{ack: true}
+	enroller, err := NewEnroller(dp, "", testr.New(t))
+	g.Expect(err).NotTo(HaveOccurred())
+	enroller.SetHandoff(h)
+	enroller.Want(app)
+	enroller.Sync(true)
+	g.Expect(enroller.Cookies(app.UID)).To(ConsistOf(cookie))
+	g.Expect(dp.InboundLinked(cookie)).To(BeFalse(), "not captured while ztunnel's listener is unknown")
+	g.Expect(ask(ns, "10.250.9.2:15006", DefaultBypassMark)).To(HavePrefix("ztunnel "), "ztunnel still answers")
+
+	// ztunnel restarts: its new listener is put in the map by the kernel,
+	// and the next full scan captures the pod.
+	old.Close()
+	startMarkedLabelServer(t, ns, ":15006", "ztunnel-2", DefaultBypassMark)
+	g.Expect(dp.InboundListener(cookie)).To(BeTrue())
+	enroller.Sync(true)
+	g.Expect(dp.InboundLinked(cookie)).To(BeTrue(), "captured once ztunnel listens again")
+	g.Expect(dp.InboundCaptured()).To(ConsistOf(cookie))
+	enroller.Forget(app.UID)
+	g.Expect(dp.InboundLinked(cookie)).To(BeFalse())
+}
