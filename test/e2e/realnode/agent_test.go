@@ -544,8 +544,8 @@ func expectThroughStandIn(ctx context.Context, window time.Duration) {
 }
 
 // expectInboundThroughStandIn: over a window, the server's answered
-// connections and the stand-in's inbound connections of the server are the
-// same number (±2 in flight), each meshed client's connections arrive
+// connections and the stand-in's inbound connections of the server from
+// the meshed clients are the same number (a few in flight), each meshed client's connections arrive
 // through the stand-in's inbound listener by the client's address, and
 // none reaches the server from a client's address directly (the server
 // sees the stand-in's leg, from its own address).
@@ -579,9 +579,17 @@ func expectInboundThroughStandIn(ctx context.Context, serverIP string, window ti
 		t0 := read()
 		time.Sleep(window)
 		t1 := read()
+		// Only the meshed clients talk to the server's port 8080 now; the
+		// stand-in's whole inbound count may hold more (the stats reads
+		// from the host, should the host's address not be exempt).
 		da, di := t1.answered-t0.answered, t1.inbound-t0.inbound
+		var dFrom int64
+		for name := range ips {
+			dFrom += t1.fromClient[name] - t0.fromClient[name]
+		}
 		g.Expect(da).To(BeNumerically(">=", 20*clients), "connections the server answered in %s", window)
-		g.Expect(di).To(BeNumerically("~", da, 2), "the server's inbound connections through the stand-in (%d) vs those it answered (%d)", di, da)
+		g.Expect(dFrom).To(BeNumerically("~", da, 3), "the server's inbound connections from the clients through the stand-in (%d) vs those it answered (%d)", dFrom, da)
+		g.Expect(di).To(BeNumerically(">=", dFrom), "the stand-in's inbound count of the server")
 		for name := range ips {
 			dc, df := t1.client[name]-t0.client[name], t1.fromClient[name]-t0.fromClient[name]
 			g.Expect(df).To(BeNumerically("~", dc, 2), "inbound connections from %s through the stand-in (%d) vs the client's own count (%d)", name, df, dc)
