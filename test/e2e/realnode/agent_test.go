@@ -698,6 +698,10 @@ func expectNoEscapes(ctx context.Context, serverIP string, n, batch int) {
 	var names []string
 	for b := 0; b*batch < n; b++ {
 		before := stats(Default, ctx, serverIP+":9000").Peers
+		// Addresses are reused (earlier pods, earlier batches): count what
+		// reached the server from each address during this batch only.
+		var stBefore cluster.StandInStats
+		Eventually(func(g Gomega) { stBefore = standInStats(g, ctx) }).WithContext(ctx).Should(Succeed())
 		var pods []string
 		for i := b * batch; i < min(n, (b+1)*batch); i++ {
 			p := starterPod(fmt.Sprintf("starter-%02d", i), serverIP+":8080")
@@ -716,6 +720,23 @@ func expectNoEscapes(ctx context.Context, serverIP string, n, batch int) {
 			}).WithContext(ctx).WithTimeout(20 * time.Second).Should(Succeed())
 			Expect(s.Failed).To(BeZero(), "pod %s: %d connections failed (last: %s): its first connects found no ztunnel listener", name, s.Failed, s.LastError)
 		}
+		// While the pods run: the server's inbound is captured too, so
+		// every connection from a pod that reached the server, proxied
+		// outbound or not, arrived through the stand-in's inbound listener
+		// there, which counts it by the pod's address (one read: the
+		// outbound leg is counted before the inbound leg it opens). Read
+		// before the pods are deleted, so that connections from a pod
+		// being torn down do not count.
+		var running cluster.StandInStats
+		Eventually(func(g Gomega) { running = standInStats(g, ctx) }).WithContext(ctx).Should(Succeed())
+		for _, name := range pods {
+			ip := ips[name]
+			proxied := running.Count(appsNS, name, "outbound").OK
+			reached := running.InboundFrom(appsNS, "server", ip) - stBefore.InboundFrom(appsNS, "server", ip)
+			Expect(reached).To(BeNumerically("<=", proxied),
+				"the server got %d connections from pod %s (%s), the stand-in proxied %d outbound: the rest went around it", reached, name, ip, proxied)
+			Expect(reached).To(BeNumerically(">=", 3), "connections from pod %s reaching the server through the stand-in", name)
+		}
 		kubectl(ctx, "delete", "pods", "-n", appsNS, "-l", "starter=true", "--wait", "--timeout=120s")
 		// The pods are gone: every counter is final.
 		after := stats(Default, ctx, serverIP+":9000").Peers
@@ -725,14 +746,6 @@ func expectNoEscapes(ctx context.Context, serverIP string, n, batch int) {
 			ip := ips[name]
 			proxied := st.Count(appsNS, name, "outbound").OK
 			Expect(proxied).To(BeNumerically(">=", 3), "the stand-in proxied %d connections of pod %s", proxied, name)
-			// The server's inbound is captured too, so every connection
-			// from the pod that reached the server, proxied outbound or
-			// not, arrived through the stand-in's inbound listener there,
-			// which counts it by the pod's address.
-			reached := st.InboundFrom(appsNS, "server", ip)
-			Expect(reached).To(BeNumerically("<=", proxied),
-				"the server got %d connections from pod %s (%s), the stand-in proxied %d outbound: the rest went around it", reached, name, ip, proxied)
-			Expect(reached).To(BeNumerically(">=", 3), "connections from pod %s reaching the server through the stand-in", name)
 			Expect(after[ip]-before[ip]).To(BeZero(), "connections from pod %s (%s) the server answered around the stand-in's inbound listener", name, ip)
 		}
 		names = append(names, pods...)
