@@ -120,6 +120,11 @@ func run(m *testing.M) int {
 	var err error
 	kc, err = cluster.Start(ctx, cluster.Options{
 		CRDDirectoryPaths: []string{filepath.Join("..", "..", "config", "crd", "bases")},
+		// Every spire-server install binds one volume and its claim outlives
+		// the release (SPIRE's data is kept, as on a real cluster); the
+		// default 4 ran out after the fourth SPIRE test, and later tests'
+		// spire-server never became ready.
+		Volumes: 32,
 		Nodes: []cluster.Node{
 			{Name: "node-new", KernelVersion: "6.1.0-28-amd64", Labels: map[string]string{"pool": "canary"}},
 			{Name: "node-mid", KernelVersion: "5.15.0-130-generic"},
