@@ -31,7 +31,8 @@ type PodEnroller interface {
 }
 
 // EnrolNetns enrols a pod's network namespace given as an open file, at
-// once, like EnrollPath.
+// once and failing closed: ztunnel takes it (acked), then it is redirected
+// and its inbound captured; an error leaves it out of the redirect map.
 func (e *Enroller) EnrolNetns(_ context.Context, ref PodRef, netns *os.File) error {
 	cookie, err := fileNetnsCookie(netns)
 	if err != nil {
@@ -39,22 +40,12 @@ func (e *Enroller) EnrolNetns(_ context.Context, ref PodRef, netns *os.File) err
 	}
 	e.mu.Lock()
 	defer e.mu.Unlock()
-	p, ok := e.pods[ref.UID]
-	if !ok {
-		p = &podState{ref: ref, cookies: map[uint64]struct{}{}, since: e.now()}
-		for c, uid := range e.orphans {
-			if uid == ref.UID {
-				p.cookies[c] = struct{}{}
-				delete(e.orphans, c)
-			}
-		}
-		e.pods[ref.UID] = p
-	}
+	p := e.podLocked(ref)
 	p.ref, p.explicit = ref, true
 	if cookie == e.hostCookie {
 		return fmt.Errorf("pod %s: refusing to enroll the host network namespace", p.ref)
 	}
-	// Fail closed, like EnrollPathHandedOff: the sandbox starts only once
+	// Fail closed: the sandbox starts only once
 	// ztunnel has taken the namespace, so its first connection finds
 	// ztunnel's in-pod listener; otherwise the ADD fails and the kubelet
 	// retries.

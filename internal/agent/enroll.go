@@ -130,9 +130,22 @@ func NewEnroller(maps NetnsMap, procRoot string, log logr.Logger) (*Enroller, er
 func (e *Enroller) Want(ref PodRef) {
 	e.mu.Lock()
 	defer e.mu.Unlock()
+	if _, ok := e.pods[ref.UID]; ok {
+		e.podLocked(ref)
+		return
+	}
+	if p := e.podLocked(ref); len(p.cookies) == 0 {
+		e.poke()
+	}
+}
+
+// podLocked returns the pod's state with ref as its latest description,
+// made on first sight with the namespaces a previous agent enrolled for
+// it (adopted from the pinned map). e.mu is held.
+func (e *Enroller) podLocked(ref PodRef) *podState {
 	if p, ok := e.pods[ref.UID]; ok {
 		p.ref = ref
-		return
+		return p
 	}
 	p := &podState{ref: ref, cookies: map[uint64]struct{}{}, since: e.now()}
 	for cookie, uid := range e.orphans {
@@ -142,9 +155,7 @@ func (e *Enroller) Want(ref PodRef) {
 		}
 	}
 	e.pods[ref.UID] = p
-	if len(p.cookies) == 0 {
-		e.poke()
-	}
+	return p
 }
 
 // EnrollPath enrolls a pod's network namespace given by path right away
@@ -156,11 +167,7 @@ func (e *Enroller) EnrollPath(ref PodRef, netnsPath string) error {
 	}
 	e.mu.Lock()
 	defer e.mu.Unlock()
-	p, ok := e.pods[ref.UID]
-	if !ok {
-		p = &podState{ref: ref, cookies: map[uint64]struct{}{}, since: e.now()}
-		e.pods[ref.UID] = p
-	}
+	p := e.podLocked(ref)
 	p.explicit = true
 	return e.enroll(p, cookie, netnsPath)
 }
@@ -511,33 +518,14 @@ func workloadInfo(ref PodRef) zds.WorkloadInfo {
 // (zds.ErrNoZtunnel, a *zds.AckError, a timeout) and leaves the netns out
 // of the redirect map; the pod stays wanted, and the ZDS server keeps it
 // for the next snapshot until it is forgotten. Without a hand-off it is
-// EnrollPath.
+// EnrollPath. It is EnrolNetns for a path.
 func (e *Enroller) EnrollPathHandedOff(ref PodRef, netnsPath string) error {
-	cookie, err := NetnsCookie(netnsPath)
+	f, err := os.Open(netnsPath)
 	if err != nil {
-		return err
+		return fmt.Errorf("open the pod's network namespace: %w", err)
 	}
-	e.mu.Lock()
-	defer e.mu.Unlock()
-	p, ok := e.pods[ref.UID]
-	if !ok {
-		p = &podState{ref: ref, cookies: map[uint64]struct{}{}, since: e.now()}
-		e.pods[ref.UID] = p
-	}
-	p.ref, p.explicit = ref, true
-	if cookie == e.hostCookie {
-		return fmt.Errorf("pod %s: refusing to enroll the host network namespace", p.ref)
-	}
-	if err := e.handOff(p, cookie, netnsPath); err != nil {
-		return fmt.Errorf("pod %s: hand-off to ztunnel: %w", ref, err)
-	}
-	if err := e.redirect(p, cookie); err != nil {
-		return err
-	}
-	if err := e.captureInboundPath(p, cookie, netnsPath); err != nil {
-		return fmt.Errorf("pod %s: capture inbound: %w", ref, err)
-	}
-	return nil
+	defer f.Close()
+	return e.EnrolNetns(context.Background(), ref, f)
 }
 
 // handOff gives ztunnel the pod's netns and waits for its ack.
