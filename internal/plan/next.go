@@ -624,22 +624,7 @@ func (e *engine) notMoved() []string {
 }
 
 func (e *engine) releasesMissing(want world) []string {
-	var out []string
-	ready := map[Release]bool{}
-	for _, r := range e.facts.Ready {
-		ready[r] = true
-	}
-	for _, r := range want.releases {
-		if !ready[r] {
-			out = append(out, r.String())
-		}
-	}
-	for r := range ready {
-		if !slices.Contains(want.releases, r) {
-			out = append(out, r.String()+" (to be removed)")
-		}
-	}
-	slices.Sort(out)
+	out := e.releasesMissingFor(want)
 	if s := &e.mem.Steps[e.mem.Step]; s.Action == ActionRemoveNodeComponents {
 		for _, n := range e.facts.Nodes {
 			if n.At.Version != "" {

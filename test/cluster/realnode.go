@@ -293,7 +293,7 @@ func (c *Cluster) startRealNode(ctx context.Context, caFile string) error {
 	}
 
 	kp := filepath.Join(d, "kube-proxy.yaml")
-	kpPorts, err := freePorts(2)
+	kpPorts, err := FreePorts(2)
 	if err != nil {
 		return err
 	}
@@ -644,16 +644,25 @@ maxPods: 110
 `, dir, RealNodeBridgeIP, port, healthzPort, "", caFile, RealNodeTaintKey)
 }
 
-func freePorts(n int) ([]int, error) {
-	var out []int
+// FreePorts returns n distinct free TCP ports on 127.0.0.1: each is held
+// open until all are found, so none is handed out twice.
+func FreePorts(n int) ([]int, error) {
+	var ports []int
+	var ls []net.Listener
+	defer func() {
+		for _, l := range ls {
+			_ = l.Close()
+		}
+	}()
 	for range n {
-		p, err := freePort()
+		l, err := net.Listen("tcp", "127.0.0.1:0")
 		if err != nil {
 			return nil, err
 		}
-		out = append(out, p)
+		ls = append(ls, l)
+		ports = append(ports, l.Addr().(*net.TCPAddr).Port)
 	}
-	return out, nil
+	return ports, nil
 }
 
 func kubeProxyConfig(kubeconfig, node string, ports []int) string {

@@ -11,7 +11,6 @@ package istiod
 import (
 	"context"
 	"fmt"
-	"net"
 	"net/http"
 	"os"
 	"os/exec"
@@ -86,7 +85,7 @@ func Start(ctx context.Context, t testing.TB, c *cluster.Cluster, opts Options) 
 	if opts.Namespace == "" {
 		opts.Namespace = "istio-system"
 	}
-	ports, err := freePorts(5)
+	ports, err := cluster.FreePorts(5)
 	if err != nil {
 		return nil, err
 	}
@@ -189,23 +188,4 @@ func (d *Istiod) LogTail(n int) string {
 		lines = lines[len(lines)-n:]
 	}
 	return strings.Join(lines, "\n")
-}
-
-func freePorts(n int) ([]int, error) {
-	var ports []int
-	var ls []net.Listener
-	defer func() {
-		for _, l := range ls {
-			_ = l.Close()
-		}
-	}()
-	for range n {
-		l, err := net.Listen("tcp", "127.0.0.1:0")
-		if err != nil {
-			return nil, err
-		}
-		ls = append(ls, l)
-		ports = append(ports, l.Addr().(*net.TCPAddr).Port)
-	}
-	return ports, nil
 }
