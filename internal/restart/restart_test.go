@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"maps"
 	"os"
 	"path/filepath"
 	"slices"
@@ -366,11 +367,17 @@ func TestRestartKeepsGitOpsFields(t *testing.T) {
 	const ns, token = "restart-gitops", "2026-12-02T07:30:00Z"
 	namespace(t, ctx, ns)
 	dir := t.TempDir()
-	manifest := func(name, image, team string) string {
+	manifest := func(name, image, team, owner string) string {
 		p := filepath.Join(dir, name+".yaml")
 		ann := ""
 		if team != "" {
-			ann = "\n      annotations:\n        team: " + team
+			ann += "\n        team: " + team
+		}
+		if owner != "" {
+			ann += "\n        owner: " + owner
+		}
+		if ann != "" {
+			ann = "\n      annotations:" + ann
 		}
 		y := fmt.Sprintf(`apiVersion: apps/v1
 kind: Deployment
@@ -406,7 +413,7 @@ spec:
 	}
 	apps := map[string]func(string) []string{"cart": ssa, "web": csa}
 	for name, apply := range apps {
-		kubectl(apply(manifest(name, "shop/"+name+":1.0", "shop"))...)
+		kubectl(apply(manifest(name, "shop/"+name+":1.0", "shop", ""))...)
 	}
 	settled(g, ctx, ns)
 	get := func(name string) *appsv1.Deployment {
@@ -434,7 +441,13 @@ spec:
 		want.Template.Annotations[Annotation] = token
 		g.Expect(d.Spec).To(Equal(want), name)
 		g.Expect(d.Labels).To(Equal(beforeMeta[name].Labels), name)
-		g.Expect(d.Annotations).To(Equal(beforeMeta[name].Annotations), name)
+		// The Deployment controller counts the revision up; every other
+		// annotation (Argo CD's tracking id, kubectl's last-applied) is kept.
+		ann, was := maps.Clone(d.Annotations), maps.Clone(beforeMeta[name].Annotations)
+		g.Expect(ann).To(HaveKeyWithValue("deployment.kubernetes.io/revision", "2"))
+		delete(ann, "deployment.kubernetes.io/revision")
+		delete(was, "deployment.kubernetes.io/revision")
+		g.Expect(ann).To(Equal(was), name)
 		// meshkeeper's field manager holds that one annotation and nothing else.
 		var mine []string
 		for _, mf := range d.ManagedFields {
@@ -449,7 +462,7 @@ spec:
 			"f:annotations": map[string]any{"f:" + Annotation: map[string]any{}}}}}}), name)
 
 		// Argo CD syncs the unchanged manifest: no conflict, no diff, the stamp stays.
-		p := manifest(name, "shop/"+name+":1.0", "shop")
+		p := manifest(name, "shop/"+name+":1.0", "shop", "")
 		kubectl(apply(p)...)
 		diff := []string{"diff", "-f", p}
 		if name == "cart" {
@@ -465,13 +478,14 @@ spec:
 	g.Expect(res.Restarted).To(BeEmpty(), "a sync does not cause a second restart")
 	g.Expect(w.n.Load()).To(BeZero())
 
-	// A new commit: a new image, the team annotation dropped. It applies
-	// without conflict and wins; the stamp stays.
+	// A new commit: a new image, the team annotation replaced by another.
+	// It applies without conflict and wins; the stamp stays.
 	for name, apply := range apps {
-		kubectl(apply(manifest(name, "shop/"+name+":1.1", ""))...)
+		kubectl(apply(manifest(name, "shop/"+name+":1.1", "", "payments"))...)
 		d := get(name)
 		g.Expect(d.Spec.Template.Spec.Containers[0].Image).To(Equal("shop/" + name + ":1.1"))
-		g.Expect(d.Spec.Template.Annotations).To(Equal(map[string]string{Annotation: token}), name+": team removed by its owner, the stamp kept")
+		g.Expect(d.Spec.Template.Annotations).To(Equal(map[string]string{"owner": "payments", Annotation: token}),
+			name+": team removed by its owner, the stamp kept")
 	}
 	settled(g, ctx, ns)
 	ok, waiting, err := Observe(ctx, kc.Client, ns, token)
@@ -482,4 +496,59 @@ spec:
 			g.Expect(tok).To(Equal(token))
 		}
 	}
+
+	// A commit that drops the pod template's whole annotations map. Under
+	// server-side apply the stamp stays. kubectl's client-side three-way
+	// merge sets the map it last applied to null, and the stamp goes with
+	// it (kubectl.kubernetes.io/restartedAt would too): Observe sees web as
+	// not restarted, and the next Restart stamps it again, once.
+	for name, apply := range apps {
+		kubectl(apply(manifest(name, "shop/"+name+":1.1", "", ""))...)
+	}
+	g.Expect(get("cart").Spec.Template.Annotations).To(Equal(map[string]string{Annotation: token}))
+	g.Expect(get("web").Spec.Template.Annotations).To(BeEmpty())
+	ok, waiting, err = Observe(ctx, kc.Client, ns, token)
+	g.Expect(err).NotTo(HaveOccurred())
+	g.Expect(ok).To(BeFalse())
+	g.Expect(waiting).To(HavePrefix("deployment/web not restarted"))
+	settled(g, ctx, ns)
+	res, err = Restart(ctx, kc.Client, ns, token, 2)
+	g.Expect(err).NotTo(HaveOccurred())
+	g.Expect(res.Restarted).To(Equal([]string{"deployment/web"}))
+	drive(g, ctx, kc.Client, ns, token, 2, nil)
+}
+
+// TestRestartJudgesAgainWhenChanged: a workload its owner pauses between
+// Restart's read and its write is not stamped: the write is conditional on
+// what was judged, the API server refuses it, and the workload, read
+// again, is skipped as paused.
+func TestRestartJudgesAgainWhenChanged(t *testing.T) {
+	cluster.SkipIfUnavailable(t)
+	g := NewWithT(t)
+	ctx := context.Background()
+	const ns, token = "restart-changed", "2026-12-02T07:40:00Z"
+	namespace(t, ctx, ns)
+	cart := deployment(ns, "cart", 2)
+	g.Expect(kc.Client.Create(ctx, cart)).To(Succeed())
+	settled(g, ctx, ns)
+
+	ww, err := client.NewWithWatch(kc.Config, client.Options{Scheme: kc.Scheme})
+	g.Expect(err).NotTo(HaveOccurred())
+	var applies int
+	c := interceptor.NewClient(ww, interceptor.Funcs{
+		Apply: func(ctx context.Context, c client.WithWatch, obj runtime.ApplyConfiguration, opts ...client.ApplyOption) error {
+			applies++
+			if applies == 1 { // the user pauses cart just now
+				g.Expect(kc.Client.Patch(ctx, cart, client.RawPatch("application/merge-patch+json", []byte(`{"spec":{"paused":true}}`)))).To(Succeed())
+			}
+			return c.Apply(ctx, obj, opts...)
+		},
+	})
+	res, err := Restart(ctx, c, ns, token, 1)
+	g.Expect(err).NotTo(HaveOccurred())
+	g.Expect(applies).To(Equal(1), "the refused write is not retried once it is judged again")
+	g.Expect(res.Restarted).To(BeEmpty())
+	g.Expect(res.Skipped).To(Equal([]Item{{"deployment/cart", "skipped: paused (resume it with kubectl rollout resume to have it restarted)"}}))
+	g.Expect(kc.Client.Get(ctx, client.ObjectKeyFromObject(cart), cart)).To(Succeed())
+	g.Expect(cart.Spec.Template.Annotations).NotTo(HaveKey(Annotation))
 }
