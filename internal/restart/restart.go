@@ -223,6 +223,9 @@ func stampOne(ctx context.Context, c client.Client, w *workload, token string) e
 // "statefulset/db not restarted: PodDisruptionBudget db allows 0
 // disruptions". A namespace without workloads has rolled out.
 func Observe(ctx context.Context, c client.Client, ns, token string) (rolledOut bool, waiting string, err error) {
+	if token == "" {
+		return false, "", errors.New("restart: observe with an empty token: there is no restart to observe (Memory.Restart is empty)")
+	}
 	ws, pdbs, err := survey(ctx, c, ns)
 	if err != nil {
 		return false, "", err
@@ -239,7 +242,7 @@ func Observe(ctx context.Context, c client.Client, ns, token string) (rolledOut 
 	for _, w := range ws {
 		switch {
 		case w.skip != "":
-		case token != "" && w.stamp() == token:
+		case w.stamp() == token:
 			if ok, why := w.rolledOut(); !ok {
 				out = append(out, w.id()+" "+why)
 			}

@@ -1,6 +1,7 @@
 package restart
 
 import (
+	"context"
 	"testing"
 
 	. "github.com/onsi/gomega"
@@ -171,4 +172,16 @@ func TestMessageIsShort(t *testing.T) {
 	r := Result{Waiting: []Item{{"deployment/a", "x"}, {"deployment/b", "y"}, {"deployment/c", "z"}, {"deployment/d", "w"}, {"deployment/e", "v"}}}
 	g.Expect(r.Message()).To(Equal("deployment/a x, deployment/b y, deployment/c z and 2 more"))
 	g.Expect(Result{}.Message()).To(BeEmpty())
+}
+
+// TestBadArguments: the caller's mistakes are refused before anything is read.
+func TestBadArguments(t *testing.T) {
+	g := NewWithT(t)
+	ctx := context.Background()
+	_, err := Restart(ctx, nil, "shop", "", 1)
+	g.Expect(err).To(MatchError(ContainSubstring("empty token")))
+	_, err = Restart(ctx, nil, "shop", "2026-12-02T07:00:00Z", 0)
+	g.Expect(err).To(MatchError("restart: budget 0: at least one workload must be allowed to restart at a time"))
+	_, _, err = Observe(ctx, nil, "shop", "")
+	g.Expect(err).To(MatchError(ContainSubstring("empty token")))
 }
