@@ -14,6 +14,7 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/utils/ptr"
 	ctrl "sigs.k8s.io/controller-runtime"
 	"sigs.k8s.io/controller-runtime/pkg/client"
@@ -109,6 +110,20 @@ func TestWebhookAgainstAPIServer(t *testing.T) {
 			m.Spec.Dataplane = v1alpha1.DataplaneSpec{Mode: v1alpha1.ModeSidecar, Redirection: v1alpha1.RedirectionEBPF}
 		})
 		expectRefused(t, err, "schema", "spec.dataplane.redirection", "only valid with mode Ambient")
+	})
+
+	t.Run("an mtls mode in Istio's spelling is refused by the CRD schema", func(t *testing.T) {
+		err := refusedUpdate(t, func(m *v1alpha1.Mesh) { m.Spec.Security.MTLS = "STRICT" })
+		expectRefused(t, err, "schema", "spec.security.mtls", `Unsupported value: "STRICT"`, `"Permissive"`, `"Strict"`)
+	})
+
+	t.Run("spec.security without mtls reads back as Permissive (the CRD default)", func(t *testing.T) {
+		g := NewWithT(t)
+		// An empty security object is dropped by omitempty; send it raw.
+		var m v1alpha1.Mesh
+		g.Expect(c.Get(ctx, client.ObjectKeyFromObject(mesh), &m)).To(Succeed())
+		g.Expect(c.Patch(ctx, &m, client.RawPatch(types.MergePatchType, []byte(`{"spec":{"security":{}}}`)))).To(Succeed())
+		g.Expect(m.Spec.Security.MTLS).To(Equal(v1alpha1.MTLSPermissive))
 	})
 
 	t.Run("better without maxDegradation is refused by the CRD's CEL rule", func(t *testing.T) {

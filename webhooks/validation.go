@@ -71,6 +71,7 @@ func ValidateSpec(spec *v1alpha1.MeshSpec) field.ErrorList {
 	errs = append(errs, validateDataplane(&spec.Dataplane, p.Child("dataplane"))...)
 	errs = append(errs, validateWaypoints(spec.Waypoints, p.Child("waypoints"))...)
 	errs = append(errs, validateIdentity(&spec.Identity, p.Child("identity"))...)
+	errs = append(errs, validateSecurity(&spec.Security, p.Child("security"))...)
 	errs = append(errs, validateRollout(&spec.Rollout, p.Child("rollout"))...)
 	errs = append(errs, validateAnalysis(spec.Analysis, p.Child("analysis"))...)
 	errs = append(errs, validateUpgrade(&spec.Upgrade, p.Child("upgrade"))...)
@@ -120,6 +121,19 @@ func validateVersion(v string, p *field.Path) field.ErrorList {
 		return field.ErrorList{field.Invalid(p, v, "must be MAJOR.MINOR or MAJOR.MINOR.PATCH with numbers below 2^32 and no \"v\" prefix, e.g. "+exampleVersion)}
 	}
 	return nil
+}
+
+// validateSecurity re-checks the schema's enum. No cross-field rule: Strict
+// holds in both dataplane modes (sidecars and ztunnel both speak Istio
+// mTLS), and its timing against rollouts is the controller's to keep, not
+// something a spec can get wrong.
+func validateSecurity(s *v1alpha1.SecuritySpec, p *field.Path) field.ErrorList {
+	switch s.MTLS {
+	case "", v1alpha1.MTLSPermissive, v1alpha1.MTLSStrict:
+		return nil
+	}
+	return field.ErrorList{hint(field.NotSupported(p.Child("mtls"), s.MTLS, []v1alpha1.MTLSMode{v1alpha1.MTLSPermissive, v1alpha1.MTLSStrict}),
+		"Permissive accepts plaintext too (the default, e.g. during a migration); Strict requires mTLS mesh-wide once no rollout runs")}
 }
 
 func validateDataplane(d *v1alpha1.DataplaneSpec, p *field.Path) field.ErrorList {

@@ -98,6 +98,16 @@ func TestValidateSpec(t *testing.T) {
 		}},
 		{name: "unknown mode", mutate: func(s *v1alpha1.MeshSpec) { s.Dataplane = v1alpha1.DataplaneSpec{Mode: "Ambiant"} }, field: "spec.dataplane.mode", detail: []string{`"Ambient"`, `"Sidecar"`}},
 
+		// security
+		{name: "mtls strict", mutate: func(s *v1alpha1.MeshSpec) { s.Security.MTLS = v1alpha1.MTLSStrict }},
+		{name: "mtls strict with sidecars", mutate: func(s *v1alpha1.MeshSpec) {
+			s.Dataplane = v1alpha1.DataplaneSpec{Mode: v1alpha1.ModeSidecar}
+			s.Security.MTLS = v1alpha1.MTLSStrict
+		}},
+		{name: "mtls permissive", mutate: func(s *v1alpha1.MeshSpec) { s.Security.MTLS = v1alpha1.MTLSPermissive }},
+		{name: "mtls in Istio's spelling", mutate: func(s *v1alpha1.MeshSpec) { s.Security.MTLS = "STRICT" },
+			field: "spec.security.mtls", detail: []string{`"STRICT"`, `"Permissive"`, `"Strict"`, "requires mTLS mesh-wide"}},
+
 		// waypoints
 		{name: "duplicate waypoint", mutate: func(s *v1alpha1.MeshSpec) { s.Waypoints = append(s.Waypoints, s.Waypoints[0]) }, field: "spec.waypoints[1]", detail: []string{"Duplicate", "shop/waypoint"}},
 

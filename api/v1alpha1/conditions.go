@@ -58,6 +58,11 @@ const (
 	// waypoint needs was written by someone else (meshkeeper leaves it), or
 	// a waypoint's namespace is not in the mesh; status.waypoints says which.
 	ReasonWaypointConflict = "WaypointConflict"
+	// ReasonMTLSConflict: spec.security.mtls is Strict and a mesh-wide
+	// PeerAuthentication meshkeeper did not write is in the root namespace
+	// (meshkeeper leaves it; istiod applies the oldest mesh-wide one, and
+	// a rollout cannot relax it); status.security.conflicts says which.
+	ReasonMTLSConflict = "MTLSConflict"
 	// ReasonPlanFailed: the planner found no safe way from what runs to the
 	// spec (e.g. a downgrade of two minors); nothing new starts until the
 	// spec, the catalog or the cluster changes. The message is the planner's:

@@ -128,3 +128,11 @@ func (n NodeRolloutSpec) EffectiveSoak() time.Duration {
 	}
 	return n.Soak.Duration
 }
+
+// EffectiveMTLS is the mesh-wide mTLS mode with its default (Permissive).
+func (s SecuritySpec) EffectiveMTLS() MTLSMode {
+	if s.MTLS == "" {
+		return MTLSPermissive
+	}
+	return s.MTLS
+}

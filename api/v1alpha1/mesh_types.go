@@ -48,6 +48,19 @@ const (
 	WaypointForAll      WaypointFor = "All"
 )
 
+// MTLSMode is the mesh-wide mutual TLS policy meshkeeper keeps.
+// +kubebuilder:validation:Enum=Permissive;Strict
+type MTLSMode string
+
+const (
+	// MTLSPermissive accepts plaintext and mTLS (Istio's own default):
+	// meshkeeper writes no mesh-wide PeerAuthentication.
+	MTLSPermissive MTLSMode = "Permissive"
+	// MTLSStrict accepts only mTLS between workloads: meshkeeper writes one
+	// mesh-wide PeerAuthentication (mode STRICT) once no rollout runs.
+	MTLSStrict MTLSMode = "Strict"
+)
+
 // MeshSpec is what the platform team wants. meshkeeper never writes it.
 // +kubebuilder:validation:XValidation:rule="!has(self.analysis) || !has(self.analysis.slos) || size(self.analysis.slos) == 0 || has(self.analysis.prometheus)",message="spec.analysis.prometheus.address is required when spec.analysis.slos is set: SLOs are read from Prometheus"
 type MeshSpec struct {
@@ -77,6 +90,10 @@ type MeshSpec struct {
 	// Identity configures workload identity.
 	// +optional
 	Identity IdentitySpec `json:"identity,omitempty"`
+
+	// Security configures the mesh's traffic security (mutual TLS).
+	// +optional
+	Security SecuritySpec `json:"security,omitempty"`
 
 	// Rollout says how changes move across nodes and namespaces.
 	// +optional
@@ -140,6 +157,20 @@ type WaypointSpec struct {
 	// For is the traffic it proxies: Service (default), Workload or All.
 	// +optional
 	For WaypointFor `json:"for,omitempty"`
+}
+
+// SecuritySpec configures the mesh's traffic security.
+type SecuritySpec struct {
+	// MTLS is Permissive (default: plaintext still accepted, as during a
+	// migration) or Strict: meshkeeper then writes one mesh-wide
+	// PeerAuthentication of mode STRICT in the control plane's namespace,
+	// only while no rollout runs. A rollout or a rollback removes it before
+	// any namespace moves, and it comes back once the rollout has ended.
+	// PeerAuthentications of application namespaces (opt-outs) are left
+	// alone and listed in status.security.optOuts.
+	// +kubebuilder:default=Permissive
+	// +optional
+	MTLS MTLSMode `json:"mtls,omitempty"`
 }
 
 // IdentitySpec configures workload identity.
@@ -493,6 +524,50 @@ type MeshStatus struct {
 	// in their way.
 	// +optional
 	Waypoints *WaypointsStatus `json:"waypoints,omitempty"`
+
+	// Security is the mesh-wide mTLS policy as it is in effect, and the
+	// PeerAuthentications meshkeeper found and left alone.
+	// +optional
+	Security *SecurityStatus `json:"security,omitempty"`
+}
+
+// SecurityStatus is the mesh-wide mTLS policy as meshkeeper keeps it.
+type SecurityStatus struct {
+	// MTLS is the mesh-wide mode meshkeeper has in effect: Strict while its
+	// mesh-wide PeerAuthentication exists, Permissive otherwise (also while
+	// a rollout holds Strict back).
+	// +optional
+	MTLS MTLSMode `json:"mtls,omitempty"`
+	// PeerAuthentication is the namespace/name of the mesh-wide
+	// PeerAuthentication meshkeeper wrote, when it exists.
+	// +optional
+	PeerAuthentication string `json:"peerAuthentication,omitempty"`
+	// Message says why spec.security.mtls is not in effect (a rollout
+	// runs, a conflict), empty when it is.
+	// +optional
+	Message string `json:"message,omitempty"`
+	// Conflicts lists the mesh-wide PeerAuthentications in the root
+	// namespace that meshkeeper did not write; it leaves them as they are
+	// and the Mesh is Degraded (MTLSConflict) while spec.security.mtls is
+	// Strict.
+	// +kubebuilder:validation:MaxItems=64
+	// +optional
+	Conflicts []string `json:"conflicts,omitempty"`
+	// ConflictsOmitted counts the conflicts left out of Conflicts, which
+	// keeps the first 64 (sorted).
+	// +optional
+	ConflictsOmitted int32 `json:"conflictsOmitted,omitempty"`
+	// OptOuts lists the PeerAuthentications of other namespaces (or with a
+	// workload selector) that users wrote, as "namespace/name: MODE"; they
+	// override the mesh-wide policy where they apply, and meshkeeper leaves
+	// them alone. Listed while spec.security.mtls is Strict.
+	// +kubebuilder:validation:MaxItems=64
+	// +optional
+	OptOuts []string `json:"optOuts,omitempty"`
+	// OptOutsOmitted counts the opt-outs left out of OptOuts, which keeps
+	// the first 64 (sorted).
+	// +optional
+	OptOutsOmitted int32 `json:"optOutsOmitted,omitempty"`
 }
 
 // WaypointsStatus is the waypoints as they run.
@@ -847,6 +922,7 @@ type HistoryEntry struct {
 // +kubebuilder:printcolumn:name="Target",type=string,JSONPath=`.status.version.target`
 // +kubebuilder:printcolumn:name="Ready",type=string,JSONPath=`.status.conditions[?(@.type=="Ready")].status`
 // +kubebuilder:printcolumn:name="Step",type=string,JSONPath=`.status.rollout.step`
+// +kubebuilder:printcolumn:name="mTLS",type=string,JSONPath=`.status.security.mtls`,priority=1
 // +kubebuilder:printcolumn:name="Age",type=date,JSONPath=`.metadata.creationTimestamp`
 type Mesh struct {
 	metav1.TypeMeta   `json:",inline"`

@@ -67,6 +67,14 @@ func boundStatus(st *meshv1.MeshStatus) {
 			w.Items = w.Items[:maxWaypointItems]
 		}
 	}
+	if s := st.Security; s != nil { // mesh_mtls.go caps them when it lists
+		if s.Conflicts, n = capped(s.Conflicts, maxMTLSConflicts); n > 0 {
+			s.ConflictsOmitted = n
+		}
+		if s.OptOuts, n = capped(s.OptOuts, maxMTLSOptOuts); n > 0 {
+			s.OptOutsOmitted = n
+		}
+	}
 	if c := st.Catalog; c != nil {
 		if over := len(c.Bundles) - maxCatalog; over > 0 {
 			c.Bundles = c.Bundles[over:]

@@ -142,6 +142,8 @@ func TestStatusCapsMatchTheCRD(t *testing.T) {
 	g.Expect(maxItems("waypoints", "items")).To(BeEquivalentTo(maxWaypointItems))
 	g.Expect(maxItems("waypoints", "conflicts")).To(BeEquivalentTo(maxWaypointConflicts))
 	g.Expect(maxItems("waypoints", "gatewayAPI", "kept")).To(BeEquivalentTo(maxGatewayAPIKept))
+	g.Expect(maxItems("security", "conflicts")).To(BeEquivalentTo(maxMTLSConflicts))
+	g.Expect(maxItems("security", "optOuts")).To(BeEquivalentTo(maxMTLSOptOuts))
 
 	// Every other capped status list would need a cap here too.
 	var capped []string
@@ -161,7 +163,8 @@ func TestStatusCapsMatchTheCRD(t *testing.T) {
 	g.Expect(capped).To(ConsistOf("status.dataplane.conflicts", "status.ignored", "status.history",
 		"status.rollout.waveNamespaces", "status.rollout.waveNodes", "status.catalog.bundles",
 		"status.identity.dryRun.actions", "status.identity.dryRun.conflicts",
-		"status.waypoints.items", "status.waypoints.conflicts", "status.waypoints.gatewayAPI.kept"))
+		"status.waypoints.items", "status.waypoints.conflicts", "status.waypoints.gatewayAPI.kept",
+		"status.security.conflicts", "status.security.optOuts"))
 }
 
 // TestStatusAtTheCapsOnTheAPIServer: a status one item over every cap is

@@ -187,10 +187,12 @@ func (r *MeshReconciler) reconcileNormal(ctx context.Context, mesh *meshv1.Mesh,
 		{"components", r.reconcileComponents},
 		{"identity", r.reconcileIdentity},
 		{"rollout", r.reconcileRollout},
+		{"mtls-relax", r.relaxMTLS}, // mesh_mtls.go: a rollout removes STRICT before any namespace moves
 		{"namespaces", r.reconcileNamespaces},
 		{"waypoints", r.reconcileWaypoints},
 		{"retire", r.retireComponents},
 		{"conclude", r.concludeRollout},
+		{"mtls", r.reconcileMTLS}, // mesh_mtls.go: STRICT once no rollout runs
 	}
 	r.resolveRollout(ctx, mesh, obs)
 	obs.rolloutResolved = true
@@ -221,7 +223,7 @@ func (r *MeshReconciler) reconcileNormal(ctx context.Context, mesh *meshv1.Mesh,
 		return ctrl.Result{RequeueAfter: obs.requeueAfter}, nil
 	case !obs.converged():
 		return ctrl.Result{RequeueAfter: jitter(3 * time.Second)}, nil
-	case obs.enrolmentRecheck > 0 || obs.identity.observed || (obs.requeueAfter > 0 && obs.rollout.deferred != "") || obs.waypoints.recheck() > 0:
+	case obs.enrolmentRecheck > 0 || obs.identity.observed || (obs.requeueAfter > 0 && obs.rollout.deferred != "") || obs.waypoints.recheck() > 0 || obs.mtls.recheck() > 0:
 		// Nothing watched would wake this Mesh: a pod still within its
 		// enrolment grace period (look again when it ends), the SPIRE
 		// server's entries and attested agents (mesh_identity.go), and the
@@ -242,6 +244,7 @@ func (r *MeshReconciler) reconcileNormal(ctx context.Context, mesh *meshv1.Mesh,
 			soonest(obs.requeueAfter)
 		}
 		soonest(obs.waypoints.recheck()) // mesh_waypoints.go
+		soonest(obs.mtls.recheck())      // mesh_mtls.go
 		return ctrl.Result{RequeueAfter: after}, nil
 	}
 	return ctrl.Result{}, nil
@@ -253,10 +256,11 @@ func (r *MeshReconciler) reconcileDelete(ctx context.Context, mesh *meshv1.Mesh,
 	if !controllerutil.ContainsFinalizer(mesh, meshv1.Finalizer) {
 		return ctrl.Result{}, nil
 	}
-	// In order, each only once the one before is done: workloads leave the
-	// mesh first, then its components go (the node agent removing its
+	// In order, each only once the one before is done: STRICT mTLS goes
+	// first (workloads leaving the mesh speak plaintext), then workloads
+	// leave the mesh, then its components go (the node agent removing its
 	// datapath from every node first), then the node labels.
-	for _, cleanup := range []func(context.Context, *meshv1.Mesh) error{r.releaseWaypoints, r.releaseNamespaces, r.removeIdentity, r.uninstallComponents, r.releaseNodes} {
+	for _, cleanup := range []func(context.Context, *meshv1.Mesh) error{r.releaseMTLS, r.releaseWaypoints, r.releaseNamespaces, r.removeIdentity, r.uninstallComponents, r.releaseNodes} {
 		if err := cleanup(ctx, mesh); err != nil {
 			obs.applyErr = err
 			if errors.Is(err, errWaiting) {

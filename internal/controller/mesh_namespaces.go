@@ -40,7 +40,9 @@ func namespaceLabels(mesh *meshv1.Mesh, revision string) map[string]string {
 // every component is ready, so no workload is pointed at a proxy that is not
 // there yet; labels already in place stay while components recover.
 func (r *MeshReconciler) reconcileNamespaces(ctx context.Context, mesh *meshv1.Mesh, obs *observation) error {
-	if !obs.componentsReady {
+	if !obs.componentsReady || obs.mtls.holdNamespaces {
+		// holdNamespaces: meshkeeper's STRICT mTLS policy must go before
+		// any namespace moves (mesh_mtls.go).
 		return nil
 	}
 	obs.namespacesObserved = true

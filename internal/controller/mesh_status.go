@@ -70,6 +70,7 @@ type observation struct {
 	identity identityObservation
 
 	waypoints waypointObservation // mesh_waypoints.go
+	mtls      mtlsObservation     // mesh_mtls.go
 }
 
 // converged is true when every component is ready at the target, the
@@ -137,6 +138,9 @@ func applyStatus(mesh *meshv1.Mesh, obs *observation, reconcileErr error) {
 		st.Waypoints = obs.waypoints.status.DeepCopy()
 	} else if obs.namespacesObserved && len(mesh.Spec.Waypoints) == 0 {
 		st.Waypoints = nil
+	}
+	if obs.mtls.observed {
+		st.Security = obs.mtls.status.DeepCopy()
 	}
 	if obs.rolloutResolved {
 		st.Rollout = obs.rollout.status
@@ -236,6 +240,9 @@ func setConditions(mesh *meshv1.Mesh, obs *observation, reconcileErr error) {
 	} else if wc := obs.waypoints.status.Conflicts; obs.waypoints.observed && len(wc) > 0 && !obs.deleting {
 		set(meshv1.ConditionDegraded, metav1.ConditionTrue, meshv1.ReasonWaypointConflict,
 			fmt.Sprintf("meshkeeper leaves what it did not write: %s; see status.waypoints", someOf(wc, "; ")))
+	} else if sc := obs.mtls.status.Conflicts; obs.mtls.observed && len(sc) > 0 && !obs.deleting {
+		set(meshv1.ConditionDegraded, metav1.ConditionTrue, meshv1.ReasonMTLSConflict,
+			fmt.Sprintf("spec.security.mtls is Strict and meshkeeper leaves what it did not write: %s; see status.security", someOf(sc, "; ")))
 	} else if obs.rollout.degraded && !obs.deleting {
 		set(meshv1.ConditionDegraded, metav1.ConditionTrue, meshv1.ReasonAnalysisInconclusive, obs.rollout.status.Message)
 	} else if obs.rollout.block != "" && !obs.deleting {
