@@ -63,12 +63,20 @@ func (e *Enroller) EnrolNetns(_ context.Context, ref PodRef, netns *os.File) err
 	return nil
 }
 
-// ReleaseNetns unenrols one network namespace of a pod (its sandbox was
-// torn down), keeping the pod's counts; the pod stays wanted until it is
-// deleted. Without netns there is nothing to tell apart: the pod's
-// deletion unenrols it.
+// ReleaseNetns unenrols one network namespace of a pod: its sandbox was
+// torn down, after every container of it stopped. It keeps the pod's
+// counts; the pod stays wanted until it is deleted, and a pod already
+// deleted (Gone) is forgotten once no namespace of it is left. Without
+// netns (the namespace is already gone, so nothing in it can connect) a
+// deleted pod is forgotten, and a pod that still exists keeps what it has
+// until a full scan finds no process in it.
 func (e *Enroller) ReleaseNetns(_ context.Context, ref PodRef, netns *os.File) error {
 	if netns == nil {
+		e.mu.Lock()
+		defer e.mu.Unlock()
+		if p, ok := e.pods[ref.UID]; ok && p.gone {
+			e.forgetLocked(ref.UID, p)
+		}
 		return nil
 	}
 	cookie, err := fileNetnsCookie(netns)
@@ -80,6 +88,9 @@ func (e *Enroller) ReleaseNetns(_ context.Context, ref PodRef, netns *os.File) e
 	if p, ok := e.pods[ref.UID]; ok {
 		if _, ok := p.cookies[cookie]; ok {
 			e.retire(p, cookie)
+		}
+		if p.gone && len(p.cookies) == 0 {
+			e.forgetLocked(ref.UID, p)
 		}
 	}
 	return nil

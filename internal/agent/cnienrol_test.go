@@ -68,3 +68,79 @@ func TestCNIAddEnrolsTheNetnsItWasGiven(t *testing.T) {
 	g.Expect(os.IsNotExist(err)).To(BeTrue(), "the socket is removed when the agent stops")
 	enroller.Forget(pod.UID)
 }
+
+// TestDeletedPodStaysEnrolledUntilItsSandboxIsGone: a pod deleted from the
+// API server while its containers still run (a zero grace period) keeps
+// its redirection until its sandbox is gone, so its last connections still
+// go through ztunnel: its CNI DEL releases it (the runtime sends it after
+// every container stopped), and a pod found by the /proc scan is released
+// by the first full scan that finds none of its processes. A deleted pod
+// with nothing enrolled is forgotten at once.
+func TestDeletedPodStaysEnrolledUntilItsSandboxIsGone(t *testing.T) {
+	requirePrivileged(t)
+	g := NewWithT(t)
+	dp, _ := loadTestDatapath(t, capturePort)
+	enroller, err := NewEnroller(dp, "", testr.New(t))
+	g.Expect(err).NotTo(HaveOccurred())
+	ctx := context.Background()
+	podNS := newTestNetns(t)
+	nsFile, err := os.Open(podNS.Path)
+	g.Expect(err).NotTo(HaveOccurred())
+	defer nsFile.Close()
+	enrolled := func() []uint64 {
+		entries, err := dp.EnrolledNetns()
+		g.Expect(err).NotTo(HaveOccurred())
+		var out []uint64
+		for c := range entries {
+			out = append(out, c)
+		}
+		return out
+	}
+
+	// Released by its CNI DEL, with the namespace.
+	web := PodRef{Namespace: "shop", Name: "web-0", UID: "6c5d4e3f-2a1b-4c0d-9e8f-7a6b5c4d3e2f"}
+	g.Expect(enroller.EnrolNetns(ctx, web, nsFile)).To(Succeed())
+	enroller.Gone(web.UID)
+	g.Expect(enrolled()).To(ConsistOf(podNS.Cookie(t)), "deleted from the API server, its containers still run: still redirected")
+	wanted, n, _ := enroller.Enrolment()
+	g.Expect([]int{wanted, n}).To(Equal([]int{1, 1}))
+	g.Expect(enroller.ReleaseNetns(ctx, web, nsFile)).To(Succeed())
+	g.Expect(enrolled()).To(BeEmpty(), "its sandbox is gone")
+	wanted, _, _ = enroller.Enrolment()
+	g.Expect(wanted).To(BeZero(), "a deleted pod whose sandbox is gone is forgotten")
+
+	// Released by a CNI DEL that comes without the namespace (gone already).
+	g.Expect(enroller.EnrolNetns(ctx, web, nsFile)).To(Succeed())
+	enroller.Gone(web.UID)
+	g.Expect(enrolled()).To(HaveLen(1))
+	g.Expect(enroller.ReleaseNetns(ctx, web, nil)).To(Succeed())
+	g.Expect(enrolled()).To(BeEmpty())
+	wanted, _, _ = enroller.Enrolment()
+	g.Expect(wanted).To(BeZero())
+
+	// A pod deleted before anything of it was enrolled: forgotten at once.
+	pending := PodRef{Namespace: "shop", Name: "pending", UID: "7d6e5f4a-3b2c-4d1e-8f9a-0b1c2d3e4f5a"}
+	enroller.Want(pending)
+	enroller.Gone(pending.UID)
+	wanted, _, _ = enroller.Enrolment()
+	g.Expect(wanted).To(BeZero())
+
+	// Found by the /proc scan (no CNI DEL will come for it): released by
+	// the first full scan after its last process exited.
+	cgroups := newPodCgroups(t)
+	scanned := PodRef{Namespace: "shop", Name: "scanned", UID: "8e7f6a5b-4c3d-4e2f-9a0b-1c2d3e4f5a6b"}
+	enroller.Want(scanned)
+	proc := cgroups.start(t, scanned.UID, false)
+	cookie, err := NetnsCookie(proc.netnsPath())
+	g.Expect(err).NotTo(HaveOccurred())
+	enroller.Sync(true)
+	g.Expect(enroller.Cookies(scanned.UID)).To(ConsistOf(cookie))
+	enroller.Gone(scanned.UID)
+	enroller.Sync(true)
+	g.Expect(enrolled()).To(ConsistOf(cookie), "its process still runs: still redirected")
+	proc.stop()
+	enroller.Sync(true)
+	g.Expect(enrolled()).To(BeEmpty(), "no process left in its namespace")
+	wanted, _, _ = enroller.Enrolment()
+	g.Expect(wanted).To(BeZero())
+}

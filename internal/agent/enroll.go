@@ -55,6 +55,10 @@ type podState struct {
 	// ztunnel's listener there predates the datapath's listen hook, so it
 	// is captured once ztunnel listens again (0: none).
 	inboundWait uint64
+	// gone: the pod was deleted from the API server while a namespace of
+	// it was enrolled. It stays enrolled (and with ztunnel) until its
+	// sandbox is gone; see Gone.
+	gone bool
 }
 
 // Handoff is where enrolled pods' network namespaces go besides the
@@ -177,14 +181,44 @@ func (e *Enroller) Enroll(ref PodRef, pid int) error {
 	return e.EnrollPath(ref, filepath.Join(e.procRoot, strconv.Itoa(pid), "ns", "net"))
 }
 
-// Forget unenrolls a pod (deleted, finished, or its namespace left the mesh).
+// Forget unenrolls a pod at once (finished, opted out, or its namespace
+// left the mesh). A pod deleted from the API server is Gone instead.
 func (e *Enroller) Forget(uid string) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if p, ok := e.pods[uid]; ok {
+		e.forgetLocked(uid, p)
+	}
+}
+
+// Gone is told that a pod was deleted from the API server. That is not
+// when its containers stop: a pod deleted with a zero grace period
+// (terminationGracePeriodSeconds: 0, or kubectl delete --force) leaves the
+// API server at once, and the kubelet kills its containers afterwards,
+// giving each at least 2 s to stop, so the pod can still connect for a
+// while. Unenrolling it now would let those connections go out around
+// ztunnel. So a pod with an enrolled namespace stays enrolled, and with
+// ztunnel, until its sandbox is gone: the CNI DEL of its sandbox
+// (ReleaseNetns), which the runtime sends only after every container
+// stopped, or a full scan that finds no process left in its namespace.
+// A pod with nothing enrolled is forgotten at once.
+func (e *Enroller) Gone(uid string) {
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	p, ok := e.pods[uid]
 	if !ok {
 		return
 	}
+	if len(p.cookies) == 0 {
+		e.forgetLocked(uid, p)
+		return
+	}
+	p.gone = true
+	e.log.V(1).Info("Pod deleted; it stays enrolled until its sandbox is gone", "pod", p.ref.String())
+}
+
+// forgetLocked unenrolls a pod and tells ztunnel. e.mu is held.
+func (e *Enroller) forgetLocked(uid string, p *podState) {
 	for cookie := range p.cookies {
 		if _, err := e.maps.UnenrollNetns(cookie); err != nil {
 			e.log.Error(err, "Unenrolling pod failed", "pod", p.ref.String())
@@ -300,6 +334,10 @@ func (e *Enroller) Sync(full bool) {
 		e.cookies = map[procKey]uint64{}
 	}
 	for uid, p := range e.pods {
+		if p.gone {
+			e.sweepGone(uid, p, pids[uid])
+			continue
+		}
 		if p.explicit || (!full && len(p.cookies) > 0) {
 			continue
 		}
@@ -340,6 +378,26 @@ func (e *Enroller) Sync(full bool) {
 				e.captureWaiting(p)
 			}
 		}
+	}
+}
+
+// sweepGone releases the namespaces of a deleted pod in which none of its
+// processes is left (its sandbox is gone), and forgets the pod once none
+// is left. pids are the pod's processes of this scan. e.mu is held.
+func (e *Enroller) sweepGone(uid string, p *podState, pids []int) {
+	alive := map[uint64]bool{}
+	for _, pid := range pids {
+		if c, ok := e.cookieOf(pid); ok {
+			alive[c] = true
+		}
+	}
+	for c := range p.cookies {
+		if !alive[c] {
+			e.retire(p, c)
+		}
+	}
+	if len(p.cookies) == 0 {
+		e.forgetLocked(uid, p)
 	}
 }
 

@@ -148,7 +148,10 @@ func (w *PodWatcher) forgetPod(obj any) {
 		obj = d.Obj
 	}
 	if pod, ok := obj.(*corev1.Pod); ok {
-		w.Enroller.Forget(string(pod.UID))
+		// Deleted from the API server is not stopped: its containers may
+		// still run (a zero grace period). The enroller keeps it until
+		// its sandbox is gone.
+		w.Enroller.Gone(string(pod.UID))
 	}
 }
 

@@ -38,7 +38,7 @@ const meshYAML = `apiVersion: meshkeeper.dev/v1alpha1
 kind: Mesh
 metadata: {name: default}
 spec:
-  version: "1.28"
+  version: "1.27.2"
   dataplane: {mode: Ambient, redirection: EBPF, kernelFallback: IPTables}
   namespaces:
     selector: {matchLabels: {mesh: "on"}}
@@ -245,6 +245,11 @@ var _ = Describe("The node agent as a real pod on a real node", Ordered, func() 
 		Expect(agentMetrics(Default, ctx)["meshkeeper_agent_cni_add_duration_seconds_count"] - before).To(BeNumerically(">=", 50))
 	})
 
+	It("lets no connection of a pod being deleted escape: it stays redirected until its sandbox is gone", func(ctx SpecContext) {
+		expectNoEscapesAtPodStop(ctx, serverIP, 6)
+		expectEnrolled(ctx, clients+1)
+	})
+
 	It("fails closed: with no agent on the node a meshed pod does not start; once the agent is back it starts enrolled", func(ctx SpecContext) {
 		rn := kc.RealNode()
 		sockPath := filepath.Join(rn.StateDir, "run", "cni.sock")
@@ -312,6 +317,11 @@ var _ = Describe("The node agent as a real pod on a real node", Ordered, func() 
 		Expect(enrolledUIDs).To(ContainElement(string(held.UID)), "apps/held enrolled once it started")
 		kubectl(ctx, "delete", "pod", "-n", appsNS, "held", "--wait", "--timeout=60s")
 		expectEnrolled(ctx, clients+1)
+	})
+
+	It("moves the real node's agent and ztunnel to a new version in a node wave under traffic, with no escape and every pod still enrolled", func(ctx SpecContext) {
+		expectNodeWaveUnderTraffic(ctx, serverIP, "1.27.3")
+		agentPod = runningAgentPod(ctx)
 	})
 
 	It("leaves no pin, link or map entry on the real node when the Mesh is deleted", func(ctx SpecContext) {

@@ -97,6 +97,7 @@ func main() {
 	listen := fs.String("listen", ":8080", "server, capture: address to listen on")
 	target := fs.String("target", "", "client: address to connect to")
 	interval := fs.Duration("interval", 20*time.Millisecond, "client: time between connections")
+	drain := fs.Duration("drain", 0, "client: keep connecting this long after SIGTERM, as an application finishing its work in its termination grace period")
 	mark := fs.Uint("mark", 0x539, "capture: SO_MARK of upstream connections (the agent's bypass mark)")
 	statsAddr := fs.String("stats", ":9000", "address of GET /stats")
 	_ = fs.Parse(os.Args[2:])
@@ -111,7 +112,7 @@ func main() {
 	case "server":
 		err = server(ctx, *listen, c)
 	case "client":
-		err = client(ctx, *target, *interval, c)
+		err = client(lingering(ctx, *drain), *target, *interval, c)
 	case "capture":
 		err = capture(ctx, *listen, uint32(*mark), c)
 	default:
@@ -165,6 +166,21 @@ func server(ctx context.Context, addr string, c *counters) error {
 			c.ok.Add(1)
 		}()
 	}
+}
+
+// lingering is a context that ends drain after ctx does.
+func lingering(ctx context.Context, drain time.Duration) context.Context {
+	if drain <= 0 {
+		return ctx
+	}
+	out, cancel := context.WithCancel(context.WithoutCancel(ctx))
+	go func() {
+		<-ctx.Done()
+		log.Printf("SIGTERM: connecting for %s more", drain)
+		time.Sleep(drain)
+		cancel()
+	}()
+	return out
 }
 
 func client(ctx context.Context, target string, interval time.Duration, c *counters) error {

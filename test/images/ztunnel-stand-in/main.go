@@ -18,7 +18,15 @@
 //     ztunnel (tokio) listens; its sockets, listeners too, carry ztunnel's
 //     in-pod SO_MARK, 0x539 (1337: istio-cni's InpodMark, which ztunnel's
 //     in-pod config matches), so the agent never redirects them again;
-//   - a Delete closes the workload's listeners.
+//   - a Delete closes the workload's listeners;
+//   - its in-pod listeners use SO_REUSEPORT, as ztunnel's in-pod socket
+//     factory does, so a new ztunnel can listen in a pod while the old one
+//     still does (a surge);
+//   - on SIGTERM it drains as ztunnel does: it closes every listener at
+//     once (new connections go to the other ztunnel, if one listens),
+//     lets the connections it holds finish (at most --drain, by default
+//     the pod's TERMINATION_GRACE_PERIOD_SECONDS less one second), logs
+//     its final counters as one "final stats" JSON line, and exits.
 //
 // It counts connections per pod and direction on :15020/metrics (and as
 // JSON on :15020/stats, with each pod's inbound connections by client
@@ -78,6 +86,7 @@ func main() {
 	metricsAddr := flag.String("metrics", ":15020", "address of /metrics and /stats")
 	readyAddr := flag.String("ready", ":15021", "address of /healthz/ready")
 	mark := flag.Uint("mark", InpodMark, "SO_MARK of upstream sockets")
+	drain := flag.Duration("drain", defaultDrain(), "on SIGTERM, how long the connections held may take to finish")
 	flag.Parse()
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, os.Interrupt)
 	defer stop()
@@ -85,7 +94,22 @@ func main() {
 	go serveHTTP(*metricsAddr, s.MetricsHandler())
 	go serveHTTP(*readyAddr, s.ReadyHandler())
 	s.Run(ctx, *socket)
+	// Stop accepting at once, as ztunnel does on SIGTERM, then drain.
 	s.Close()
+	if !s.Drain(*drain) {
+		log.Printf("drain: connections still open after %s; closing them", *drain)
+	}
+	final, _ := json.Marshal(s.Stats())
+	log.Printf("final stats: %s", final)
+}
+
+// defaultDrain is the pod's termination grace period less a second, as
+// ztunnel drains within TERMINATION_GRACE_PERIOD_SECONDS.
+func defaultDrain() time.Duration {
+	if v, err := strconv.Atoi(os.Getenv("TERMINATION_GRACE_PERIOD_SECONDS")); err == nil && v > 1 {
+		return time.Duration(v-1) * time.Second
+	}
+	return 5 * time.Second
 }
 
 func serveHTTP(addr string, h http.Handler) {
@@ -97,6 +121,8 @@ func serveHTTP(addr string, h http.Handler) {
 type StandIn struct {
 	mark  uint32
 	ready atomic.Bool
+
+	inflight sync.WaitGroup // connections being proxied
 
 	mu        sync.Mutex
 	workloads map[string]*workload // by pod UID
@@ -243,13 +269,22 @@ func (s *StandIn) add(r *zdsclient.Request) error {
 }
 
 // listen is how ztunnel (Rust) listens in a pod: plain TCP (Go would
-// listen with MPTCP, which the agent's listener map refuses), then its
+// listen with MPTCP, which the agent's listener map refuses) with
+// SO_REUSEPORT (a second ztunnel may listen beside it), then its
 // in-pod mark, set right after listen as ztunnel's InPodSocketFactory does
 // on every socket it opens there (std's TcpListener::bind listens at once).
 // The agent's datapath takes a listener on 15006 as ztunnel's only when it
 // carries the mark.
 func (s *StandIn) listen(network, addr string) (net.Listener, error) {
-	var lc net.ListenConfig
+	lc := net.ListenConfig{Control: func(_, _ string, rc syscall.RawConn) error {
+		var serr error
+		if err := rc.Control(func(fd uintptr) {
+			serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_REUSEPORT, 1)
+		}); err != nil {
+			return err
+		}
+		return serr
+	}}
 	lc.SetMultipathTCP(false)
 	ln, err := lc.Listen(context.Background(), network, addr)
 	if err != nil {
@@ -314,6 +349,19 @@ func (s *StandIn) Workloads() int {
 	return len(s.workloads)
 }
 
+// Drain waits until the connections being proxied have finished, at most
+// timeout; false when some are still open.
+func (s *StandIn) Drain(timeout time.Duration) bool {
+	done := make(chan struct{})
+	go func() { s.inflight.Wait(); close(done) }()
+	select {
+	case <-done:
+		return true
+	case <-time.After(timeout):
+		return false
+	}
+}
+
 func (w *workload) close() {
 	for _, ln := range w.listeners {
 		_ = ln.Close()
@@ -359,7 +407,11 @@ func (s *StandIn) accept(w *workload, ln net.Listener, direction string) {
 		if err != nil {
 			return // closed by a Delete
 		}
-		go s.proxy(w, conn.(*net.TCPConn), direction)
+		s.inflight.Add(1)
+		go func() {
+			defer s.inflight.Done()
+			s.proxy(w, conn.(*net.TCPConn), direction)
+		}()
 	}
 }
 
