@@ -105,7 +105,7 @@ func TestAutomaticMinorUpgrades(t *testing.T) {
 		g.Eventually(func() meshv1.VersionStatus {
 			nudge()
 			return getMesh().Status.Version
-		}).WithTimeout(2*time.Minute).Should(Equal(meshv1.VersionStatus{Installed: "1.28.2", Target: "1.28.2"}))
+		}).WithTimeout(2 * time.Minute).Should(Equal(meshv1.VersionStatus{Installed: "1.28.2", Target: "1.28.2"}))
 		g.Eventually(meshReady).ShouldNot(BeNil())
 		m := getMesh()
 		var hops []string
