@@ -22,9 +22,11 @@ import (
 	"github.com/prometheus/common/model"
 	"github.com/prometheus/prometheus/promql/parser"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	"sigs.k8s.io/yaml"
 
 	meshv1 "github.com/meshkeeper/meshkeeper/api/v1alpha1"
+	"github.com/meshkeeper/meshkeeper/internal/helm"
 )
 
 // TestRecordMetrics: the rollout metrics say what the status says, and time
@@ -79,7 +81,8 @@ func TestRecordMetrics(t *testing.T) {
 }
 
 // TestDashboardAndRules: every query of the Grafana dashboard
-// (config/grafana) and every rule of the PrometheusRule (config/prometheus)
+// (config/grafana), every rule of the PrometheusRule (config/prometheus) and
+// of the one charts/meshkeeper renders (prometheusRule.enabled)
 // parses as PromQL and names only metrics the manager's real /metrics
 // serves, scraped from the suite's manager during a rollout whose SLO
 // checks are inconclusive (so every rollout series is present).
@@ -120,6 +123,7 @@ func TestDashboardAndRules(t *testing.T) {
 
 	exprs := dashboardExprs(g, filepath.Join("..", "..", "config", "grafana", "meshkeeper-rollouts.json"))
 	exprs = append(exprs, ruleExprs(g, filepath.Join("..", "..", "config", "prometheus", "meshkeeper-rules.yaml"))...)
+	exprs = append(exprs, chartRuleExprs(g)...)
 	g.Expect(len(exprs)).To(BeNumerically(">", 15))
 	used := map[string]bool{}
 	for _, e := range exprs {
@@ -130,6 +134,9 @@ func TestDashboardAndRules(t *testing.T) {
 		g.Expect(names).NotTo(BeEmpty(), "query %q names no metric", e)
 		for _, n := range names {
 			used[n] = true
+			if n == "up" {
+				continue // Prometheus's own series of each scrape, not the manager's
+			}
 			g.Expect(served(families, n)).To(BeTrue(), "query %q: metric %s is not on the manager's /metrics", e, n)
 		}
 	}
@@ -262,5 +269,31 @@ func ruleExprs(g Gomega, file string) []string {
 			out = append(out, rule.Expr)
 		}
 	}
+	return out
+}
+
+// chartRuleExprs are the expressions of the PrometheusRule charts/meshkeeper
+// renders with prometheusRule.enabled: the operator's own alerts and the
+// rollout alerts it copies from config/prometheus.
+func chartRuleExprs(g Gomega) []string {
+	objs, err := helm.Render(os.DirFS(filepath.Join("..", "..", "charts", "meshkeeper")), "meshkeeper", "meshkeeper-system",
+		map[string]any{"prometheusRule": map[string]any{"enabled": true}}, nil)
+	g.Expect(err).NotTo(HaveOccurred())
+	var out []string
+	for _, o := range objs {
+		if o.GetKind() != "PrometheusRule" {
+			continue
+		}
+		groups, _, err := unstructured.NestedSlice(o.Object, "spec", "groups")
+		g.Expect(err).NotTo(HaveOccurred())
+		for _, gr := range groups {
+			rules, _, _ := unstructured.NestedSlice(gr.(map[string]any), "rules")
+			for _, r := range rules {
+				expr, _, _ := unstructured.NestedString(r.(map[string]any), "expr")
+				out = append(out, expr)
+			}
+		}
+	}
+	g.Expect(out).NotTo(BeEmpty(), "charts/meshkeeper renders a PrometheusRule with rules")
 	return out
 }

@@ -9,6 +9,7 @@ import (
 	"context"
 	"os"
 	"path/filepath"
+	"reflect"
 	"strings"
 	"testing"
 
@@ -193,20 +194,50 @@ func keys[V any](m map[string]V) string {
 	return strings.Join(out, ", ")
 }
 
-// The README's Applications parse as Argo CD's own types, in their waves.
+// parseApplications reads YAML documents as Argo CD's own Application type.
+func parseApplications(t *testing.T, what, raw string) []appv1.Application {
+	t.Helper()
+	var apps []appv1.Application
+	for _, doc := range strings.Split(raw, "\n---\n") {
+		var app appv1.Application
+		if err := yaml.UnmarshalStrict([]byte(doc), &app); err != nil {
+			t.Fatalf("%s: not an Argo CD Application: %v", what, err)
+		}
+		apps = append(apps, app)
+	}
+	return apps
+}
+
+// The example Applications parse as Argo CD's own types, in their waves,
+// pointing at directories this repository has; the README shows the same.
 func TestApplicationsExample(t *testing.T) {
 	raw, err := os.ReadFile(filepath.Join("..", "..", "config", "argocd", "applications.yaml"))
 	if err != nil {
 		t.Fatal(err)
 	}
+	apps := parseApplications(t, "config/argocd/applications.yaml", string(raw))
+	readme, err := os.ReadFile(filepath.Join("..", "..", "README.md"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, section, ok := strings.Cut(string(readme), "## Install with Argo CD\n")
+	_, block, ok2 := strings.Cut(section, "```yaml\n")
+	block, _, ok3 := strings.Cut(block, "```")
+	if !ok || !ok2 || !ok3 {
+		t.Fatal("README.md has no yaml block under \"## Install with Argo CD\"")
+	}
+	if got := parseApplications(t, "README.md's Argo CD example", block); !reflect.DeepEqual(got, apps) {
+		t.Errorf("README.md's Argo CD example differs from config/argocd/applications.yaml:\nREADME: %+v\nfile:   %+v", got, apps)
+	}
 	var waves []string
-	for _, doc := range strings.Split(string(raw), "\n---\n") {
-		var app appv1.Application
-		if err := yaml.UnmarshalStrict([]byte(doc), &app); err != nil {
-			t.Fatalf("config/argocd/applications.yaml: not an Argo CD Application: %v", err)
-		}
+	for _, app := range apps {
 		if app.Kind != "Application" || app.Spec.Source == nil || app.Spec.Source.Path == "" {
 			t.Fatalf("Application %q has no source path", app.Name)
+		}
+		if app.Spec.Source.RepoURL == "https://github.com/meshkeeper/meshkeeper" {
+			if _, err := os.Stat(filepath.Join("..", "..", app.Spec.Source.Path)); err != nil {
+				t.Errorf("Application %s points at %s, which this repository does not have", app.Name, app.Spec.Source.Path)
+			}
 		}
 		waves = append(waves, app.Name+"@"+app.Annotations["argocd.argoproj.io/sync-wave"])
 		if !app.Spec.SyncPolicy.SyncOptions.HasOption("ServerSideApply=true") {

@@ -9,6 +9,7 @@ package rbac
 
 import (
 	"bytes"
+	"fmt"
 	"os"
 	"path/filepath"
 	"slices"
@@ -143,12 +144,8 @@ type grant struct {
 	verbs map[string][]string // verb -> resourceNames (nil: any name)
 }
 
-func loadRBAC(t *testing.T) (cluster map[string]*grant, roles map[string]map[string]*grant) {
+func loadRBAC(t *testing.T, raw []byte) (cluster map[string]*grant, roles map[string]map[string]*grant) {
 	t.Helper()
-	raw, err := os.ReadFile(filepath.Join("..", "..", "config", "rbac", "role.yaml"))
-	if err != nil {
-		t.Fatal(err)
-	}
 	add := func(into map[string]*grant, rules []rbacv1.PolicyRule) {
 		for _, r := range rules {
 			for _, g := range r.APIGroups {
@@ -205,9 +202,22 @@ func loadRBAC(t *testing.T) (cluster map[string]*grant, roles map[string]map[str
 
 func TestManagerRBACMatchesWhatTheChartsRender(t *testing.T) {
 	kinds := render(t)
-	cluster, roles := loadRBAC(t)
+	raw, err := os.ReadFile(filepath.Join("..", "..", "config", "rbac", "role.yaml"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	cluster, roles := loadRBAC(t, raw)
 	t.Logf("charts render %d kinds: %s", len(kinds), strings.Join(sortedKeys(kinds), ", "))
+	for _, p := range problems(kinds, cluster, roles) {
+		t.Error(p)
+	}
+}
 
+// problems is every way the RBAC (cluster: the ClusterRole's grants, roles:
+// each namespace's Role) differs from what the charts render (kinds).
+func problems(kinds map[string]*rendered, cluster map[string]*grant, roles map[string]map[string]*grant) []string {
+	var out []string
+	errorf := func(format string, args ...any) { out = append(out, fmt.Sprintf(format, args...)) }
 	check := func(where string, grants map[string]*grant, namespace string) {
 		for key, g := range grants {
 			r, isRendered := kinds[key]
@@ -216,35 +226,35 @@ func TestManagerRBACMatchesWhatTheChartsRender(t *testing.T) {
 			case isRendered && r.namespaced && namespace == "" && readAnywhere[key] != "":
 				for v := range g.verbs {
 					if !slices.Contains([]string{"get", "list", "watch"}, v) {
-						t.Errorf("ClusterRole grants %q on %s: only reads may be cluster-wide (%s)", v, key, readAnywhere[key])
+						errorf("ClusterRole grants %q on %s: only reads may be cluster-wide (%s)", v, key, readAnywhere[key])
 					}
 				}
 			case isRendered:
 				if r.namespaced && namespace == "" {
-					t.Errorf("ClusterRole grants %v on %s, which the charts render only in %s: grant it in a Role there", verbsOf(g), key, componentsNamespace)
+					errorf("ClusterRole grants %v on %s, which the charts render only in %s: grant it in a Role there", verbsOf(g), key, componentsNamespace)
 				}
 				if r.namespaced && namespace != componentsNamespace {
-					t.Errorf("%s grants %v on %s, which the charts render only in %s", where, verbsOf(g), key, componentsNamespace)
+					errorf("%s grants %v on %s, which the charts render only in %s", where, verbsOf(g), key, componentsNamespace)
 				}
 				for v, names := range g.verbs {
 					switch v {
 					case "get", "list", "watch", "create", "update", "patch":
 					case "delete":
 						if !r.deletable {
-							t.Errorf("%s grants delete on %s, which meshkeeper keeps", where, key)
+							errorf("%s grants delete on %s, which meshkeeper keeps", where, key)
 						}
 					case "bind", "escalate":
 						if names == nil {
-							t.Errorf("%s grants %s on every %s: limit it with resourceNames to the components' roles", where, v, key)
+							errorf("%s grants %s on every %s: limit it with resourceNames to the components' roles", where, v, key)
 							continue
 						}
 						want := sortedKeys(r.names)
 						sort.Strings(names)
 						if !slices.Equal(names, want) {
-							t.Errorf("%s: %s on %s is limited to %v, the charts render %v: update the marker in internal/controller/rbac.go", where, v, key, names, want)
+							errorf("%s: %s on %s is limited to %v, the charts render %v: update the marker in internal/controller/rbac.go", where, v, key, names, want)
 						}
 					default:
-						t.Errorf("%s grants %q on %s: no chart needs it", where, v, key)
+						errorf("%s grants %q on %s: no chart needs it", where, v, key)
 					}
 				}
 			case key == "/secrets" && namespace == componentsNamespace:
@@ -253,23 +263,23 @@ func TestManagerRBACMatchesWhatTheChartsRender(t *testing.T) {
 					case v == "create":
 					case slices.Contains([]string{"get", "update", "delete"}, v):
 						if !slices.Equal(names, []string{relaySecret}) {
-							t.Errorf("%s grants %q on Secrets %v: only on %s (resourceNames)", where, v, names, relaySecret)
+							errorf("%s grants %q on Secrets %v: only on %s (resourceNames)", where, v, names, relaySecret)
 						}
 					default:
-						t.Errorf("%s grants %q on Secrets: the manager only creates, reads, updates and deletes %s there", where, v, relaySecret)
+						errorf("%s grants %q on Secrets: the manager only creates, reads, updates and deletes %s there", where, v, relaySecret)
 					}
 				}
 			case isOwn:
 				if ns, ok := ownNamespaced[key]; ok && ns != namespace {
-					t.Errorf("%s grants %v on %s: only a Role in %s may (%s)", where, verbsOf(g), key, ns, o.why)
+					errorf("%s grants %v on %s: only a Role in %s may (%s)", where, verbsOf(g), key, ns, o.why)
 				}
 				for v := range g.verbs {
 					if !slices.Contains(o.verbs, v) {
-						t.Errorf("%s grants %q on %s, beyond what meshkeeper needs (%v: %s)", where, v, key, o.verbs, o.why)
+						errorf("%s grants %q on %s, beyond what meshkeeper needs (%v: %s)", where, v, key, o.verbs, o.why)
 					}
 				}
 			default:
-				t.Errorf("%s grants %v on %s: no chart of any bundle renders it and the manager does not need it", where, verbsOf(g), key)
+				errorf("%s grants %v on %s: no chart of any bundle renders it and the manager does not need it", where, verbsOf(g), key)
 			}
 		}
 	}
@@ -292,17 +302,19 @@ func TestManagerRBACMatchesWhatTheChartsRender(t *testing.T) {
 		}
 		for _, v := range need {
 			if g == nil {
-				t.Errorf("%s grants nothing on %s, which the charts render", where, key)
+				errorf("%s grants nothing on %s, which the charts render", where, key)
 				break
 			}
 			if names, ok := g.verbs[v]; !ok || names != nil {
-				t.Errorf("%s lacks %q on every %s, which Helm needs", where, v, key)
+				errorf("%s lacks %q on every %s, which Helm needs", where, v, key)
 			}
 		}
 	}
 	if g := cluster["/secrets"]; g != nil {
-		t.Errorf("ClusterRole grants %v on Secrets cluster-wide", verbsOf(g))
+		errorf("ClusterRole grants %v on Secrets cluster-wide", verbsOf(g))
 	}
+	sort.Strings(out)
+	return out
 }
 
 func verbsOf(g *grant) []string {
@@ -316,4 +328,61 @@ func sortedKeys[V any](m map[string]V) []string {
 	}
 	sort.Strings(out)
 	return out
+}
+
+// The check above fails on the permissions issue 15 found in the old
+// ClusterRole, and on each other kind of excess or lack: config/rbac with
+// one grant added or removed must give the problem named.
+func TestRBACCheckFindsEachExcessAndLack(t *testing.T) {
+	kinds := render(t)
+	raw, err := os.ReadFile(filepath.Join("..", "..", "config", "rbac", "role.yaml"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if cluster, roles := loadRBAC(t, raw); len(problems(kinds, cluster, roles)) != 0 {
+		t.Fatalf("config/rbac has problems already: %v (see TestManagerRBACMatchesWhatTheChartsRender)", problems(kinds, cluster, roles))
+	}
+	const clusterRoles = "rbac.authorization.k8s.io/clusterroles"
+	for _, tc := range []struct {
+		name   string
+		change func(cluster map[string]*grant, roles map[string]map[string]*grant)
+		want   string
+	}{
+		{"escalate on every ClusterRole", func(c map[string]*grant, _ map[string]map[string]*grant) {
+			c[clusterRoles].verbs["escalate"] = nil
+		}, "grants escalate on every " + clusterRoles + ": limit it with resourceNames"},
+		{"bind on one more ClusterRole than the charts render", func(c map[string]*grant, _ map[string]map[string]*grant) {
+			c[clusterRoles].verbs["bind"] = append(slices.Clone(c[clusterRoles].verbs["bind"]), "cluster-admin")
+		}, "bind on " + clusterRoles + " is limited to"},
+		{"Secrets cluster-wide", func(c map[string]*grant, _ map[string]map[string]*grant) {
+			c["/secrets"] = &grant{verbs: map[string][]string{"get": nil}}
+		}, "ClusterRole grants [get] on Secrets cluster-wide"},
+		{"pod delete everywhere", func(c map[string]*grant, _ map[string]map[string]*grant) {
+			c["/pods"] = &grant{verbs: map[string][]string{"delete": nil}}
+		}, "ClusterRole meshkeeper-manager grants [delete] on /pods: only a Role in istio-system may"},
+		{"webhook configurations created", func(c map[string]*grant, _ map[string]map[string]*grant) {
+			c["admissionregistration.k8s.io/validatingwebhookconfigurations"].verbs["create"] = nil
+		}, `grants "create" on admissionregistration.k8s.io/validatingwebhookconfigurations, beyond what meshkeeper needs`},
+		{"a kind no chart renders", func(c map[string]*grant, _ map[string]map[string]*grant) {
+			c["batch/jobs"] = &grant{verbs: map[string][]string{"create": nil}}
+		}, "grants [create] on batch/jobs: no chart of any bundle renders it"},
+		{"a verb no chart needs on a rendered kind", func(_ map[string]*grant, r map[string]map[string]*grant) {
+			r[componentsNamespace]["apps/deployments"].verbs["deletecollection"] = nil
+		}, `grants "deletecollection" on apps/deployments: no chart needs it`},
+		{"a namespaced rendered kind cluster-wide", func(c map[string]*grant, _ map[string]map[string]*grant) {
+			c["apps/deployments"] = &grant{verbs: map[string][]string{"patch": nil}}
+		}, "ClusterRole grants [patch] on apps/deployments, which the charts render only in istio-system"},
+		{"a verb Helm needs, missing", func(_ map[string]*grant, r map[string]map[string]*grant) {
+			delete(r[componentsNamespace]["apps/deployments"].verbs, "patch")
+		}, `lacks "patch" on every apps/deployments, which Helm needs`},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			cluster, roles := loadRBAC(t, raw)
+			tc.change(cluster, roles)
+			got := problems(kinds, cluster, roles)
+			if !slices.ContainsFunc(got, func(p string) bool { return strings.Contains(p, tc.want) }) {
+				t.Errorf("got problems %q, want one saying %q", got, tc.want)
+			}
+		})
+	}
 }
