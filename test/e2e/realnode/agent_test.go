@@ -314,6 +314,10 @@ var _ = Describe("The node agent as a real pod on a real node", Ordered, func() 
 		expectEnrolled(ctx, clients+1)
 	})
 
+	It("is scraped on the real node through the shipped scrape config (pod SD), and the default SLO names the failing namespace", func(ctx SpecContext) {
+		expectScrapedThroughTheShippedConfig(ctx)
+	})
+
 	It("leaves no pin, link or map entry on the real node when the Mesh is deleted", func(ctx SpecContext) {
 		// The agent's programs, by the links it pinned; other agents (the
 		// kwok e2e's host agent, datapath tests) may attach their own.
