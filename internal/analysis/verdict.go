@@ -31,12 +31,18 @@ const DefaultSLOName = "l4-success"
 //     not depend on how many there are.
 //
 // bottomk(1, ...) keeps the worst series' labels (workload_namespace, and
-// workload_node in a node wave), so the verdict names it. A part without
+// workload_node in a node wave), so the verdict names it. It wraps
+// DefaultL4SuccessByPartQuery, the same ratio for every part of the wave.
+const DefaultL4SuccessQuery = `bottomk(1, ` + DefaultL4SuccessByPartQuery + `)`
+
+// DefaultL4SuccessByPartQuery is the default SLO before bottomk picks the
+// worst part: one L4 success ratio per namespace of the wave (per node and
+// namespace in a node wave), as a dashboard would show it. A part without
 // error series (no failed connection yet) still counts: "or 0 * total"
 // gives it an error rate of 0 instead of dropping it. A part without any
 // traffic in the window is 0/0 = NaN and ">= 0" leaves it out; a wave
 // without any traffic is empty, Inconclusive.
-const DefaultL4SuccessQuery = `bottomk(1, (1 - (
+const DefaultL4SuccessByPartQuery = `(1 - (
   (
     sum by (workload_namespace{{ if .Nodes }}, workload_node{{ end }}) (rate(meshkeeper_agent_connections_total{` + defaultScope + `,result!="ok"}[1m]))
     or
@@ -44,7 +50,7 @@ const DefaultL4SuccessQuery = `bottomk(1, (1 - (
   )
   /
   sum by (workload_namespace{{ if .Nodes }}, workload_node{{ end }}) (rate(meshkeeper_agent_connections_total{` + defaultScope + `}[1m]))
-)) >= 0)`
+)) >= 0`
 
 // defaultScope selects the wave's series: its nodes in a node wave, the
 // pods on the new revision in a namespace wave.

@@ -22,12 +22,29 @@ import (
 // repository root.
 const ScrapeConfigPath = "config/prometheus/scrape-config.yaml"
 
+// LocalTargetsRegex matches the target addresses (host:port) a test
+// Prometheus may scrape: loopback (the stand-ins on kwok nodes with
+// loopback InternalIPs) and the real node's pod network
+// (cluster.RealNodePodCIDR, 10.213.0.0/24, a bridge the harness makes).
+// The pods kwok "runs" get made-up addresses (10.244.0.0/16) that lead off
+// this machine.
+const LocalTargetsRegex = `(127\.[0-9]+\.[0-9]+\.[0-9]+|10\.213\.0\.[0-9]+):[0-9]+`
+
+// localTargetsOnly is the relabel rule StartKubernetesSD appends to every
+// job, after the job's own rules.
+var localTargetsOnly = map[string]any{"source_labels": []any{"__address__"}, "regex": LocalTargetsRegex, "action": "keep"}
+
 // StartKubernetesSD runs Prometheus (on 127.0.0.1, a 1s scrape interval)
 // with the scrape jobs of snippet, a YAML list of scrape_configs such as
-// config/prometheus/scrape-config.yaml, exactly as written except that each
-// kubernetes_sd_configs entry is pointed at a cluster through kubeconfig
-// (in a cluster, Prometheus uses its pod's service account instead). The
-// server is stopped when the test ends.
+// config/prometheus/scrape-config.yaml, as written with two additions:
+// each kubernetes_sd_configs entry is pointed at a cluster through
+// kubeconfig (in a cluster, Prometheus uses its pod's service account
+// instead), and each job's relabel_configs end with one more keep rule,
+// LocalTargetsRegex on __address__, so that no scrape leaves this machine
+// (the node agent's real pods on kwok nodes have addresses nothing
+// answers). That rule only ever drops: which pods and ports are scraped,
+// and the target labels, are the snippet's. The server is stopped when the
+// test ends.
 func StartKubernetesSD(ctx context.Context, t TB, snippet []byte, kubeconfig string) (*Server, error) {
 	t.Helper()
 	var jobs []map[string]any
@@ -49,6 +66,8 @@ func StartKubernetesSD(ctx context.Context, t TB, snippet []byte, kubeconfig str
 			}
 			m["kubeconfig_file"] = kubeconfig
 		}
+		rcs, _ := job["relabel_configs"].([]any)
+		job["relabel_configs"] = append(rcs, localTargetsOnly)
 	}
 	cfg := map[string]any{
 		"global": map[string]any{

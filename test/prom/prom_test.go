@@ -4,6 +4,8 @@ import (
 	"context"
 	"io"
 	"net/http"
+	"net/netip"
+	"regexp"
 	"strings"
 	"testing"
 	"time"
@@ -12,6 +14,7 @@ import (
 
 	. "github.com/onsi/gomega"
 
+	"github.com/meshkeeper/meshkeeper/test/cluster"
 	"github.com/meshkeeper/meshkeeper/test/prom"
 )
 
@@ -91,4 +94,22 @@ func scrape(t *testing.T, url string) string {
 		t.Fatalf("scrape %s: %s\n%s", url, resp.Status, b)
 	}
 	return string(b)
+}
+
+// TestLocalTargetsRegex: the keep rule StartKubernetesSD appends lets
+// through loopback and the real node's pod network, and nothing kwok makes
+// up (its pod CIDR, the harness's default node addresses).
+func TestLocalTargetsRegex(t *testing.T) {
+	g := NewWithT(t)
+	re := regexp.MustCompile("^(?:" + prom.LocalTargetsRegex + ")$") // anchored, as Prometheus does
+	pods := netip.MustParsePrefix(cluster.RealNodePodCIDR)
+	for a := pods.Addr(); pods.Contains(a); a = a.Next() {
+		g.Expect(re.MatchString(a.String()+":9102")).To(BeTrue(), a.String())
+	}
+	for _, ok := range []string{"127.0.0.1:9090", "127.0.43.17:41234"} {
+		g.Expect(re.MatchString(ok)).To(BeTrue(), ok)
+	}
+	for _, off := range []string{"10.244.0.7:9102", "10.89.0.2:9102", "10.213.1.5:9102", "110.213.0.5:9102", "10.0.0.1:443", "192.168.1.1:9102"} {
+		g.Expect(re.MatchString(off)).To(BeFalse(), off)
+	}
 }

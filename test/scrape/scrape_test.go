@@ -136,13 +136,49 @@ func TestShippedScrapeConfig(t *testing.T) {
 	g.Expect(ratios).To(HaveKeyWithValue("shop", 1.0))
 	g.Expect(ratios["shop-staging"]).To(BeNumerically("~", 0.95, 0.025), "0.9 on node b, 1 on node a, as much traffic on each (scrape offsets blur the rates a little)")
 
+	// The default SLO itself, part by part (before bottomk picks the
+	// worst), expanded as the controller expands it: one value per
+	// namespace of a namespace wave, one per namespace and node of a node
+	// wave, each part exactly once.
+	all := []string{"shop", "shop-staging"}
+	byPart := func(g Gomega, d analysis.QueryData) map[string]float64 {
+		q, err := analysis.ExpandQuery(analysis.DefaultL4SuccessByPartQuery, d)
+		g.Expect(err).NotTo(HaveOccurred())
+		v, _, err := srv.API().Query(ctx, q, time.Now())
+		g.Expect(err).NotTo(HaveOccurred(), q)
+		out := map[string]float64{}
+		for _, s := range v.(model.Vector) {
+			part := string(s.Metric["workload_namespace"])
+			if n := s.Metric["workload_node"]; n != "" {
+				part += " on " + string(n)
+			}
+			g.Expect(out).NotTo(HaveKey(part), "one value per part")
+			out[part] = float64(s.Value)
+		}
+		return out
+	}
+	var newRev, oldRev, bothNodes map[string]float64
+	g.Eventually(func(g Gomega) {
+		newRev = byPart(g, analysis.NamespaceWaveScope([]string{"shop"}, "1-28-2", "1-27-3", true, 30*time.Second).Canary)
+		oldRev = byPart(g, analysis.NamespaceWaveScope([]string{"shop-staging"}, "1-27-3", "1-26-4", true, 30*time.Second).Canary)
+		bothNodes = byPart(g, analysis.NodeWaveScope([]string{"scrape-node-a", "scrape-node-b"}, nil, all, "1-28-2", "1-27-3", 30*time.Second).Canary)
+		g.Expect(newRev).To(HaveLen(1))
+		g.Expect(oldRev).To(HaveLen(1))
+		g.Expect(bothNodes).To(HaveLen(4))
+		g.Expect(bothNodes["shop-staging on scrape-node-b"]).To(BeNumerically("<", 0.99))
+	}).WithTimeout(20 * time.Second).WithPolling(250 * time.Millisecond).Should(Succeed())
+	t.Logf("the default SLO by part: namespace wave on 1-28-2 %v, on 1-27-3 %v, node wave of both nodes %v", newRev, oldRev, bothNodes)
+	g.Expect(newRev).To(Equal(map[string]float64{"shop": 1}), "the namespace on the new revision, alone")
+	g.Expect(oldRev).To(HaveKeyWithValue("shop-staging", BeNumerically("~", 0.95, 0.025)))
+	g.Expect(bothNodes).To(And(HaveKeyWithValue("shop on scrape-node-a", 1.0), HaveKeyWithValue("shop on scrape-node-b", 1.0),
+		HaveKeyWithValue("shop-staging on scrape-node-a", 1.0), HaveKeyWithValue("shop-staging on scrape-node-b", BeNumerically("~", 0.9, 0.02))))
+
 	// The default SLO itself, as the controller asks it.
 	p, err := analysis.NewPrometheus(srv.URL, analysis.PrometheusOptions{Timeout: 5 * time.Second})
 	g.Expect(err).NotTo(HaveOccurred())
 	judge := func(scope analysis.Scope) analysis.Result {
 		return analysis.EvaluateScope(ctx, p, analysis.DefaultSLOs(), scope, time.Now())[0]
 	}
-	all := []string{"shop", "shop-staging"}
 	nodeA := judge(analysis.NodeWaveScope([]string{"scrape-node-a"}, []string{"scrape-node-b"}, all, "1-28-2", "1-27-3", 30*time.Second))
 	g.Expect(nodeA.Verdict).To(Equal(meshv1.VerdictPass), nodeA.Message)
 	nodeB := judge(analysis.NodeWaveScope([]string{"scrape-node-b"}, []string{"scrape-node-a"}, all, "1-28-2", "1-27-3", 30*time.Second))

@@ -319,6 +319,10 @@ var _ = Describe("The node agent as a real pod on a real node", Ordered, func() 
 		expectEnrolled(ctx, clients+1)
 	})
 
+	It("is scraped on the real node through the shipped scrape config (pod SD), and the default SLO names the failing namespace", func(ctx SpecContext) {
+		expectScrapedThroughTheShippedConfig(ctx)
+	})
+
 	It("moves the real node's agent and ztunnel to a new version in a node wave under traffic, with no escape and every pod still enrolled", func(ctx SpecContext) {
 		expectNodeWaveUnderTraffic(ctx, serverIP, "1.27.3")
 		agentPod = runningAgentPod(ctx)
