@@ -18,6 +18,7 @@ import (
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	ctrl "sigs.k8s.io/controller-runtime"
 	"sigs.k8s.io/controller-runtime/pkg/client"
+	"sigs.k8s.io/controller-runtime/pkg/config"
 	"sigs.k8s.io/controller-runtime/pkg/log/zap"
 	metricsserver "sigs.k8s.io/controller-runtime/pkg/metrics/server"
 
@@ -77,7 +78,9 @@ func TestWebhooksOfARealIstiod(t *testing.T) {
 	g.Expect(k8s.Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: "meshkeeper-system"}})).To(Succeed())
 	hc, err := helm.New(kc.Config, "meshkeeper-system", ctrl.Log.WithName("helm"))
 	g.Expect(err).NotTo(HaveOccurred())
-	mgr, err := ctrl.NewManager(kc.Config, ctrl.Options{Scheme: kc.Scheme, Metrics: metricsserver.Options{BindAddress: "0"}})
+	mgr, err := ctrl.NewManager(kc.Config, ctrl.Options{Scheme: kc.Scheme, Metrics: metricsserver.Options{BindAddress: "0"},
+		// Each test of the package runs its own manager in this process.
+		Controller: config.Controller{SkipNameValidation: new(true)}})
 	g.Expect(err).NotTo(HaveOccurred())
 	g.Expect((&controller.MeshReconciler{
 		Client: mgr.GetClient(), Helm: hc, Catalog: catalog, ComponentsNamespace: "istio-system",
