@@ -16,10 +16,11 @@ package controller
 //
 // Cluster-scoped kinds the charts render: CRDs (never deleted: the crds
 // release keeps them), ClusterRoles and ClusterRoleBindings, istiod's
-// MutatingWebhookConfiguration.
+// Mutating- (sidecar injection) and ValidatingWebhookConfigurations
+// (config validation).
 // +kubebuilder:rbac:groups=apiextensions.k8s.io,resources=customresourcedefinitions,verbs=get;list;watch;create;update;patch
 // +kubebuilder:rbac:groups=rbac.authorization.k8s.io,resources=clusterroles;clusterrolebindings,verbs=get;list;watch;create;update;patch;delete
-// +kubebuilder:rbac:groups=admissionregistration.k8s.io,resources=mutatingwebhookconfigurations,verbs=get;list;watch;create;update;patch;delete
+// +kubebuilder:rbac:groups=admissionregistration.k8s.io,resources=mutatingwebhookconfigurations;validatingwebhookconfigurations,verbs=get;list;watch;create;update;patch;delete
 //
 // `bind` and `escalate` let the manager grant the components' permissions
 // without holding them, for exactly the components' roles (a new bundle

@@ -11,10 +11,12 @@ package istiod
 import (
 	"context"
 	"fmt"
+	"io"
 	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -66,6 +68,19 @@ type Options struct {
 	Revision string
 	// Namespace is the components' namespace (istio-system by default).
 	Namespace string
+	// WebhookPort, if set, is the 127.0.0.1 port istiod serves its webhooks
+	// (sidecar injection, config validation) on, so the istiod chart can be
+	// pointed at it before istiod starts: chart value webhooks.url =
+	// WebhookURL(port). Zero: a free port nothing calls.
+	WebhookPort int
+}
+
+// WebhookURL is the base URL the API server calls an istiod started with
+// Options.WebhookPort = port at (the istiod chart's webhooks.url): the
+// host is localhost, on loopback, which istiod puts in its serving
+// certificate (Start sets ISTIOD_CUSTOM_HOST=localhost).
+func WebhookURL(port int) string {
+	return fmt.Sprintf("https://localhost:%d", port)
 }
 
 // Istiod is a running pilot-discovery.
@@ -75,6 +90,8 @@ type Istiod struct {
 	LogPath string
 	// HTTPAddr serves /ready and the debug endpoints.
 	HTTPAddr string
+	// MonitoringAddr serves istiod's Prometheus metrics (/metrics).
+	MonitoringAddr string
 }
 
 // Start runs pilot-discovery against c and waits until it is ready. The
@@ -88,6 +105,9 @@ func Start(ctx context.Context, t testing.TB, c *cluster.Cluster, opts Options) 
 	ports, err := cluster.FreePorts(5)
 	if err != nil {
 		return nil, err
+	}
+	if opts.WebhookPort != 0 {
+		ports[4] = opts.WebhookPort
 	}
 	addr := func(i int) string { return fmt.Sprintf("127.0.0.1:%d", ports[i]) }
 	dir := t.TempDir()
@@ -120,7 +140,7 @@ func Start(ctx context.Context, t testing.TB, c *cluster.Cluster, opts Options) 
 		_ = logf.Close()
 		return nil, fmt.Errorf("start %s: %w", bin, err)
 	}
-	d := &Istiod{cmd: cmd, done: make(chan struct{}), LogPath: logPath, HTTPAddr: addr(0)}
+	d := &Istiod{cmd: cmd, done: make(chan struct{}), LogPath: logPath, HTTPAddr: addr(0), MonitoringAddr: addr(3)}
 	go func() {
 		_ = cmd.Wait()
 		_ = logf.Close()
@@ -188,4 +208,42 @@ func (d *Istiod) LogTail(n int) string {
 		lines = lines[len(lines)-n:]
 	}
 	return strings.Join(lines, "\n")
+}
+
+// Metric is the sum of istiod's samples of metric name (Prometheus text
+// from its monitoring port) whose labels include every pair of want; -1 if
+// the metrics cannot be read. A series istiod has not created yet counts 0.
+func (d *Istiod) Metric(name string, want map[string]string) float64 {
+	hc := &http.Client{Timeout: 5 * time.Second}
+	resp, err := hc.Get("http://" + d.MonitoringAddr + "/metrics")
+	if err != nil {
+		return -1
+	}
+	defer func() { _ = resp.Body.Close() }()
+	raw, err := io.ReadAll(resp.Body)
+	if err != nil || resp.StatusCode != http.StatusOK {
+		return -1
+	}
+	var sum float64
+	for _, line := range strings.Split(string(raw), "\n") {
+		series, value, ok := strings.Cut(line, " ")
+		if !ok || strings.HasPrefix(line, "#") {
+			continue
+		}
+		metric, labels, _ := strings.Cut(series, "{")
+		if metric != name {
+			continue
+		}
+		match := true
+		for k, v := range want {
+			if !strings.Contains(labels, fmt.Sprintf("%s=%q", k, v)) {
+				match = false
+				break
+			}
+		}
+		if f, err := strconv.ParseFloat(strings.TrimSpace(value), 64); match && err == nil {
+			sum += f
+		}
+	}
+	return sum
 }

@@ -17,6 +17,7 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	ctrl "sigs.k8s.io/controller-runtime"
 	"sigs.k8s.io/controller-runtime/pkg/client"
+	"sigs.k8s.io/controller-runtime/pkg/config"
 	"sigs.k8s.io/controller-runtime/pkg/log/zap"
 	metricsserver "sigs.k8s.io/controller-runtime/pkg/metrics/server"
 	gatewayv1 "sigs.k8s.io/gateway-api/apis/v1"
@@ -54,7 +55,9 @@ func TestWaypointWithARealIstiod(t *testing.T) {
 	g.Expect(k8s.Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: "meshkeeper-system"}})).To(Succeed())
 	hc, err := helm.New(kc.Config, "meshkeeper-system", ctrl.Log.WithName("helm"))
 	g.Expect(err).NotTo(HaveOccurred())
-	mgr, err := ctrl.NewManager(kc.Config, ctrl.Options{Scheme: kc.Scheme, Metrics: metricsserver.Options{BindAddress: "0"}})
+	mgr, err := ctrl.NewManager(kc.Config, ctrl.Options{Scheme: kc.Scheme, Metrics: metricsserver.Options{BindAddress: "0"},
+		// Each test of the package runs its own manager in this process.
+		Controller: config.Controller{SkipNameValidation: new(true)}})
 	g.Expect(err).NotTo(HaveOccurred())
 	g.Expect((&controller.MeshReconciler{
 		Client: mgr.GetClient(), Helm: hc, Catalog: bundle.Default(), ComponentsNamespace: "istio-system",

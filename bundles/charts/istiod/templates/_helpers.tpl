@@ -23,3 +23,20 @@ istio.io/rev: {{ .Values.revision | quote }}
 }}
 {{- toYaml (mergeOverwrite $base (deepCopy .Values.meshConfig)) }}
 {{- end }}
+
+{{/*
+istiod.webhookClientConfig: how the API server reaches one of istiod's
+webhooks; the argument is a dict of the root context (.root) and the path.
+No caBundle: istiod patches in its own CA.
+*/}}
+{{- define "istiod.webhookClientConfig" -}}
+{{- if .root.Values.webhooks.url -}}
+url: {{ printf "%s%s" (trimSuffix "/" .root.Values.webhooks.url) .path | quote }}
+{{- else -}}
+service:
+  name: {{ include "istiod.name" .root }}
+  namespace: {{ .root.Release.Namespace }}
+  path: {{ .path }}
+  port: 443
+{{- end }}
+{{- end }}
