@@ -119,4 +119,3 @@ func envOf(ds *appsv1.DaemonSet, container, name string) string {
 	}
 	return "<unset>"
 }
-
