@@ -35,14 +35,14 @@ type zdsScenario struct {
 	client   *zdsclient.Client
 }
 
-func newZDSScenario(t *testing.T) *zdsScenario {
+func newZDSScenario(t testing.TB) *zdsScenario {
 	t.Helper()
 	g := NewWithT(t)
 	dp, _ := loadTestDatapath(t, capturePort)
 	dir, err := os.MkdirTemp("", "zds")
 	g.Expect(err).NotTo(HaveOccurred())
 	t.Cleanup(func() { os.RemoveAll(dir) })
-	s := &zdsScenario{server: zds.NewServer(zds.Options{Path: filepath.Join(dir, "ztunnel.sock"), Log: testr.New(t), KeepaliveInterval: 50 * time.Millisecond})}
+	s := &zdsScenario{server: zds.NewServer(zds.Options{Path: filepath.Join(dir, "ztunnel.sock"), Log: testr.NewWithInterface(t, testr.Options{}), KeepaliveInterval: 50 * time.Millisecond})}
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	go func() { done <- s.server.Serve(ctx) }()
@@ -54,7 +54,7 @@ func newZDSScenario(t *testing.T) *zdsScenario {
 		}
 	})
 	<-s.server.Serving()
-	s.enroller, err = NewEnroller(dp, "", testr.New(t))
+	s.enroller, err = NewEnroller(dp, "", testr.NewWithInterface(t, testr.Options{}))
 	g.Expect(err).NotTo(HaveOccurred())
 	s.enroller.SetHandoff(s.server)
 	return s
@@ -62,7 +62,7 @@ func newZDSScenario(t *testing.T) *zdsScenario {
 
 // connect is a ztunnel connecting: it answers every request (the snapshot,
 // then adds and deletes) until disconnect, refusing refusedPod's adds.
-func (s *zdsScenario) connect(t *testing.T) {
+func (s *zdsScenario) connect(t testing.TB) {
 	t.Helper()
 	c, err := zdsclient.Dial(s.server.Path(), zdsapi.Version_V1)
 	if err != nil {
@@ -152,7 +152,7 @@ func TestMeshNodeSaysWhyZtunnelHasNoPod(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	const node = "node-zds"
-	reporter := startNodeReporter(ctx, kube.Mesh, node, testr.New(t))
+	reporter := startNodeReporter(ctx, kube.Mesh, node, testr.NewWithInterface(t, testr.Options{}))
 	go reportEnrolment(ctx, s.enroller, reporter, v1alpha1.MeshNodeStatus{Eligible: true, Redirection: v1alpha1.NodeRedirectionEBPF})
 	enrolment := func() *v1alpha1.NodeEnrolment {
 		mn := &v1alpha1.MeshNode{}
