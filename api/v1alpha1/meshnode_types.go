@@ -94,8 +94,14 @@ type NodeEnrolment struct {
 type PodNotEnrolled struct {
 	Namespace string `json:"namespace"`
 	Name      string `json:"name"`
-	// Since is when the agent started wanting it.
+	// Since is when it started waiting: when the agent started wanting
+	// it, or when ztunnel lost or refused it.
 	Since metav1.Time `json:"since"`
+	// Reason says why it is not enrolled: its network namespace is not
+	// found yet, "no ztunnel connected" (its traffic is redirected to a
+	// ztunnel that is not there), "ztunnel refused: <ztunnel's error>", ...
+	// +optional
+	Reason string `json:"reason,omitempty"`
 }
 
 // MeshNode is one node's kernel preflight result. It has no spec: the node

@@ -26,6 +26,9 @@ import (
 	"github.com/cilium/ebpf"
 	"github.com/go-logr/logr"
 	"golang.org/x/sys/unix"
+	"istio.io/istio/pkg/zdsapi"
+
+	"github.com/meshkeeper/meshkeeper/test/zdsclient"
 )
 
 // The datapath benchmarks of issue 4; `make bench-datapath` runs them and
@@ -355,7 +358,9 @@ type agentMemory struct {
 }
 
 // BenchmarkAgentRSS250 measures the resident memory of the real agent
-// binary (`agent run --no-kube`) with 250 enrolled network namespaces: once
+// binary (`agent run --no-kube`) with 250 enrolled network namespaces, each
+// handed to ztunnel's place over ZDS (the test client, test/zdsclient,
+// takes and acks every one, the netns fd passed): once
 // per benchmark run (b.N == 1), whatever b.N is later. It reports VmRSS,
 // once the agent serves 250 enrolled pods on /metrics and has been scraped,
 // as RSS-MiB, its anonymous part (RssAnon: heap, stacks; the rest is pages
@@ -507,6 +512,53 @@ func measureAgentMemory(b *testing.B, pods int) *agentMemory {
 		}
 		return 0, errors.New("no meshkeeper_agent_enrolled_pods in /metrics")
 	}
+
+	// ztunnel's place: the ZDS test client connects and acks every add,
+	// so the 250 pods are handed to it as on a real node.
+	var zc *zdsclient.Client
+	zdsDeadline := time.Now().Add(30 * time.Second)
+	for {
+		var err error
+		if zc, err = zdsclient.Dial(filepath.Join(zdsDir, "ztunnel.sock"), zdsapi.Version_V1); err == nil {
+			break
+		}
+		if time.Now().After(zdsDeadline) {
+			fail("ztunnel stand-in cannot connect to the agent's ZDS socket within 30s: %v", err)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	b.Cleanup(func() { zc.Close() })
+	handed := map[string]bool{}
+	for len(handed) < pods {
+		r, err := zc.Recv(30 * time.Second)
+		if err != nil {
+			fail("ZDS: %d of %d pods handed to ztunnel: %v", len(handed), pods, err)
+		}
+		if r.Netns != nil {
+			r.Netns.Close()
+		}
+		if err := zc.Ack(""); err != nil {
+			fail("ZDS ack: %v", err)
+		}
+		if r.Kind == zdsclient.Add {
+			handed[r.UID] = true
+		}
+	}
+	// Answer whatever else comes (SnapshotSent, re-adds) until the end.
+	go func() {
+		for {
+			r, err := zc.Recv(time.Minute)
+			if err != nil {
+				return
+			}
+			if r.Netns != nil {
+				r.Netns.Close()
+			}
+			if zc.Ack("") != nil {
+				return
+			}
+		}
+	}()
 
 	deadline := time.Now().Add(60 * time.Second)
 	var enrolled float64

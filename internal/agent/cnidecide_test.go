@@ -19,8 +19,8 @@ import (
 
 // startAPIServer runs etcd and kube-apiserver (hack/cluster-bins.sh)
 // until the test ends; it skips without them unless
-// MESHKEEPER_REQUIRE_CLUSTER=1.
-func startAPIServer(t *testing.T) *envtest.Environment {
+// MESHKEEPER_REQUIRE_CLUSTER=1. crdDirs are installed.
+func startAPIServer(t *testing.T, crdDirs ...string) *envtest.Environment {
 	t.Helper()
 	dir := os.Getenv("KUBEBUILDER_ASSETS")
 	if dir == "" {
@@ -33,7 +33,7 @@ func startAPIServer(t *testing.T) *envtest.Environment {
 		}
 		t.Skip(msg + "; set MESHKEEPER_REQUIRE_CLUSTER=1 to fail instead of skipping")
 	}
-	env := &envtest.Environment{BinaryAssetsDirectory: dir}
+	env := &envtest.Environment{BinaryAssetsDirectory: dir, CRDDirectoryPaths: crdDirs, ErrorIfCRDPathMissing: len(crdDirs) > 0}
 	if _, err := env.Start(); err != nil {
 		t.Fatalf("start the API server: %v", err)
 	}

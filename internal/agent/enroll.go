@@ -713,23 +713,60 @@ func (e *Enroller) EnrolledPods() int {
 	return n
 }
 
-// PodWaiting is a wanted pod with no enrolled network namespace yet.
+// PodWaiting is a wanted pod that is not enrolled: no network namespace of
+// it is redirected yet, or ztunnel has not taken it (then its traffic is
+// redirected to a ztunnel that is not listening there, and fails).
 type PodWaiting struct {
-	Pod   PodRef
+	Pod PodRef
+	// Since is when it started waiting: when it was wanted, or when
+	// ztunnel lost or refused it.
 	Since time.Time
+	// Reason says why it is not enrolled, for the MeshNode.
+	Reason string
 }
 
+// HandoffState is a Handoff that knows whether ztunnel has taken each
+// workload (*zds.Server).
+type HandoffState interface {
+	State(uid string) zds.WorkloadState
+}
+
+// Why a pod is not enrolled, besides ztunnel's reasons (zds.Reason*).
+const (
+	ReasonNoNetns      = "its network namespace is not found yet"
+	ReasonNotHandedOff = "not handed to ztunnel yet"
+)
+
 // Enrolment counts the wanted pods and the enrolled ones, and returns the
-// wanted pods not enrolled, the longest waiting first.
+// wanted pods not enrolled, the longest waiting first. With a hand-off to
+// ztunnel a pod is enrolled only once its netns is redirected and the
+// newest ztunnel took it (acked): a pod ztunnel refused, or one waiting
+// while no ztunnel is connected, is listed with the reason.
 func (e *Enroller) Enrolment() (wanted, enrolled int, waiting []PodWaiting) {
 	e.mu.Lock()
 	defer e.mu.Unlock()
+	states, _ := e.handoff.(HandoffState)
 	for _, p := range e.pods {
-		if len(p.cookies) > 0 {
+		w := PodWaiting{Pod: p.ref, Since: p.since, Reason: ReasonNoNetns}
+		var st zds.WorkloadState
+		if states != nil {
+			st = states.State(p.ref.UID)
+		}
+		switch {
+		case len(p.cookies) > 0 && (states == nil || st.Handed):
 			enrolled++
 			continue
+		case st.Known && !st.Handed:
+			// Redirected or not (the CNI path redirects only what
+			// ztunnel took), ztunnel's answer is the reason.
+			w.Reason = st.Reason
+			if st.Since.After(w.Since) {
+				w.Since = st.Since
+			}
+		case len(p.cookies) > 0:
+			w.Reason = ReasonNotHandedOff
 		}
-		waiting = append(waiting, PodWaiting{Pod: p.ref, Since: p.since})
+		waiting = append(waiting, w)
 	}
 	sort.Slice(waiting, func(i, j int) bool {
 		a, b := waiting[i], waiting[j]

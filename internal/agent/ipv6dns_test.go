@@ -6,6 +6,8 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"os"
+	"path/filepath"
 	"sync"
 	"syscall"
 	"testing"
@@ -14,8 +16,10 @@ import (
 	"github.com/go-logr/logr/testr"
 	. "github.com/onsi/gomega"
 	"golang.org/x/sys/unix"
+	"istio.io/istio/pkg/zdsapi"
 
 	mkbpf "github.com/meshkeeper/meshkeeper/bpf"
+	"github.com/meshkeeper/meshkeeper/test/zdsclient"
 )
 
 const (
@@ -258,4 +262,95 @@ func udpAskOK(ns *testNetns, dst string, connected bool, mark int) (string, erro
 		return "", err
 	}
 	return reply + " from " + from, nil
+}
+
+// TestRunSendsDNSToZtunnelWithDNSCapture: the agent itself, run as the
+// node-agent chart runs it when the bundle's dnsCapture is on
+// (--dns-capture) and off, with ztunnel (the ZDS test client) taking the
+// pod: an enrolled pod's DNS query, UDP and TCP to port 53, reaches the
+// listener on 15053 in its netns when on; when off UDP goes to the server
+// it was sent to and TCP to ztunnel's outbound listener, as any TCP.
+func TestRunSendsDNSToZtunnelWithDNSCapture(t *testing.T) {
+	requirePrivileged(t)
+	for _, on := range []bool{false, true} {
+		t.Run(fmt.Sprintf("dnsCapture=%v", on), func(t *testing.T) {
+			g := NewWithT(t)
+			ns := newTestNetns(t)
+			ipIn(t, ns, "addr", "add", "10.96.0.10/32", "dev", "lo")
+			server := startUDPServer(t, ns, "udp4", "10.96.0.10:53", "server")
+			tcpServer := startLabelServer(t, ns, "10.96.0.10:53", "server")
+			dns := startUDPServer(t, ns, "udp4", fmt.Sprintf("127.0.0.1:%d", DefaultDNSPort), "dns")
+			dnsTCP := startLabelServer(t, ns, fmt.Sprintf("127.0.0.1:%d", DefaultDNSPort), "dns")
+
+			dir, err := os.MkdirTemp("", "zds")
+			g.Expect(err).NotTo(HaveOccurred())
+			t.Cleanup(func() { os.RemoveAll(dir) })
+			sock, podsFile := filepath.Join(dir, "ztunnel.sock"), filepath.Join(dir, "pods")
+			const uid = "5e6f7a8b-9c0d-4e1f-8a2b-3c4d5e6f7a8b"
+			g.Expect(os.WriteFile(podsFile, []byte("shop/dns "+uid+" "+ns.Path+"\n"), 0o600)).To(Succeed())
+			pinPath := filepath.Join("/sys/fs/bpf", testName())
+			t.Cleanup(func() {
+				if err := Uninstall(pinPath); err != nil {
+					t.Errorf("uninstall %s: %v", pinPath, err)
+				}
+			})
+			ctx, cancel := context.WithCancel(context.Background())
+			done := make(chan error, 1)
+			go func() {
+				done <- Run(ctx, RunOptions{MetricsAddr: "0", CapturePort: capturePort, BypassMark: DefaultBypassMark, DNSCapture: on,
+					PinPath: pinPath, CgroupPath: cgroup2Root(t), ProcRoot: "/proc", PodsFile: podsFile, ZDSSocket: sock, Log: testr.New(t)})
+			}()
+			t.Cleanup(func() {
+				cancel()
+				if err := <-done; err != nil {
+					t.Errorf("Run: %v", err)
+				}
+			})
+			// ztunnel connects and takes the pod from its snapshot.
+			var c *zdsclient.Client
+			g.Eventually(func() error { c, err = zdsclient.Dial(sock, zdsapi.Version_V1); return err }).WithTimeout(30 * time.Second).Should(Succeed())
+			t.Cleanup(func() { c.Close() })
+			var got []string
+			for {
+				r, err := c.Recv(10 * time.Second)
+				g.Expect(err).NotTo(HaveOccurred())
+				if r.Netns != nil {
+					r.Netns.Close()
+				}
+				g.Expect(c.Ack("")).To(Succeed())
+				if r.Kind == zdsclient.SnapshotSent {
+					break
+				}
+				got = append(got, r.UID)
+			}
+			g.Expect(got).To(ConsistOf(uid))
+
+			// ztunnel's outbound listener: where TCP goes when it is not DNS
+			// capture's (TCP to port 53 is TCP like any other then).
+			outbound := startStandInProxy(t, ns, fmt.Sprintf("127.0.0.1:%d", capturePort))
+			for _, connected := range []bool{false, true} {
+				want := "server"
+				if on {
+					want = "dns"
+				}
+				g.Expect(udpAskOK(ns, "10.96.0.10:53", connected, 0)).To(Equal(want+" from 10.96.0.10:53"), "UDP, connected=%v", connected)
+			}
+			reply, err := ask(ns, "10.96.0.10:53", 0)
+			g.Expect(err).NotTo(HaveOccurred())
+			g.Expect(tcpServer.Accepted()).To(BeZero(), "TCP never reaches the server around ztunnel")
+			if on {
+				g.Expect(reply).To(HavePrefix("dns "), "TCP 53 to the DNS proxy")
+				g.Expect(dns.Received()).To(Equal(2))
+				g.Expect(dnsTCP.Accepted()).To(Equal(1))
+				g.Expect(server.Received()).To(BeZero(), "no UDP query reaches the server around the DNS proxy")
+				g.Expect(outbound.Accepted()).To(BeZero())
+			} else {
+				g.Expect(reply).To(Equal("orig 10.96.0.10:53"), "TCP 53 is outbound TCP: ztunnel's 15001")
+				g.Expect(server.Received()).To(Equal(2), "UDP goes direct")
+				g.Expect(dns.Received()).To(BeZero())
+				g.Expect(dnsTCP.Accepted()).To(BeZero())
+				g.Expect(outbound.Accepted()).To(Equal(1))
+			}
+		})
+	}
 }

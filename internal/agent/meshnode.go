@@ -59,7 +59,7 @@ func EnrolmentStatus(wanted, enrolled int, waiting []PodWaiting, now time.Time) 
 			break
 		}
 		st.NotEnrolled = append(st.NotEnrolled, v1alpha1.PodNotEnrolled{
-			Namespace: w.Pod.Namespace, Name: w.Pod.Name, Since: metav1.Time{Time: w.Since},
+			Namespace: w.Pod.Namespace, Name: w.Pod.Name, Since: metav1.Time{Time: w.Since}, Reason: w.Reason,
 		})
 	}
 	return st
@@ -77,7 +77,7 @@ func sameEnrolment(a, b *v1alpha1.NodeEnrolment) bool {
 	}
 	for i := range a.NotEnrolled {
 		x, y := a.NotEnrolled[i], b.NotEnrolled[i]
-		if x.Namespace != y.Namespace || x.Name != y.Name || !x.Since.Equal(&y.Since) {
+		if x.Namespace != y.Namespace || x.Name != y.Name || x.Reason != y.Reason || !x.Since.Equal(&y.Since) {
 			return false
 		}
 	}

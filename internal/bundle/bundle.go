@@ -82,6 +82,12 @@ type Bundle struct {
 	// SpireSupport says, per dataplane mode (Sidecar, Ambient), whether
 	// this release's proxies can take their identities from SPIRE.
 	SpireSupport map[string]bool
+	// DNSCapture says ztunnel's DNS proxy is on (ztunnel's
+	// ISTIO_META_DNS_CAPTURE) and pods' DNS, UDP and TCP port 53, is sent
+	// to it on port 15053 in their netns: by the node agent's eBPF
+	// datapath (--dns-capture) and by istio-cni on fallback nodes
+	// (AMBIENT_DNS_CAPTURE). One field, so the three cannot disagree.
+	DNSCapture bool
 	// Images maps an image name (ImagePilot, ...) to its reference, a tag
 	// and optionally a pinned digest.
 	Images map[string]string
@@ -96,6 +102,10 @@ type Bundle struct {
 	fsys   fs.FS
 	digest func() (string, error)
 }
+
+// ztunnelDNSCaptureEnv is the proxy metadata ztunnel reads to run its DNS
+// proxy (ztunnel's DNS_CAPTURE metadata, from ISTIO_META_* variables).
+const ztunnelDNSCaptureEnv = "ISTIO_META_DNS_CAPTURE"
 
 // SourceEmbedded is the Source of the bundles compiled into the binary.
 const SourceEmbedded = "embedded"

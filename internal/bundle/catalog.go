@@ -62,6 +62,9 @@ type manifest struct {
 		// can take workload identities from SPIRE.
 		Support map[string]string `json:"support"`
 	} `json:"spire"`
+	// DNSCapture: ztunnel's DNS proxy is on, and pods' DNS goes to it.
+	// Required: the one place ztunnel, the node agent and istio-cni read.
+	DNSCapture *bool                        `json:"dnsCapture"`
 	Images     map[string]string            `json:"images"`
 	Components map[string]componentManifest `json:"components"`
 }
@@ -183,6 +186,12 @@ func loadBundle(fsys fs.FS, file string) (*Bundle, error) {
 		}
 	}
 
+	if m.DNSCapture == nil {
+		fail("dnsCapture", "required: true when this release's ztunnel runs its DNS proxy (port 15053 in each pod's network namespace) and pods' DNS is sent to it, false when not")
+	} else {
+		b.DNSCapture = *m.DNSCapture
+	}
+
 	known := knownImages()
 	for _, name := range sortedKeys(m.Images) {
 		ref := m.Images[name]
@@ -219,6 +228,9 @@ func loadBundle(fsys fs.FS, file string) (*Bundle, error) {
 			continue
 		}
 		b.charts[comp] = cm.Chart
+		if p := dnsCaptureValue(comp, cm.Values); p != "" {
+			fail(field+".values."+p, "set dnsCapture at the top of the manifest instead: ztunnel's DNS proxy and the redirection of pods' DNS to it (node agent, istio-cni) must agree, so they are set from that one field")
+		}
 		if cm.Values != nil {
 			b.values[comp] = cm.Values
 		}
@@ -227,6 +239,29 @@ func loadBundle(fsys fs.FS, file string) (*Bundle, error) {
 		return nil, err
 	}
 	return b, nil
+}
+
+// dnsCaptureValue returns the path of a component value that would set
+// DNS capture for that component alone ("" when there is none).
+func dnsCaptureValue(c Component, values map[string]any) string {
+	if _, ok := values["dnsCapture"]; ok {
+		return "dnsCapture"
+	}
+	switch c {
+	case Ztunnel:
+		if env, ok := values["env"].(map[string]any); ok {
+			if _, ok := env[ztunnelDNSCaptureEnv]; ok {
+				return "env." + ztunnelDNSCaptureEnv
+			}
+		}
+	case CNI:
+		if amb, ok := values["ambient"].(map[string]any); ok {
+			if _, ok := amb["dnsCapture"]; ok {
+				return "ambient.dnsCapture"
+			}
+		}
+	}
+	return ""
 }
 
 // checkChart verifies charts/<dir>/Chart.yaml is a Helm v2 chart named after
@@ -392,6 +427,9 @@ func (c *Catalog) WithValues(comp Component, values map[string]any) (*Catalog, e
 	}
 	if len(values) == 0 {
 		return c, nil
+	}
+	if p := dnsCaptureValue(comp, values); p != "" {
+		return nil, fmt.Errorf("component %s: value %s: DNS capture is the bundle's dnsCapture, for ztunnel, the node agent and istio-cni at once; it cannot be set for one component", comp, p)
 	}
 	out := &Catalog{bundles: make([]*Bundle, 0, len(c.bundles))}
 	for _, b := range c.bundles {

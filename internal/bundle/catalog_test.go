@@ -112,6 +112,7 @@ func validManifest() map[string]any {
 	return map[string]any{
 		"version":     "1.28.2",
 		"minKernel":   "5.10",
+		"dnsCapture":  true,
 		"upgradeFrom": []any{"1.27", "1.28"},
 		"spire":       map[string]any{"version": "1.13.3", "support": map[string]any{"Sidecar": "Supported", "Ambient": "Unsupported"}},
 		"images":      images,
@@ -155,6 +156,17 @@ func TestLoadErrors(t *testing.T) {
 			want: `catalog/1.28.3.yaml: version: "1.28.2" does not match the file name; name the file 1.28.2.yaml`},
 		{name: "minKernel missing", mutate: func(m map[string]any) { delete(m, "minKernel") },
 			want: `catalog/1.28.2.yaml: minKernel: "": want a kernel release like "5.10"`},
+		{name: "dnsCapture missing", mutate: func(m map[string]any) { delete(m, "dnsCapture") },
+			want: `catalog/1.28.2.yaml: dnsCapture: required: true when this release's ztunnel runs its DNS proxy`},
+		{name: "dnsCapture for the node agent alone", mutate: func(m map[string]any) {
+			m["components"].(map[string]any)[string(bundle.NodeAgent)] = map[string]any{"chart": "node-agent", "values": map[string]any{"dnsCapture": false}}
+		}, want: `catalog/1.28.2.yaml: components.node-agent.values.dnsCapture: set dnsCapture at the top of the manifest instead`},
+		{name: "ztunnel's DNS proxy alone", mutate: func(m map[string]any) {
+			m["components"].(map[string]any)[string(bundle.Ztunnel)] = map[string]any{"chart": "ztunnel", "values": map[string]any{"env": map[string]any{"ISTIO_META_DNS_CAPTURE": "false"}}}
+		}, want: `components.ztunnel.values.env.ISTIO_META_DNS_CAPTURE: set dnsCapture at the top of the manifest instead`},
+		{name: "istio-cni's DNS capture alone", mutate: func(m map[string]any) {
+			m["components"].(map[string]any)[string(bundle.CNI)] = map[string]any{"chart": "istio-cni", "values": map[string]any{"ambient": map[string]any{"dnsCapture": false}}}
+		}, want: `components.istio-cni.values.ambient.dnsCapture: set dnsCapture at the top of the manifest instead`},
 		{name: "upgradeFrom a release", mutate: func(m map[string]any) { m["upgradeFrom"] = []any{"1.27.3"} },
 			want: `catalog/1.28.2.yaml: upgradeFrom[0]: "1.27.3": not a minor`},
 		{name: "upgradeFrom newer", mutate: func(m map[string]any) { m["upgradeFrom"] = []any{"1.28", "1.29"} },
@@ -375,6 +387,8 @@ func TestWithValues(t *testing.T) {
 		orig, _ := c.Resolve(v)
 		g.Expect(orig.Values(bundle.NodeAgent, bundle.Inputs{})).NotTo(HaveKey("memlockCapability"), v)
 	}
+	_, err = c.WithValues(bundle.NodeAgent, map[string]any{"dnsCapture": false})
+	g.Expect(err).To(MatchError(ContainSubstring("component node-agent: value dnsCapture: DNS capture is the bundle's dnsCapture")))
 	_, err = c.WithValues("node-agnet", map[string]any{"x": 1})
 	g.Expect(err).To(MatchError(ContainSubstring(`component "node-agnet": unknown`)))
 }

@@ -107,9 +107,11 @@ func (b *Bundle) Values(c Component, in Inputs) map[string]any {
 		v["namespace"] = in.Namespace
 		v["maxUnavailable"] = maxUnavailable(in.MaxUnavailable)
 		v["nodeWaves"] = in.NodeWaves
+		v["dnsCapture"] = b.DNSCapture
 	case CNI:
 		v["maxUnavailable"] = maxUnavailable(in.MaxUnavailable)
 		v["nodeWaves"] = in.NodeWaves
+		v["ambient"] = map[string]any{"dnsCapture": b.DNSCapture}
 		v["nodeSelector"] = map[string]any{meshv1.LabelRedirection: string(meshv1.NodeRedirectionIPTables)}
 	case NodeAgent:
 		v["maxUnavailable"] = maxUnavailable(in.MaxUnavailable)
@@ -121,6 +123,7 @@ func (b *Bundle) Values(c Component, in Inputs) map[string]any {
 		}
 		v["cleanup"] = in.NodeAgentCleanup
 		v["nodeWaves"] = in.NodeWaves
+		v["dnsCapture"] = b.DNSCapture
 	case SpireServer:
 		ttl := or(in.SVIDTTL, defaultSVIDTTL)
 		v["spireVersion"] = b.SpireVersion

@@ -83,6 +83,7 @@ func TestValues(t *testing.T) {
 			"namespace":      "istio-system",
 			"maxUnavailable": "10%",
 			"nodeWaves":      false,
+			"dnsCapture":     true,
 		}},
 		{name: "ztunnel during node waves", c: bundle.Ztunnel, in: bundle.Inputs{Namespace: "istio-system", NodeWaves: true}, want: map[string]any{
 			"revision": "1-28-2", "version": "1.28.2",
@@ -90,6 +91,7 @@ func TestValues(t *testing.T) {
 			"namespace":      "istio-system",
 			"maxUnavailable": "10%",
 			"nodeWaves":      true,
+			"dnsCapture":     true,
 		}},
 		{name: "istio-cni only on iptables nodes", c: bundle.CNI, in: ambient, want: map[string]any{
 			"revision": "1-28-2", "version": "1.28.2",
@@ -97,6 +99,7 @@ func TestValues(t *testing.T) {
 			"maxUnavailable": "10%",
 			"nodeSelector":   map[string]any{"meshkeeper.dev/redirection": "iptables"},
 			"nodeWaves":      false,
+			"ambient":        map[string]any{"dnsCapture": true},
 		}},
 		{name: "node-agent only on ebpf nodes, count maxUnavailable", c: bundle.NodeAgent, in: spire, want: map[string]any{
 			"revision": "1-28-2", "version": "1.28.2",
@@ -105,6 +108,7 @@ func TestValues(t *testing.T) {
 			"nodeSelector":   map[string]any{"meshkeeper.dev/redirection": "ebpf"},
 			"cleanup":        false,
 			"nodeWaves":      false,
+			"dnsCapture":     true,
 		}},
 		{name: "node-agent cleanup phase", c: bundle.NodeAgent, in: bundle.Inputs{NodeAgentCleanup: true}, want: map[string]any{
 			"revision": "1-28-2", "version": "1.28.2",
@@ -113,6 +117,7 @@ func TestValues(t *testing.T) {
 			"nodeSelector":   map[string]any{"kubernetes.io/os": "linux"}, // every node, whatever its label now
 			"cleanup":        true,
 			"nodeWaves":      false,
+			"dnsCapture":     true,
 		}},
 		{name: "spire-server defaults", c: bundle.SpireServer, in: ambient, want: map[string]any{
 			"revision": "1-28-2", "version": "1.28.2", "spireVersion": "1.13.3",

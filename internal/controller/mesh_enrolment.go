@@ -48,7 +48,11 @@ func podsNotEnrolled(nodes []nodeEnrolment, now time.Time, grace time.Duration) 
 			}
 			late++
 			if len(names) < maxPodsPerNode {
-				names = append(names, fmt.Sprintf("%s/%s (for %s)", p.Namespace, p.Name, waited.Round(time.Second)))
+				why := ""
+				if p.Reason != "" {
+					why = ": " + p.Reason
+				}
+				names = append(names, fmt.Sprintf("%s/%s (for %s%s)", p.Namespace, p.Name, waited.Round(time.Second), why))
 			}
 		}
 		if late == 0 {

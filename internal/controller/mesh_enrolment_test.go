@@ -24,6 +24,10 @@ func TestPodsNotEnrolled(t *testing.T) {
 	enrolment := func(wanted, enrolled int32, omitted int32, pods ...meshv1.PodNotEnrolled) *meshv1.NodeEnrolment {
 		return &meshv1.NodeEnrolment{Wanted: wanted, Enrolled: enrolled, NotEnrolled: pods, NotEnrolledOmitted: omitted}
 	}
+	withReason := func(p meshv1.PodNotEnrolled, reason string) meshv1.PodNotEnrolled {
+		p.Reason = reason
+		return p
+	}
 	var many []meshv1.PodNotEnrolled
 	for i := range meshv1.MaxNotEnrolledPods {
 		many = append(many, pod(fmt.Sprintf("web-%02d", i), time.Hour-time.Duration(i)*time.Second))
@@ -47,6 +51,11 @@ func TestPodsNotEnrolled(t *testing.T) {
 		}, 25 * time.Second},
 		{"exactly at the grace period", []nodeEnrolment{{node: "node-a", report: enrolment(1, 0, 0, pod("web-1", grace))}},
 			[]string{"node-a: 1 of 1 wanted pods not enrolled: shop/web-1 (for 30s)"}, 0},
+		{"the agent's reason: ztunnel refused the pod, or none is connected", []nodeEnrolment{{node: "node-a", report: enrolment(3, 1, 0,
+			withReason(pod("web-1", time.Minute), "ztunnel refused: failed to get a workload certificate"),
+			withReason(pod("web-2", 40*time.Second), "no ztunnel connected"))}},
+			[]string{"node-a: 2 of 3 wanted pods not enrolled: shop/web-1 (for 1m0s: ztunnel refused: failed to get a workload certificate), " +
+				"shop/web-2 (for 40s: no ztunnel connected)"}, 0},
 		{"many: five named, the others counted, with the ones the agent left out",
 			[]nodeEnrolment{{node: "node-a", report: enrolment(50, 20, 10, many...)}},
 			[]string{"node-a: 30 of 50 wanted pods not enrolled: shop/web-00 (for 1h0m0s), shop/web-01 (for 59m59s), shop/web-02 (for 59m58s), " +
@@ -119,11 +128,13 @@ func TestMeshDegradedWhilePodsAreNotEnrolled(t *testing.T) {
 
 	t.Run("a pod waiting past the grace period degrades the Mesh, naming node and pod", func(t *testing.T) {
 		g := NewWithT(t)
-		report(meshv1.PodNotEnrolled{Namespace: "ne-a", Name: "web-1", Since: metav1.NewTime(time.Now().Add(-time.Minute))})
+		report(meshv1.PodNotEnrolled{Namespace: "ne-a", Name: "web-1", Since: metav1.NewTime(time.Now().Add(-time.Minute)),
+			Reason: "ztunnel refused: failed to get a workload certificate"})
 		g.Eventually(degraded).Should(And(Not(BeNil()),
 			HaveField("Status", metav1.ConditionTrue),
 			HaveField("Reason", meshv1.ReasonPodsNotEnrolled),
 			HaveField("Message", ContainSubstring("node-new: 1 of 3 wanted pods not enrolled: ne-a/web-1 (for 1m")),
+			HaveField("Message", ContainSubstring(": ztunnel refused: failed to get a workload certificate)")),
 			HaveField("Message", Not(ContainSubstring("node-mid")))))
 	})
 

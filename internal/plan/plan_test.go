@@ -598,6 +598,7 @@ func testCatalog(t *testing.T, releases map[string]manifest) *bundle.Catalog {
 		}
 		yaml := fmt.Sprintf(`version: %q
 minKernel: "5.10"
+dnsCapture: true
 upgradeFrom: [%s]
 spire: {version: %q, support: {Sidecar: Supported, Ambient: Unsupported}}
 images:

@@ -102,7 +102,33 @@ type workload struct {
 	// lastError is ztunnel's last ack error for this workload ("" after
 	// an acked add).
 	lastError string
+	// ackedBy is the connection that last acked the workload's add (or
+	// keep, in a snapshot) without an error; 0: none.
+	ackedBy uint64
+	// since is when the workload last started waiting for a ztunnel to
+	// take it (recorded, or refused after it was taken).
+	since time.Time
 }
+
+// WorkloadState is whether ztunnel has a workload: the newest connected
+// ztunnel (the one that gets adds) acked it. When it has not, Reason says
+// why, for the MeshNode's list of pods not enrolled, and Since when the
+// workload started waiting.
+type WorkloadState struct {
+	// Known: the workload was added or kept (and not deleted).
+	Known  bool
+	Handed bool
+	Reason string
+	Since  time.Time
+}
+
+// The reasons of WorkloadState.
+const (
+	ReasonNoZtunnel = "no ztunnel connected"
+	// ReasonRefused prefixes ztunnel's own error message.
+	ReasonRefused  = "ztunnel refused: "
+	ReasonNotAcked = "not acked by ztunnel yet"
+)
 
 // Server serves ztunnel's ZDS connections. Its workload set is the source
 // of every snapshot: fill it (AddWorkload, KeepWorkload) before Serve so a
@@ -115,6 +141,10 @@ type Server struct {
 	mu        sync.Mutex
 	workloads map[string]*workload // by pod UID
 	conns     []*conn              // in the order they said hello; the last gets adds
+	// newestSince is when the newest connection last changed (one said
+	// hello, or the newest left): what it has not acked waits since then.
+	newestSince time.Time
+	now         func() time.Time
 }
 
 // NewServer returns a server that serves nothing until Serve.
@@ -131,7 +161,7 @@ func NewServer(o Options) *Server {
 	if o.Metrics == nil {
 		o.Metrics = NewMetrics()
 	}
-	return &Server{o: o, serving: make(chan struct{}), workloads: map[string]*workload{}}
+	return &Server{o: o, serving: make(chan struct{}), workloads: map[string]*workload{}, now: time.Now}
 }
 
 // Path is the socket's path.
@@ -214,10 +244,16 @@ func (s *Server) AddWorkload(ctx context.Context, uid string, netns *os.File, in
 		return fmt.Errorf("zds: add workload %s: %w", uid, err)
 	}
 	s.mu.Lock()
-	if old, ok := s.workloads[uid]; ok && old.netns != nil {
-		_ = old.netns.Close()
+	since := s.now()
+	if old, ok := s.workloads[uid]; ok {
+		if old.netns != nil {
+			_ = old.netns.Close()
+		}
+		if old.ackedBy == 0 {
+			since = old.since // still waiting: since the first try
+		}
 	}
-	s.workloads[uid] = &workload{info: info, netns: own}
+	s.workloads[uid] = &workload{info: info, netns: own, since: since}
 	var latest *conn
 	if len(s.conns) > 0 {
 		latest = s.conns[len(s.conns)-1]
@@ -235,7 +271,7 @@ func (s *Server) AddWorkload(ctx context.Context, uid string, netns *os.File, in
 	}
 	msg := &zdsapi.WorkloadRequest{Payload: &zdsapi.WorkloadRequest_Add{Add: &zdsapi.AddWorkload{Uid: uid, WorkloadInfo: info.proto()}}}
 	err = latest.send(ctx, msg, fd)
-	s.recordResult(uid, err)
+	s.recordResult(uid, latest.id, err)
 	return err
 }
 
@@ -262,7 +298,7 @@ func (s *Server) KeepWorkload(uid string, info WorkloadInfo) {
 		w.info = info
 		return
 	}
-	s.workloads[uid] = &workload{info: info}
+	s.workloads[uid] = &workload{info: info, since: s.now()}
 }
 
 // DelWorkload forgets a workload and tells every connected ztunnel (the
@@ -327,7 +363,35 @@ func (s *Server) WorkloadErrors() map[string]string {
 	return out
 }
 
-func (s *Server) recordResult(uid string, err error) {
+// State says whether the newest connected ztunnel has taken a workload.
+func (s *Server) State(uid string) WorkloadState {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	w, ok := s.workloads[uid]
+	if !ok {
+		return WorkloadState{}
+	}
+	st := WorkloadState{Known: true, Since: w.since}
+	if s.newestSince.After(st.Since) {
+		st.Since = s.newestSince
+	}
+	switch {
+	case len(s.conns) == 0:
+		st.Reason = ReasonNoZtunnel
+	case w.ackedBy == s.conns[len(s.conns)-1].id:
+		return WorkloadState{Known: true, Handed: true}
+	case w.lastError != "":
+		st.Reason = ReasonRefused + w.lastError
+	default:
+		st.Reason = ReasonNotAcked
+	}
+	return st
+}
+
+// recordResult records the outcome of handing a workload to connection
+// connID: acked, refused, or not known (the connection broke, no ack in
+// time), which leaves what the workload had.
+func (s *Server) recordResult(uid string, connID uint64, err error) {
 	var ack *AckError
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -337,9 +401,12 @@ func (s *Server) recordResult(uid string, err error) {
 	}
 	switch {
 	case err == nil:
-		w.lastError = ""
+		w.lastError, w.ackedBy = "", connID
 	case errors.As(err, &ack):
-		w.lastError = ack.Message
+		if w.ackedBy != 0 {
+			w.since = s.now() // taken before, refused now
+		}
+		w.lastError, w.ackedBy = ack.Message, 0
 	}
 }
 
@@ -424,6 +491,7 @@ func (s *Server) register(c *conn) []snapEntry {
 	}
 	sort.Slice(snap, func(i, j int) bool { return snap[i].uid < snap[j].uid })
 	s.conns = append(s.conns, c)
+	s.newestSince = s.now()
 	return snap
 }
 
@@ -431,6 +499,9 @@ func (s *Server) unregister(c *conn, log logr.Logger) {
 	s.mu.Lock()
 	for i, x := range s.conns {
 		if x == c {
+			if i == len(s.conns)-1 {
+				s.newestSince = s.now()
+			}
 			s.conns = append(s.conns[:i], s.conns[i+1:]...)
 			break
 		}
@@ -479,14 +550,10 @@ func (s *Server) sendSnapshot(c *conn, snap []snapEntry, log logr.Logger) error 
 				return err
 			}
 			log.Error(err, "ztunnel refused a workload of the snapshot", "uid", e.uid)
-			if e.fd != nil {
-				s.recordResult(e.uid, err)
-			}
+			s.recordResult(e.uid, c.id, err)
 			continue
 		}
-		if e.fd != nil {
-			s.recordResult(e.uid, nil)
-		}
+		s.recordResult(e.uid, c.id, nil)
 	}
 	msg := &zdsapi.WorkloadRequest{Payload: &zdsapi.WorkloadRequest_SnapshotSent{SnapshotSent: &zdsapi.SnapshotSent{}}}
 	resp, err := c.exchange(msg, nil, s.o.AckTimeout)

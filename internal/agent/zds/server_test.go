@@ -380,3 +380,67 @@ func rawDial(t *testing.T, s *zds.Server) *zdsclient.Client {
 	t.Cleanup(func() { c.Close() })
 	return c
 }
+
+// TestStateSaysWhetherZtunnelHasTheWorkload: what the agent reports as a
+// pod's enrolment on its MeshNode. A workload is taken only once the newest
+// ztunnel acked it (live or in its snapshot); otherwise the state says why:
+// no ztunnel connected, ztunnel's own refusal, or a new ztunnel that has
+// not acked it yet.
+func TestStateSaysWhetherZtunnelHasTheWorkload(t *testing.T) {
+	g := NewWithT(t)
+	f, _ := netns(t)
+	s, _ := start(t, zds.Options{KeepaliveInterval: 20 * time.Millisecond}, nil)
+	ctx := context.Background()
+	g.Expect(s.State("uid-unknown")).To(Equal(zds.WorkloadState{}))
+
+	before := time.Now()
+	g.Expect(s.AddWorkload(ctx, "uid-a", f, zds.WorkloadInfo{Name: "a"})).To(MatchError(zds.ErrNoZtunnel))
+	st := s.State("uid-a")
+	g.Expect(st).To(And(HaveField("Known", true), HaveField("Handed", false), HaveField("Reason", zds.ReasonNoZtunnel)))
+	g.Expect(st.Since).To(BeTemporally(">=", before))
+
+	// The first ztunnel takes it from its snapshot.
+	c := dial(t, s, zdsapi.Version_V1)
+	g.Expect(snapshot(t, c)).To(HaveLen(1))
+	g.Expect(s.State("uid-a")).To(Equal(zds.WorkloadState{Known: true, Handed: true}))
+
+	// It refuses another one: the reason is ztunnel's own message.
+	done := make(chan error, 1)
+	go func() { done <- s.AddWorkload(ctx, "uid-b", f, zds.WorkloadInfo{Name: "b"}) }()
+	r, err := c.Recv(recvTimeout)
+	g.Expect(err).NotTo(HaveOccurred())
+	r.Netns.Close()
+	g.Expect(c.Ack("failed to get a workload certificate")).To(Succeed())
+	g.Eventually(done).Should(Receive(HaveOccurred()))
+	g.Expect(s.State("uid-b")).To(And(HaveField("Handed", false), HaveField("Reason", zds.ReasonRefused+"failed to get a workload certificate")))
+	g.Expect(s.State("uid-a").Handed).To(BeTrue(), "a refusal is the refused workload's only")
+
+	// A second ztunnel (a node wave) says hello and is sent the snapshot:
+	// until it acks, nothing counts as taken by it. It takes a, refuses b.
+	next := dial(t, s, zdsapi.Version_V1)
+	g.Eventually(s.Connected).Should(Equal(2))
+	g.Expect(s.State("uid-a")).To(HaveField("Reason", zds.ReasonNotAcked))
+	for range 2 {
+		r, err := next.Recv(recvTimeout)
+		g.Expect(err).NotTo(HaveOccurred())
+		r.Netns.Close()
+		msg := ""
+		if r.UID == "uid-b" {
+			msg = "still no certificate"
+		}
+		g.Expect(next.Ack(msg)).To(Succeed())
+	}
+	g.Expect(recvAck(t, next)).To(HaveField("Kind", zdsclient.SnapshotSent))
+	g.Expect(s.State("uid-a").Handed).To(BeTrue())
+	g.Expect(s.State("uid-b").Reason).To(Equal(zds.ReasonRefused + "still no certificate"))
+
+	// Every ztunnel leaves: nothing is taken.
+	c.Close()
+	next.Close()
+	g.Eventually(s.Connected).Should(BeZero())
+	g.Expect(s.State("uid-a")).To(And(HaveField("Handed", false), HaveField("Reason", zds.ReasonNoZtunnel)))
+
+	// Deleted: unknown again.
+	g.Expect(s.DelWorkload(ctx, "uid-a")).To(Succeed())
+	g.Expect(s.State("uid-a").Known).To(BeFalse())
+}
