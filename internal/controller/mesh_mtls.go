@@ -92,9 +92,9 @@ func (m *mtlsObservation) recheck() time.Duration {
 	return 0
 }
 
-// meshWidePeerAuthentication is the PeerAuthentication meshkeeper applies in
+// MeshWidePeerAuthentication is the PeerAuthentication meshkeeper applies in
 // the root namespace: every workload of the mesh accepts mTLS only.
-func meshWidePeerAuthentication(rootNamespace string) *unstructured.Unstructured {
+func MeshWidePeerAuthentication(rootNamespace string) *unstructured.Unstructured {
 	u := &unstructured.Unstructured{Object: map[string]any{
 		"apiVersion": peerAuthenticationGVK.GroupVersion().String(),
 		"kind":       peerAuthenticationGVK.Kind,
@@ -324,7 +324,7 @@ func (r *MeshReconciler) reconcileMTLS(ctx context.Context, mesh *meshv1.Mesh, o
 		return nil
 	}
 	key := root + "/" + mtlsPeerAuthenticationName
-	if err := r.Apply(ctx, client.ApplyConfigurationFromUnstructured(meshWidePeerAuthentication(root)),
+	if err := r.Apply(ctx, client.ApplyConfigurationFromUnstructured(MeshWidePeerAuthentication(root)),
 		client.FieldOwner(meshv1.FieldManager), client.ForceOwnership); err != nil {
 		if meta.IsNoMatchError(err) {
 			mo.status.Message = "the PeerAuthentication CRD (security.istio.io/v1) is not served yet; waiting for the crds component"

@@ -15,7 +15,7 @@ import (
 // istio-system/meshkeeper-mesh-mtls, spec.mtls.mode STRICT, no selector.
 func TestMeshWidePeerAuthenticationShape(t *testing.T) {
 	g := NewWithT(t)
-	pa := meshWidePeerAuthentication("istio-system")
+	pa := MeshWidePeerAuthentication("istio-system")
 	g.Expect(pa.Object).To(Equal(map[string]any{
 		"apiVersion": "security.istio.io/v1",
 		"kind":       "PeerAuthentication",
@@ -71,7 +71,7 @@ func TestPeerAuthenticationReading(t *testing.T) {
 			g.Expect(describeOptOut(tc.pa)).To(Equal(tc.optOut))
 		})
 	}
-	g.Expect(ownPeerAuthentication(meshWidePeerAuthentication("istio-system"))).To(BeTrue())
+	g.Expect(ownPeerAuthentication(MeshWidePeerAuthentication("istio-system"))).To(BeTrue())
 }
 
 // TestDecideMTLS is the table of when meshkeeper's STRICT policy is

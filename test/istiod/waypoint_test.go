@@ -4,12 +4,10 @@ package istiod
 
 import (
 	"context"
-	"path/filepath"
 	"testing"
 	"time"
 
 	. "github.com/onsi/gomega"
-	"go.uber.org/zap/zapcore"
 	appsv1 "k8s.io/api/apps/v1"
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
@@ -18,7 +16,6 @@ import (
 	ctrl "sigs.k8s.io/controller-runtime"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 	"sigs.k8s.io/controller-runtime/pkg/config"
-	"sigs.k8s.io/controller-runtime/pkg/log/zap"
 	metricsserver "sigs.k8s.io/controller-runtime/pkg/metrics/server"
 	gatewayv1 "sigs.k8s.io/gateway-api/apis/v1"
 
@@ -26,7 +23,6 @@ import (
 	"github.com/meshkeeper/meshkeeper/internal/bundle"
 	"github.com/meshkeeper/meshkeeper/internal/controller"
 	"github.com/meshkeeper/meshkeeper/internal/helm"
-	"github.com/meshkeeper/meshkeeper/test/cluster"
 )
 
 // TestWaypointWithARealIstiod: meshkeeper installs the 1.28.2 bundle on a
@@ -36,21 +32,7 @@ import (
 // the namespace's use-waypoint label; a removed entry takes all of it away;
 // a Gateway meshkeeper did not write is left alone and reported.
 func TestWaypointWithARealIstiod(t *testing.T) {
-	SkipIfUnavailable(t)
-	cluster.SkipIfUnavailable(t)
-	ctrl.SetLogger(zap.New(zap.UseDevMode(true), zap.Level(zapcore.ErrorLevel)))
-	g := NewWithT(t)
-	g.SetDefaultEventuallyTimeout(2 * time.Minute)
-	g.SetDefaultEventuallyPollingInterval(250 * time.Millisecond)
-	ctx, cancel := context.WithCancel(context.Background())
-	t.Cleanup(cancel)
-
-	kc, err := cluster.Start(ctx, cluster.Options{
-		CRDDirectoryPaths: []string{filepath.Join("..", "..", "config", "crd", "bases")},
-		Nodes:             []cluster.Node{{Name: "node-a", KernelVersion: "6.1.0-28-amd64"}},
-	})
-	g.Expect(err).NotTo(HaveOccurred())
-	t.Cleanup(func() { _ = kc.Stop() })
+	g, ctx, cancel, kc := startCluster(t)
 	k8s := kc.Client
 	g.Expect(k8s.Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: "meshkeeper-system"}})).To(Succeed())
 	hc, err := helm.New(kc.Config, "meshkeeper-system", ctrl.Log.WithName("helm"))

@@ -5,13 +5,11 @@ package istiod
 import (
 	"context"
 	"encoding/json"
-	"path/filepath"
 	"strings"
 	"testing"
 	"time"
 
 	. "github.com/onsi/gomega"
-	"go.uber.org/zap/zapcore"
 	admissionv1 "k8s.io/api/admissionregistration/v1"
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -19,7 +17,6 @@ import (
 	ctrl "sigs.k8s.io/controller-runtime"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 	"sigs.k8s.io/controller-runtime/pkg/config"
-	"sigs.k8s.io/controller-runtime/pkg/log/zap"
 	metricsserver "sigs.k8s.io/controller-runtime/pkg/metrics/server"
 
 	meshv1 "github.com/meshkeeper/meshkeeper/api/v1alpha1"
@@ -51,21 +48,7 @@ const (
 //     PeerAuthentication and every Istio object the bundles render, and
 //     refuses bad ones with its own reasons.
 func TestWebhooksOfARealIstiod(t *testing.T) {
-	SkipIfUnavailable(t)
-	cluster.SkipIfUnavailable(t)
-	ctrl.SetLogger(zap.New(zap.UseDevMode(true), zap.Level(zapcore.ErrorLevel)))
-	g := NewWithT(t)
-	g.SetDefaultEventuallyTimeout(2 * time.Minute)
-	g.SetDefaultEventuallyPollingInterval(250 * time.Millisecond)
-	ctx, cancel := context.WithCancel(context.Background())
-	t.Cleanup(cancel)
-
-	kc, err := cluster.Start(ctx, cluster.Options{
-		CRDDirectoryPaths: []string{filepath.Join("..", "..", "config", "crd", "bases")},
-		Nodes:             []cluster.Node{{Name: "node-a", KernelVersion: "6.1.0-28-amd64"}},
-	})
-	g.Expect(err).NotTo(HaveOccurred())
-	t.Cleanup(func() { _ = kc.Stop() })
+	g, ctx, cancel, kc := startCluster(t)
 	k8s := kc.Client
 	ports, err := cluster.FreePorts(1)
 	g.Expect(err).NotTo(HaveOccurred())
@@ -207,7 +190,7 @@ func TestWebhooksOfARealIstiod(t *testing.T) {
 
 		// The mesh-wide STRICT policy meshkeeper writes for spec.security.mtls: Strict.
 		passed := d.Metric("galley_validation_passed", map[string]string{"resource": "peerauthentications"})
-		strict := peerAuthentication("istio-system", "default", map[string]any{"mode": "STRICT"})
+		strict := controller.MeshWidePeerAuthentication("istio-system")
 		g.Expect(k8s.Create(ctx, strict)).To(Succeed())
 		g.Expect(d.Metric("galley_validation_passed", map[string]string{"resource": "peerauthentications"})).To(BeNumerically(">", passed),
 			"istiod itself validated and passed it")
