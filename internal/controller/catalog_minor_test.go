@@ -42,20 +42,7 @@ func TestAutomaticMinorUpgrades(t *testing.T) {
 	for _, ns := range namespaces {
 		mkNS(g, ns, map[string]string{"mn-mesh": "on"})
 	}
-	mesh := &meshv1.Mesh{
-		ObjectMeta: metav1.ObjectMeta{Name: "default"},
-		Spec: meshv1.MeshSpec{
-			Version:    "1.26",
-			Namespaces: meshv1.NamespacesSpec{Selector: &metav1.LabelSelector{MatchLabels: map[string]string{"mn-mesh": "on"}}},
-			Rollout: meshv1.RolloutSpec{
-				Nodes: meshv1.NodeRolloutSpec{Bake: &metav1.Duration{}},
-				Namespaces: meshv1.NamespaceRolloutSpec{
-					Canary: []string{"mn-canary"}, Waves: []string{"100%"}, Bake: &metav1.Duration{},
-				}, RetireAfter: &metav1.Duration{}},
-			Upgrade: meshv1.UpgradeSpec{Automatic: ptr(true), Windows: []meshv1.MaintenanceWindow{
-				{Cron: "0 2 * * 6", Duration: metav1.Duration{Duration: 4 * time.Hour}}}},
-		},
-	}
+	mesh := automaticMesh("1.26", "mn-mesh", "mn-canary")
 	g.Expect(k8s.Create(ctx, mesh)).To(Succeed())
 	t.Cleanup(func() { deleteMeshAndWait(t) })
 	dumpMeshOnFailure(t)

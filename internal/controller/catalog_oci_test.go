@@ -71,20 +71,7 @@ func TestAutomaticUpgradeFromRegistry(t *testing.T) {
 		mkNS(g, ns, map[string]string{"oc-mesh": "on"})
 	}
 	g.Eventually(func() []string { return liveCatalog.Catalog().Versions() }).Should(ContainElement("1.29.0"))
-	mesh := &meshv1.Mesh{
-		ObjectMeta: metav1.ObjectMeta{Name: "default"},
-		Spec: meshv1.MeshSpec{
-			Version:    "1.29",
-			Namespaces: meshv1.NamespacesSpec{Selector: &metav1.LabelSelector{MatchLabels: map[string]string{"oc-mesh": "on"}}},
-			Rollout: meshv1.RolloutSpec{
-				Nodes: meshv1.NodeRolloutSpec{Bake: &metav1.Duration{}},
-				Namespaces: meshv1.NamespaceRolloutSpec{
-					Canary: []string{"oc-canary"}, Waves: []string{"100%"}, Bake: &metav1.Duration{},
-				}, RetireAfter: &metav1.Duration{}},
-			Upgrade: meshv1.UpgradeSpec{Automatic: ptr(true), Windows: []meshv1.MaintenanceWindow{
-				{Cron: "0 2 * * 6", Duration: metav1.Duration{Duration: 4 * time.Hour}}}},
-		},
-	}
+	mesh := automaticMesh("1.29", "oc-mesh", "oc-canary")
 	g.Expect(k8s.Create(ctx, mesh)).To(Succeed())
 	t.Cleanup(func() { deleteMeshAndWait(t) })
 	dumpMeshOnFailure(t)
@@ -180,4 +167,25 @@ func TestAutomaticUpgradeFromRegistry(t *testing.T) {
 		}
 		g.Expect(eventReasonsFor(g, m.UID)).To(ContainElements("RolloutStarted", "NodeWaveStarted", "WaveStarted", "RolloutSucceeded"))
 	})
+}
+
+// automaticMesh is a Mesh on spec.version that upgrades by itself, only in a
+// Saturday 02:00 UTC window of 4h, selecting the namespaces labelled
+// label=on: canary first, then the rest in one wave, with no bake, so an
+// upgrade goes through as soon as it may start.
+func automaticMesh(version, label, canary string) *meshv1.Mesh {
+	return &meshv1.Mesh{
+		ObjectMeta: metav1.ObjectMeta{Name: "default"},
+		Spec: meshv1.MeshSpec{
+			Version:    version,
+			Namespaces: meshv1.NamespacesSpec{Selector: &metav1.LabelSelector{MatchLabels: map[string]string{label: "on"}}},
+			Rollout: meshv1.RolloutSpec{
+				Nodes: meshv1.NodeRolloutSpec{Bake: &metav1.Duration{}},
+				Namespaces: meshv1.NamespaceRolloutSpec{
+					Canary: []string{canary}, Waves: []string{"100%"}, Bake: &metav1.Duration{},
+				}, RetireAfter: &metav1.Duration{}},
+			Upgrade: meshv1.UpgradeSpec{Automatic: ptr(true), Windows: []meshv1.MaintenanceWindow{
+				{Cron: "0 2 * * 6", Duration: metav1.Duration{Duration: 4 * time.Hour}}}},
+		},
+	}
 }
