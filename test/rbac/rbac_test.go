@@ -47,6 +47,7 @@ var own = map[string]struct {
 	"coordination.k8s.io/leases":       {[]string{"get", "list", "watch", "create", "update", "patch", "delete"}, "leader election, in meshkeeper-system only"},
 	"admissionregistration.k8s.io/validatingwebhookconfigurations": {[]string{"get", "patch"}, "its own webhook's caBundle, by name"},
 	"gateway.networking.k8s.io/gateways":                           {[]string{"get", "list", "create", "patch", "delete"}, "writes the waypoint Gateways of spec.waypoints in their namespaces (server-side apply: create and patch), deletes its own"},
+	"security.istio.io/peerauthentications":                        {[]string{"get", "list", "create", "patch", "delete"}, "writes the mesh-wide STRICT PeerAuthentication of spec.security.mtls (server-side apply), deletes its own; lists the others to report conflicts and opt-outs"},
 }
 
 // ownNamespaced are the own kinds that must be in a Role of this namespace.
@@ -360,9 +361,9 @@ func TestRBACCheckFindsEachExcessAndLack(t *testing.T) {
 		{"pod delete everywhere", func(c map[string]*grant, _ map[string]map[string]*grant) {
 			c["/pods"] = &grant{verbs: map[string][]string{"delete": nil}}
 		}, "ClusterRole meshkeeper-manager grants [delete] on /pods: only a Role in istio-system may"},
-		{"webhook configurations created", func(c map[string]*grant, _ map[string]map[string]*grant) {
-			c["admissionregistration.k8s.io/validatingwebhookconfigurations"].verbs["create"] = nil
-		}, `grants "create" on admissionregistration.k8s.io/validatingwebhookconfigurations, beyond what meshkeeper needs`},
+		{"webhook configurations deleted wholesale", func(c map[string]*grant, _ map[string]map[string]*grant) {
+			c["admissionregistration.k8s.io/validatingwebhookconfigurations"].verbs["deletecollection"] = nil
+		}, `grants "deletecollection" on admissionregistration.k8s.io/validatingwebhookconfigurations`},
 		{"a kind no chart renders", func(c map[string]*grant, _ map[string]map[string]*grant) {
 			c["batch/jobs"] = &grant{verbs: map[string][]string{"create": nil}}
 		}, "grants [create] on batch/jobs: no chart of any bundle renders it"},
