@@ -11,6 +11,7 @@ import (
 
 	. "github.com/onsi/gomega"
 	corev1 "k8s.io/api/core/v1"
+	eventsv1 "k8s.io/api/events/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 
@@ -147,8 +148,22 @@ func TestNodeWavesSeeABadCanaryNode(t *testing.T) {
 		g.Expect(waveNodes).To(HaveLen(5))
 		g.Expect(waveNodes[0]).To(Equal([]string{"cw-node-01", "cw-node-02"}), "node wave 1 is the canary pool")
 		g.Expect(waveNodes[4]).To(ContainElement("cw-node-09"))
-		g.Expect(passed).To(HaveKey(int32(1)), "the canary pool's checks passed while it baked")
-		g.Expect(eventReasons(g)).To(ContainElement("NodeWavePromoted"))
+		// A wave is promoted only on a passing check. Status may show the
+		// Pass only between two polls of the recorder (under load it saw
+		// none), so the promotion event of node wave 1 is the evidence, and
+		// a recorded Pass, when seen, must be of a promoted wave.
+		var promoted []string
+		var events eventsv1.EventList
+		g.Expect(k8s.List(ctx, &events)).To(Succeed())
+		for _, e := range events.Items {
+			if e.Regarding.Kind == "Mesh" && e.Reason == "NodeWavePromoted" {
+				promoted = append(promoted, e.Note)
+			}
+		}
+		g.Expect(promoted).To(ContainElement(HavePrefix("Node wave 1/")), "the canary pool's checks passed while it baked")
+		for w := range passed {
+			g.Expect(promoted).To(ContainElement(HavePrefix(fmt.Sprintf("Node wave %d/", w))), "wave %d passed a check", w)
+		}
 		g.Eventually(podRevisions).WithArguments("ztunnel").WithTimeout(slow).Should(HaveEach("1-26-4"), "every node back on 1.26")
 	})
 
