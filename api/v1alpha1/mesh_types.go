@@ -830,6 +830,12 @@ type RolloutStatus struct {
 	// Message says what the rollout waits for, or why it rolls back.
 	// +optional
 	Message string `json:"message,omitempty"`
+	// Engine is the rollout engine's memory, for the rollouts it runs (today
+	// the mode switch Ambient → Sidecar; the others run on the step fields
+	// above): the frozen plan, the wave of every namespace and node, and
+	// the phase of the current wave.
+	// +optional
+	Engine *EngineMemory `json:"engine,omitempty"`
 }
 
 // Rollout steps (status.rollout.step, the STEP column).

@@ -238,6 +238,7 @@ func run(ctx context.Context, o options) error {
 		NotEnrolledGrace:    o.notEnrolledGrace,
 		SpireServer:         spireServer,
 		SpireRelay:          spireRelay,
+		Workloads:           direct,
 	}).SetupWithManager(mgr); err != nil {
 		return fmt.Errorf("set up mesh controller: %w", err)
 	}

@@ -13,6 +13,7 @@ import (
 	"github.com/prometheus/client_golang/api"
 	promv1 "github.com/prometheus/client_golang/api/prometheus/v1"
 	"github.com/prometheus/common/model"
+	"sigs.k8s.io/yaml"
 )
 
 // Provider answers an SLO query with one number. Every error means there is
@@ -179,4 +180,39 @@ func (p *Prometheus) describe(ctx context.Context, err error) error {
 	default:
 		return fmt.Errorf("cannot reach Prometheus at %s: %w", p.address, err)
 	}
+}
+
+// ScrapeInterval is the global scrape interval of this Prometheus' own
+// configuration (/api/v1/status/config): how long after the traffic a wave
+// carries its samples reach the queries. Prometheus' default (1m) when the
+// configuration does not set one.
+func (p *Prometheus) ScrapeInterval(ctx context.Context) (time.Duration, error) {
+	ctx, cancel := context.WithTimeout(ctx, p.timeout)
+	defer cancel()
+	cfg, err := p.api.Config(ctx)
+	if err != nil {
+		return 0, p.describe(ctx, err)
+	}
+	return ScrapeIntervalOf(cfg.YAML)
+}
+
+// ScrapeIntervalOf reads global.scrape_interval from a Prometheus
+// configuration; 1m (Prometheus' default) when it is not set.
+func ScrapeIntervalOf(config string) (time.Duration, error) {
+	var c struct {
+		Global struct {
+			ScrapeInterval string `json:"scrape_interval"`
+		} `json:"global"`
+	}
+	if err := yaml.Unmarshal([]byte(config), &c); err != nil {
+		return 0, fmt.Errorf("read Prometheus' configuration: %w", err)
+	}
+	if c.Global.ScrapeInterval == "" {
+		return time.Minute, nil
+	}
+	d, err := model.ParseDuration(c.Global.ScrapeInterval)
+	if err != nil {
+		return 0, fmt.Errorf("Prometheus' global.scrape_interval %q: %w", c.Global.ScrapeInterval, err)
+	}
+	return time.Duration(d), nil
 }

@@ -44,6 +44,11 @@ type Inputs struct {
 	// operator replaces their pods node wave by node wave (the Nodes step
 	// of a rollout). False keeps the native rolling update.
 	NodeWaves bool
+	// ServeBoth makes istiod serve both dataplanes while namespaces move
+	// between them (a mode switch in waves): ambient for the namespaces not
+	// moved yet and sidecar injection for those that have (the injector
+	// skips namespaces labelled istio.io/dataplane-mode=ambient).
+	ServeBoth bool
 	// Overrides are merged last into a component's values, for development
 	// and tests (e.g. spire-server persistence.enabled=false on a cluster
 	// without a storage class).
@@ -98,8 +103,8 @@ func (b *Bundle) Values(c Component, in Inputs) map[string]any {
 	case Istiod:
 		v["namespace"] = in.Namespace
 		v["trustDomain"] = trustDomain
-		v["ambient"] = map[string]any{"enabled": ambient}
-		v["injection"] = map[string]any{"enabled": !ambient}
+		v["ambient"] = map[string]any{"enabled": ambient || in.ServeBoth}
+		v["injection"] = map[string]any{"enabled": !ambient || in.ServeBoth}
 		if in.Spire && !ambient && b.SpireSupport[string(meshv1.ModeSidecar)] {
 			v["spire"] = map[string]any{"enabled": true} // the chart's default is off
 		}

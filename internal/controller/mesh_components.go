@@ -72,16 +72,35 @@ func (r *MeshReconciler) reconcileComponents(ctx context.Context, mesh *meshv1.M
 		name string // status name
 	}
 	items := make([]item, 0, len(wanted)+1)
-	for _, c := range wanted {
-		cb := b
-		if obs.rollout.holdComponents && c != bundle.Istiod && c != bundle.CRDs {
-			cb = obs.rollout.from // outside a window only the new control plane is installed
+	if eo := obs.engine; eo != nil && eo.releases != nil {
+		// The engine's decision lists every release, each at its bundle.
+		in.ServeBoth = eo.serveBoth
+		istiods := 0
+		for _, rel := range eo.releases {
+			rb, err := r.Catalog.Resolve(rel.Version)
+			if err != nil {
+				return fmt.Errorf("release %s: %w", rel, err)
+			}
+			name := string(rel.Component)
+			if rel.Component == bundle.Istiod {
+				if istiods++; istiods > 1 {
+					name = "istiod-previous"
+				}
+			}
+			items = append(items, item{rb, rel.Component, name})
 		}
-		items = append(items, item{cb, c, string(c)})
-	}
-	if from := obs.rollout.from; from != nil {
-		// The old revision keeps serving the namespaces not moved yet.
-		items = append(items, item{from, bundle.Istiod, "istiod-previous"})
+	} else {
+		for _, c := range wanted {
+			cb := b
+			if obs.rollout.holdComponents && c != bundle.Istiod && c != bundle.CRDs {
+				cb = obs.rollout.from // outside a window only the new control plane is installed
+			}
+			items = append(items, item{cb, c, string(c)})
+		}
+		if from := obs.rollout.from; from != nil {
+			// The old revision keeps serving the namespaces not moved yet.
+			items = append(items, item{from, bundle.Istiod, "istiod-previous"})
+		}
 	}
 	for _, it := range items {
 		if it.c == bundle.SpireServer && relay != nil && relay.ManageCerts {

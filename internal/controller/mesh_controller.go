@@ -72,6 +72,10 @@ type MeshReconciler struct {
 	// beside spire-server and keeps its certificates (mesh_spire_relay.go);
 	// SpireServer then reaches the server through it.
 	SpireRelay func() *SpireRelay
+	// Workloads, when set, is the uncached client workload restarts read
+	// and patch Deployments, StatefulSets, DaemonSets and
+	// PodDisruptionBudgets with (internal/restart); nil uses Client.
+	Workloads client.Client
 
 	catalogState bundle.SourceState // of the Catalogs snapshot
 }
@@ -146,7 +150,7 @@ func (r *MeshReconciler) Reconcile(ctx context.Context, req ctrl.Request) (resul
 	}
 
 	base := mesh.DeepCopy()
-	obs := &observation{}
+	obs := &observation{base: base}
 	defer func() {
 		retErr = r.patchStatus(ctx, base, mesh, obs, retErr)
 		if apierrors.IsConflict(retErr) {
@@ -174,25 +178,13 @@ func (r *MeshReconciler) reconcileNormal(ctx context.Context, mesh *meshv1.Mesh,
 		return ctrl.Result{}, err
 	}
 	r.computePlan(ctx, mesh, obs)
+	if engineOwns(mesh, obs) {
+		// The rollout engine runs this change (mesh_engine.go).
+		return r.reconcileEngine(ctx, mesh, obs)
+	}
 	if mesh.Spec.Paused {
 		obs.paused = true
 		return ctrl.Result{}, nil
-	}
-	phases := []struct {
-		name string
-		run  func(context.Context, *meshv1.Mesh, *observation) error
-	}{
-		{"nodes", r.reconcileNodes},
-		{"gateway-api", r.reconcileGatewayAPI},
-		{"components", r.reconcileComponents},
-		{"identity", r.reconcileIdentity},
-		{"rollout", r.reconcileRollout},
-		{"mtls-relax", r.relaxMTLS}, // mesh_mtls.go: a rollout removes STRICT before any namespace moves
-		{"namespaces", r.reconcileNamespaces},
-		{"waypoints", r.reconcileWaypoints},
-		{"retire", r.retireComponents},
-		{"conclude", r.concludeRollout},
-		{"mtls", r.reconcileMTLS}, // mesh_mtls.go: STRICT once no rollout runs
 	}
 	r.resolveRollout(ctx, mesh, obs)
 	obs.rolloutResolved = true
@@ -206,6 +198,31 @@ func (r *MeshReconciler) reconcileNormal(ctx context.Context, mesh *meshv1.Mesh,
 		log.FromContext(ctx).Info("No plan; starting nothing", "reason", obs.planFailed)
 		return ctrl.Result{RequeueAfter: jitter(time.Minute)}, nil
 	}
+	return r.runPhases(ctx, mesh, obs, []phase{
+		{"nodes", r.reconcileNodes},
+		{"gateway-api", r.reconcileGatewayAPI},
+		{"components", r.reconcileComponents},
+		{"identity", r.reconcileIdentity},
+		{"rollout", r.reconcileRollout},
+		{"mtls-relax", r.relaxMTLS}, // mesh_mtls.go: a rollout removes STRICT before any namespace moves
+		{"namespaces", r.reconcileNamespaces},
+		{"waypoints", r.reconcileWaypoints},
+		{"retire", r.retireComponents},
+		{"conclude", r.concludeRollout},
+		{"mtls", r.reconcileMTLS}, // mesh_mtls.go: STRICT once no rollout runs
+	})
+}
+
+// phase is one step of a reconcile; each records what it saw in obs.
+type phase struct {
+	name string
+	run  func(context.Context, *meshv1.Mesh, *observation) error
+}
+
+// runPhases runs the phases in order, each whatever the one before did
+// (a failed phase is retried in the next reconcile), and says when to look
+// again.
+func (r *MeshReconciler) runPhases(ctx context.Context, mesh *meshv1.Mesh, obs *observation, phases []phase) (ctrl.Result, error) {
 	for _, p := range phases {
 		if err := p.run(ctx, mesh, obs); err != nil {
 			if errors.Is(err, errWaiting) {

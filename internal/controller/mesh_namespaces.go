@@ -69,7 +69,14 @@ func (r *MeshReconciler) reconcileNamespaces(ctx context.Context, mesh *meshv1.M
 		case ns.DeletionTimestamp != nil:
 			continue
 		case selector.Matches(labels.Set(ns.Labels)):
-			conflict, err := r.applyNamespaceLabels(ctx, ns, namespaceLabels(mesh, obs.namespaceRevision(ns.Name)))
+			want := namespaceLabels(mesh, obs.namespaceRevision(ns.Name))
+			if obs.engine != nil && obs.engine.placements != nil {
+				// The engine's decision: where each namespace must be now.
+				if p, ok := obs.engine.placements[ns.Name]; ok {
+					want = placementLabels(p)
+				}
+			}
+			conflict, err := r.applyNamespaceLabels(ctx, ns, want)
 			if err != nil {
 				errs = append(errs, err)
 				continue

@@ -71,6 +71,13 @@ type observation struct {
 
 	waypoints waypointObservation // mesh_waypoints.go
 	mtls      mtlsObservation     // mesh_mtls.go
+
+	// base is the Mesh as the reconcile read it, what its status patch is
+	// computed against (recordRollout moves it on).
+	base *meshv1.Mesh
+	// engine is what the rollout engine decided (mesh_engine.go); nil when
+	// the step machine of mesh_rollout.go runs the Mesh.
+	engine *engineObservation
 }
 
 // converged is true when every component is ready at the target, the
@@ -117,6 +124,9 @@ func applyStatus(mesh *meshv1.Mesh, obs *observation, reconcileErr error) {
 	}
 	if obs.namespacesObserved {
 		d := mesh.Spec.Dataplane
+		if obs.engine != nil {
+			d = obs.engine.dataplane // what runs: the rollout's base until it ends
+		}
 		st.Dataplane.Mode = d.EffectiveMode()
 		st.Dataplane.Redirection = d.EffectiveRedirection()
 		if obs.bundle != nil {

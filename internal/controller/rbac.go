@@ -39,5 +39,14 @@ package controller
 // +kubebuilder:rbac:groups="",namespace=istio-system,resources=pods,verbs=get;list;watch;delete
 // +kubebuilder:rbac:groups=apps,namespace=istio-system,resources=controllerrevisions,verbs=get;list;watch
 //
+// A mode switch restarts the workloads of each wave's namespaces, as
+// `kubectl rollout restart` does, paced by their PodDisruptionBudgets
+// (internal/restart, mesh_engine.go), in whichever namespace the Mesh
+// selects. Only the pod template's meshkeeper.dev/restartedAt annotation is
+// written (server-side apply owning that one field); read uncached, so no
+// informer holds every workload of the cluster.
+// +kubebuilder:rbac:groups=apps,resources=deployments;daemonsets;statefulsets,verbs=get;list;patch
+// +kubebuilder:rbac:groups=policy,resources=poddisruptionbudgets,verbs=get;list
+//
 // The components' namespace is created when missing (internal/helm).
 // +kubebuilder:rbac:groups="",resources=namespaces,verbs=create
