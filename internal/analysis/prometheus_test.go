@@ -5,6 +5,7 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"strconv"
+	"strings"
 	"testing"
 	"time"
 
@@ -145,4 +146,23 @@ func TestPrometheusErrorsAreInconclusive(t *testing.T) {
 func TestNewPrometheusNeedsAnAddress(t *testing.T) {
 	_, err := analysis.NewPrometheus("", analysis.PrometheusOptions{})
 	NewWithT(t).Expect(err).To(MatchError(ContainSubstring("address is required")))
+}
+
+func TestScrapeIntervalOf(t *testing.T) {
+	for _, tc := range []struct {
+		config string
+		want   time.Duration
+	}{
+		{"global:\n  scrape_interval: 15s\n  evaluation_interval: 30s\n", 15 * time.Second},
+		{"global:\n  scrape_interval: 1m30s\n", 90 * time.Second},
+		{"scrape_configs: []\n", time.Minute},
+	} {
+		got, err := analysis.ScrapeIntervalOf(tc.config)
+		if err != nil || got != tc.want {
+			t.Errorf("ScrapeIntervalOf(%q) = %s, %v; want %s", tc.config, got, err, tc.want)
+		}
+	}
+	if _, err := analysis.ScrapeIntervalOf("global:\n  scrape_interval: soon\n"); err == nil || !strings.Contains(err.Error(), `"soon"`) {
+		t.Errorf("a bad interval: got %v, want an error naming it", err)
+	}
 }

@@ -69,6 +69,14 @@ func TestValues(t *testing.T) {
 			"ambient":     map[string]any{"enabled": false},
 			"injection":   map[string]any{"enabled": true},
 		}},
+		{name: "istiod serves both dataplanes during a mode switch", c: bundle.Istiod, in: bundle.Inputs{Mode: "Ambient", Namespace: "istio-system", ServeBoth: true}, want: map[string]any{
+			"revision": "1-28-2", "version": "1.28.2",
+			"images":      map[string]any{"pilot": "docker.io/istio/pilot:1.28.2", "proxy": "docker.io/istio/proxyv2:1.28.2"},
+			"namespace":   "istio-system",
+			"trustDomain": "cluster.local",
+			"ambient":     map[string]any{"enabled": true},
+			"injection":   map[string]any{"enabled": true},
+		}},
 		{name: "istiod spire trust domain", c: bundle.Istiod, in: spire, want: map[string]any{
 			"revision": "1-28-2", "version": "1.28.2",
 			"images":      map[string]any{"pilot": "docker.io/istio/pilot:1.28.2", "proxy": "docker.io/istio/proxyv2:1.28.2"},

@@ -241,22 +241,27 @@ func (r *MeshReconciler) engineFacts(ctx context.Context, mesh *meshv1.Mesh, nam
 	if err != nil {
 		return facts, fmt.Errorf("list releases: %w", err)
 	}
-	exists := map[string]bool{}
-	for _, rel := range releases {
-		exists[rel.Name] = rel.Deployed()
-	}
+	// A release counts as there while it exists (one being removed is
+	// still there), as ready when the last status said so.
+	status := map[string]meshv1.ComponentStatus{}
 	for _, c := range mesh.Status.Components {
-		if !c.Ready || !exists[c.Release] {
-			continue
-		}
-		facts.Ready = append(facts.Ready, plan.Release{Component: bundle.Component(strings.TrimSuffix(c.Name, "-previous")), Version: c.Version})
+		status[c.Release] = c
 	}
-	// Node components run on every node while their release exists (one
-	// DaemonSet per component); what a node runs is the release's version.
 	nodeAt := plan.NodePlacement{}
-	for _, c := range mesh.Status.Components {
-		if c.Name == string(bundle.Ztunnel) && exists[c.Release] {
-			nodeAt = plan.NodePlacement{Version: c.Version, Redirection: meshv1.DataplaneSpec{Mode: meshv1.ModeAmbient, Redirection: installed.Redirection}.EffectiveRedirection()}
+	for _, rel := range releases {
+		c, version := releaseComponent(rel.Name), installed.Version
+		st, known := status[rel.Name]
+		if known {
+			version = st.Version
+		}
+		if c == bundle.Ztunnel {
+			// Node components run on every node while their release exists
+			// (one DaemonSet per component).
+			nodeAt = plan.NodePlacement{Version: version,
+				Redirection: meshv1.DataplaneSpec{Mode: meshv1.ModeAmbient, Redirection: installed.Redirection}.EffectiveRedirection()}
+		}
+		if !known || st.Ready {
+			facts.Ready = append(facts.Ready, plan.Release{Component: c, Version: version})
 		}
 	}
 	for _, n := range nodes {
@@ -289,6 +294,14 @@ func (r *MeshReconciler) engineFacts(ctx context.Context, mesh *meshv1.Mesh, nam
 		facts.Namespaces = append(facts.Namespaces, f)
 	}
 	return facts, nil
+}
+
+// releaseComponent is the component a release runs (istiod-1-28-2: istiod).
+func releaseComponent(name string) bundle.Component {
+	if strings.HasPrefix(name, string(bundle.Istiod)+"-") {
+		return bundle.Istiod
+	}
+	return bundle.Component(name)
 }
 
 // placementOf is where the labels meshkeeper owns put a namespace.
@@ -679,5 +692,5 @@ func installedToStatus(in plan.Installed) meshv1.EngineInstalled {
 	return meshv1.EngineInstalled{Version: in.Version, Mode: in.Mode, Redirection: in.Redirection, Identity: in.Identity}
 }
 
-func timeRef(t metav1.Time) *metav1.Time           { return &t }
+func timeRef(t metav1.Time) *metav1.Time            { return &t }
 func microRef(t metav1.MicroTime) *metav1.MicroTime { return &t }

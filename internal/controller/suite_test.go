@@ -170,6 +170,7 @@ func run(m *testing.M) int {
 		ComponentsNamespace: componentsNamespace,
 		SpireServer:         testSpire.connect,
 		SpireRelay:          testSpire.relay,
+		Workloads:           kc.Client,
 	}).SetupWithManager(mgr); err != nil {
 		fmt.Println("setup:", err)
 		return 1

@@ -30,6 +30,8 @@ var _ = Describe("The manager's own ServiceAccount", func() {
 			{"bind", "clusterroles/istiod-1-28-2"},
 			{"patch", "validatingwebhookconfigurations/meshkeeper-validating-webhook"},
 			{"patch", "namespaces"},
+			{"patch", "deployments", "-n", "default"}, // workload restarts of a mode switch
+			{"list", "poddisruptionbudgets", "-n", "default"},
 		} {
 			Expect(canI(ctx, allowed...)).To(Equal("yes"), "%s may %v", sa, allowed)
 		}
@@ -39,6 +41,9 @@ var _ = Describe("The manager's own ServiceAccount", func() {
 			{"list", "secrets", "--all-namespaces"},
 			{"delete", "pods", "-n", "default"},
 			{"create", "deployments", "-n", "default"},
+			{"delete", "deployments", "-n", "default"},
+			{"update", "statefulsets", "-n", "default"},
+			{"patch", "poddisruptionbudgets", "-n", "default"},
 			{"create", "jobs", "-n", "istio-system"},
 			{"bind", "clusterroles/cluster-admin"},
 			{"escalate", "clusterroles/cluster-admin"},

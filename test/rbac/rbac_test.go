@@ -68,7 +68,18 @@ const relaySecret = "spire-relay-tls"
 // readAnywhere are rendered namespaced kinds the manager also reads (only
 // reads) in every namespace, each with why.
 var readAnywhere = map[string]string{
-	"/serviceaccounts": "SPIRE registration: one entry per service account of every meshed namespace (mesh_identity.go)",
+	"/serviceaccounts":            "SPIRE registration: one entry per service account of every meshed namespace (mesh_identity.go)",
+	"policy/poddisruptionbudgets": "workload restarts of a mode switch are paced by the namespaces' PodDisruptionBudgets (internal/restart)",
+}
+
+// restartAnywhere are rendered namespaced kinds the manager also reads and
+// patches (only get, list and patch) in every namespace: a mode switch
+// restarts the moved namespaces' workloads by stamping their pod template
+// (internal/restart, mesh_engine.go).
+var restartAnywhere = map[string]string{
+	"apps/deployments":  "workload restarts of a mode switch (internal/restart)",
+	"apps/daemonsets":   "workload restarts of a mode switch (internal/restart)",
+	"apps/statefulsets": "workload restarts of a mode switch (internal/restart)",
 }
 
 // helmVerbs are what Helm and drift repair need on a rendered kind.
@@ -224,6 +235,12 @@ func problems(kinds map[string]*rendered, cluster map[string]*grant, roles map[s
 			r, isRendered := kinds[key]
 			o, isOwn := own[key]
 			switch {
+			case isRendered && r.namespaced && namespace == "" && restartAnywhere[key] != "":
+				for v := range g.verbs {
+					if !slices.Contains([]string{"get", "list", "patch"}, v) {
+						errorf("ClusterRole grants %q on %s: only get, list and patch may be cluster-wide (%s)", v, key, restartAnywhere[key])
+					}
+				}
 			case isRendered && r.namespaced && namespace == "" && readAnywhere[key] != "":
 				for v := range g.verbs {
 					if !slices.Contains([]string{"get", "list", "watch"}, v) {
@@ -371,8 +388,14 @@ func TestRBACCheckFindsEachExcessAndLack(t *testing.T) {
 			r[componentsNamespace]["apps/deployments"].verbs["deletecollection"] = nil
 		}, `grants "deletecollection" on apps/deployments: no chart needs it`},
 		{"a namespaced rendered kind cluster-wide", func(c map[string]*grant, _ map[string]map[string]*grant) {
-			c["apps/deployments"] = &grant{verbs: map[string][]string{"patch": nil}}
-		}, "ClusterRole grants [patch] on apps/deployments, which the charts render only in istio-system"},
+			c["/configmaps"] = &grant{verbs: map[string][]string{"patch": nil}}
+		}, "ClusterRole grants [patch] on /configmaps, which the charts render only in istio-system"},
+		{"workloads deleted anywhere", func(c map[string]*grant, _ map[string]map[string]*grant) {
+			c["apps/deployments"].verbs["delete"] = nil
+		}, `ClusterRole grants "delete" on apps/deployments: only get, list and patch may be cluster-wide`},
+		{"PodDisruptionBudgets written anywhere", func(c map[string]*grant, _ map[string]map[string]*grant) {
+			c["policy/poddisruptionbudgets"].verbs["patch"] = nil
+		}, `ClusterRole grants "patch" on policy/poddisruptionbudgets: only reads may be cluster-wide`},
 		{"a verb Helm needs, missing", func(_ map[string]*grant, r map[string]map[string]*grant) {
 			delete(r[componentsNamespace]["apps/deployments"].verbs, "patch")
 		}, `lacks "patch" on every apps/deployments, which Helm needs`},

@@ -1,0 +1,78 @@
+package controller
+
+import (
+	"encoding/json"
+	"testing"
+	"time"
+
+	. "github.com/onsi/gomega"
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+
+	meshv1 "github.com/meshkeeper/meshkeeper/api/v1alpha1"
+	"github.com/meshkeeper/meshkeeper/internal/bundle"
+	"github.com/meshkeeper/meshkeeper/internal/plan"
+)
+
+// TestEngineMemoryRoundTrip: what the engine remembers comes back from
+// status.rollout.engine exactly (times to the microsecond status keeps),
+// so an operator restarted at any step decides from the same memory.
+func TestEngineMemoryRoundTrip(t *testing.T) {
+	g := NewWithT(t)
+	at := time.Date(2026, 12, 2, 10, 0, 0, 123456000, time.UTC)
+	m := &plan.Memory{
+		Base:   plan.Installed{Version: "1.28.2", Mode: meshv1.ModeAmbient, Redirection: meshv1.RedirectionEBPF},
+		Want:   plan.Installed{Version: "1.28.2", Mode: meshv1.ModeSidecar},
+		Target: "1.28.2", SpecVersion: "1.28",
+		Steps: []plan.Step{
+			{Action: plan.ActionConfigureControlPlane, Target: "1.28.2", Version: "1.28.2", From: "1.28.2", Revision: "1-28-2", Components: []bundle.Component{bundle.Istiod}, Windowed: true, Message: "serve both"},
+			{Action: plan.ActionMoveNamespaces, Target: "1.28.2 Sidecar", Version: "1.28.2", From: "1.28.2", Revision: "1-28-2"},
+		},
+		Step: 1, Wave: 2, Phase: plan.PhaseBaking,
+		NamespaceWave: map[string]int{"canary": 1, "a": 2, "b": 2, "c": 3}, NamespaceWaves: 4,
+		NodeWave: map[string]int{"n1": 1}, NodeWaves: 1, Joined: map[string]bool{"n1": true},
+		StartedAt: at.Truncate(time.Second), PhaseAt: at, NextCheckAt: at.Add(time.Minute),
+		FailedChecks: 1, InconclusiveChecks: 2, Degraded: true, Reason: "why", Restart: "2026-12-02T10:00:00Z",
+	}
+	got, err := memoryFromStatus(&meshv1.RolloutStatus{Engine: memoryToStatus(m)})
+	g.Expect(err).NotTo(HaveOccurred())
+	g.Expect(got).To(Equal(m))
+	g.Expect(memoryToStatus(m).NamespaceWaves).To(Equal([]meshv1.EngineWave{
+		{Names: []string{"canary"}}, {Names: []string{"a", "b"}}, {Names: []string{"c"}}, {}}), "an emptied wave keeps its place")
+
+	_, err = memoryFromStatus(&meshv1.RolloutStatus{Engine: &meshv1.EngineMemory{Step: 3}})
+	g.Expect(err).To(MatchError(ContainSubstring("step 3 of 0 steps")))
+	none, err := memoryFromStatus(&meshv1.RolloutStatus{Step: meshv1.RolloutStepNamespaces})
+	g.Expect(err).NotTo(HaveOccurred())
+	g.Expect(none).To(BeNil(), "a rollout of the step machine is not the engine's")
+}
+
+// TestPlacementLabels: a namespace's placement and its labels are one.
+func TestPlacementLabels(t *testing.T) {
+	g := NewWithT(t)
+	for _, p := range []plan.Placement{
+		{Revision: "1-28-2", Mode: meshv1.ModeAmbient},
+		{Revision: "1-28-2", Mode: meshv1.ModeSidecar},
+		{},
+	} {
+		ns := &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: "x", Labels: placementLabels(p)}}
+		ns.ManagedFields = labelsOwnedBy(meshv1.FieldManager, placementLabels(p))
+		g.Expect(placementOf(ns)).To(Equal(p), p.String())
+	}
+	foreign := &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: "x", Labels: map[string]string{meshv1.LabelRevision: "1-27-3"},
+		ManagedFields: labelsOwnedBy("someone-else", map[string]string{meshv1.LabelRevision: "1-27-3"})}}
+	g.Expect(placementOf(foreign)).To(Equal(plan.Placement{}), "a label someone else owns does not place the namespace")
+}
+
+// labelsOwnedBy is a server-side apply managed-fields entry of manager owning labels.
+func labelsOwnedBy(manager string, labels map[string]string) []metav1.ManagedFieldsEntry {
+	if len(labels) == 0 {
+		return nil
+	}
+	raw := map[string]any{}
+	for k := range labels {
+		raw["f:"+k] = map[string]any{}
+	}
+	b, _ := json.Marshal(map[string]any{"f:metadata": map[string]any{"f:labels": raw}})
+	return []metav1.ManagedFieldsEntry{{Manager: manager, Operation: metav1.ManagedFieldsOperationApply, FieldsV1: &metav1.FieldsV1{Raw: b}}}
+}
