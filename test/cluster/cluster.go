@@ -17,7 +17,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"net"
 	"net/http"
 	"os"
 	"os/exec"
@@ -486,7 +485,7 @@ func (c *Cluster) startControllerManager(caFile, saKey string) error {
 }
 
 func (c *Cluster) startScheduler() error {
-	port, err := freePort()
+	port, err := FreePort()
 	if err != nil {
 		return err
 	}
@@ -550,15 +549,6 @@ func KwokConfig() ([]byte, error) {
 		}
 	}
 	return buf.Bytes(), nil
-}
-
-func freePort() (int, error) {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		return 0, err
-	}
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port, nil
 }
 
 // controllerManagerReady: the service-account controller has created the
