@@ -3,7 +3,9 @@
 // kube-controller-manager, kube-scheduler and kwok (fake nodes) as child
 // processes. Pods really get scheduled and become Running/Ready on the fake
 // nodes, DaemonSets and Deployments roll out, nothing leaves the loopback
-// interface and no container is run.
+// interface and no container is run. What kube-apiserver dials for webhooks,
+// aggregated APIs and kubelets goes through an egress proxy that refuses
+// every address not on this machine (egress.go, Cluster.EgressRefused).
 //
 // The binaries come from hack/cluster-bins.sh (bin/cluster in the repo).
 // Linux is the supported platform (children get PR_SET_PDEATHSIG).
@@ -17,7 +19,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"net"
 	"net/http"
 	"os"
 	"os/exec"
@@ -120,6 +121,8 @@ type Cluster struct {
 	reaper            *reaper
 	envUp             bool
 	real              *realNode
+	egress            *egressProxy // kube-apiserver's way out (egress.go)
+	egressLog         *os.File
 
 	stopOnce sync.Once
 	stopErr  error
@@ -291,12 +294,20 @@ func Start(ctx context.Context, opts Options) (_ *Cluster, retErr error) {
 		Out:     apiLog,
 		Err:     apiLog,
 	}
+	egressConfig, err := c.startEgress(certDir, opts.RealNode != nil)
+	if err != nil {
+		return nil, err
+	}
 	// envtest disables the ServiceAccount admission plugin because it runs
 	// no controller-manager; ours creates the service accounts, and
-	// controller-created pods need the plugin.
+	// controller-created pods need the plugin. Whatever kube-apiserver dials
+	// for webhooks, aggregated APIs and kubelets goes through the egress
+	// proxy, to Services' endpoints rather than their ClusterIPs (egress.go).
 	api.Configure().
 		Disable("disable-admission-plugins").
-		Set("enable-admission-plugins", "ServiceAccount")
+		Set("enable-admission-plugins", "ServiceAccount").
+		Set("egress-selector-config-file", egressConfig).
+		Set("enable-aggregator-routing", "true")
 	if opts.RealNode != nil {
 		if err := c.prepareRealNode(ctx, *opts.RealNode, api, certDir); err != nil {
 			return nil, err
@@ -486,7 +497,7 @@ func (c *Cluster) startControllerManager(caFile, saKey string) error {
 }
 
 func (c *Cluster) startScheduler() error {
-	port, err := freePort()
+	port, err := FreePort()
 	if err != nil {
 		return err
 	}
@@ -550,15 +561,6 @@ func KwokConfig() ([]byte, error) {
 		}
 	}
 	return buf.Bytes(), nil
-}
-
-func freePort() (int, error) {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		return 0, err
-	}
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port, nil
 }
 
 // controllerManagerReady: the service-account controller has created the
@@ -813,6 +815,9 @@ func (c *Cluster) stop() error {
 		// If envtest failed to stop its processes, let the reaper kill
 		// their groups; otherwise just end the reaper.
 		c.reaper.finish(!envStopped)
+	}
+	if err := c.stopEgress(); err != nil {
+		errs = append(errs, err)
 	}
 	// The real node's mounts, chains and bridge go once the API server
 	// (bound to the bridge's address) has stopped.

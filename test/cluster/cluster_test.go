@@ -3,6 +3,7 @@ package cluster
 import (
 	"context"
 	"errors"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"slices"
@@ -12,10 +13,12 @@ import (
 	"testing"
 	"time"
 
+	admissionregistrationv1 "k8s.io/api/admissionregistration/v1"
 	appsv1 "k8s.io/api/apps/v1"
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/util/intstr"
 	"k8s.io/utils/ptr"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 
@@ -50,7 +53,7 @@ func TestRepoRoot(t *testing.T) {
 
 func TestCluster(t *testing.T) {
 	SkipIfUnavailable(t)
-	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
 
 	kernels := map[string]string{"node-a": "5.4.0", "node-b": "5.15.0", "node-c": "6.1.0"}
@@ -240,6 +243,10 @@ func TestCluster(t *testing.T) {
 		t.Logf("kubectl get nodes -o wide:\n%s", out)
 	})
 
+	t.Run("egress-stays-local", func(t *testing.T) {
+		egressStaysLocal(ctx, t, c)
+	})
+
 	pids := c.PIDs()
 	for _, name := range []string{"etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok"} {
 		if pids[name] <= 0 {
@@ -265,6 +272,142 @@ func TestCluster(t *testing.T) {
 	if _, err := os.Stat(c.tmpDir); !os.IsNotExist(err) {
 		t.Errorf("temp dir %s not removed: %v", c.tmpDir, err)
 	}
+}
+
+// egressStaysLocal: admission webhooks whose servers are not on this machine
+// (a Service whose only endpoint is a kwok pod, as istiod's when a bundle
+// chart renders its webhooks and no istiod runs; a Service without
+// endpoints; a URL off the machine) fail closed with an error that says so,
+// and kube-apiserver never dials off the machine or a ClusterIP: the
+// egress proxy refused and counted what it asked for.
+func egressStaysLocal(ctx context.Context, t *testing.T, c *Cluster) {
+	const caseLabel = "meshkeeper.dev/egress-test"
+	ns := createNamespace(ctx, t, c, "egress-test")
+	before := len(c.EgressRefused())
+
+	labels := map[string]string{"app": "webhook"}
+	pod := &corev1.Pod{
+		ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: "webhook", Labels: labels},
+		Spec: corev1.PodSpec{Containers: []corev1.Container{{
+			Name: "webhook", Image: "example.invalid/webhook:v1",
+			Ports: []corev1.ContainerPort{{ContainerPort: 15017}},
+		}}},
+	}
+	if err := c.Client.Create(ctx, pod); err != nil {
+		t.Fatal(err)
+	}
+	eventually(ctx, t, "webhook pod Ready on a kwok node", func() (bool, string) {
+		if err := c.Client.Get(ctx, client.ObjectKeyFromObject(pod), pod); err != nil {
+			return false, err.Error()
+		}
+		return podReady(pod) && pod.Status.PodIP != "", string(pod.Status.Phase)
+	})
+	onKwok := &corev1.Service{
+		ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: "on-kwok"},
+		Spec:       corev1.ServiceSpec{Selector: labels, Ports: []corev1.ServicePort{{Port: 443, TargetPort: intstr.FromInt32(15017)}}},
+	}
+	noEndpoints := &corev1.Service{ // no selector, no EndpointSlice
+		ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: "no-endpoints"},
+		Spec:       corev1.ServiceSpec{Ports: []corev1.ServicePort{{Port: 443}}},
+	}
+	serviceRange := netip.MustParsePrefix(ServiceCIDR)
+	var clusterIPs []string
+	for _, svc := range []*corev1.Service{onKwok, noEndpoints} {
+		if err := c.Client.Create(ctx, svc); err != nil {
+			t.Fatal(err)
+		}
+		if ip, err := netip.ParseAddr(svc.Spec.ClusterIP); err != nil || !serviceRange.Contains(ip) {
+			t.Fatalf("Service %s ClusterIP %q, want one in %s", svc.Name, svc.Spec.ClusterIP, ServiceCIDR)
+		}
+		clusterIPs = append(clusterIPs, svc.Spec.ClusterIP)
+	}
+
+	offMachineURL := "https://192.0.2.10:443/validate" // TEST-NET-1: no such host anywhere
+	podTarget := pod.Status.PodIP + ":15017"
+	cases := []struct {
+		name   string
+		client admissionregistrationv1.WebhookClientConfig
+		want   string // in the admission error
+	}{
+		{"service-on-kwok", serviceRef(ns, onKwok.Name), "test cluster egress: " + podTarget + " is not on this machine"},
+		{"service-no-endpoints", serviceRef(ns, noEndpoints.Name), `no endpoints available for service "no-endpoints"`},
+		{"url-off-machine", admissionregistrationv1.WebhookClientConfig{URL: &offMachineURL}, "test cluster egress: 192.0.2.10:443 is not on this machine"},
+	}
+	vwc := &admissionregistrationv1.ValidatingWebhookConfiguration{ObjectMeta: metav1.ObjectMeta{Name: "meshkeeper-test-egress-stays-local"}}
+	for _, tc := range cases {
+		vwc.Webhooks = append(vwc.Webhooks, admissionregistrationv1.ValidatingWebhook{
+			Name:         tc.name + ".egress.meshkeeper.dev",
+			ClientConfig: tc.client,
+			Rules: []admissionregistrationv1.RuleWithOperations{{
+				Operations: []admissionregistrationv1.OperationType{admissionregistrationv1.Create},
+				Rule: admissionregistrationv1.Rule{
+					APIGroups: []string{""}, APIVersions: []string{"v1"}, Resources: []string{"configmaps"},
+					Scope: ptr.To(admissionregistrationv1.NamespacedScope),
+				},
+			}},
+			NamespaceSelector:       &metav1.LabelSelector{MatchLabels: map[string]string{corev1.LabelMetadataName: ns}},
+			ObjectSelector:          &metav1.LabelSelector{MatchLabels: map[string]string{caseLabel: tc.name}},
+			FailurePolicy:           ptr.To(admissionregistrationv1.Fail),
+			SideEffects:             ptr.To(admissionregistrationv1.SideEffectClassNone),
+			AdmissionReviewVersions: []string{"v1"},
+			TimeoutSeconds:          ptr.To[int32](5),
+		})
+	}
+	if err := c.Client.Create(ctx, vwc); err != nil {
+		t.Fatal(err)
+	}
+	defer func() {
+		if err := c.Client.Delete(context.WithoutCancel(ctx), vwc); err != nil {
+			t.Errorf("delete %s: %v", vwc.Name, err)
+		}
+	}()
+
+	for _, tc := range cases {
+		// Until kube-apiserver has seen the webhook (and the Service's
+		// endpoints), creates succeed or fail otherwise: try again.
+		var last string
+		eventually(ctx, t, tc.name+": ConfigMap refused by the webhook", func() (bool, string) {
+			cm := &corev1.ConfigMap{ObjectMeta: metav1.ObjectMeta{Namespace: ns, GenerateName: tc.name + "-", Labels: map[string]string{caseLabel: tc.name}}}
+			err := c.Client.Create(ctx, cm)
+			if err == nil {
+				return false, "created " + cm.Name
+			}
+			last = err.Error()
+			return strings.Contains(last, tc.want), last
+		})
+		t.Logf("%s: %s", tc.name, last)
+		for _, bad := range []string{"x509", "certificate", "tls:"} {
+			if strings.Contains(last, bad) {
+				t.Errorf("%s: the error is about TLS (%q), not where the webhook is: %s", tc.name, bad, last)
+			}
+		}
+	}
+
+	refused := c.EgressRefused()[before:]
+	for _, want := range []string{podTarget, "192.0.2.10:443"} {
+		if !slices.Contains(refused, want) {
+			t.Errorf("the egress proxy did not count a refusal of %s: refused %v", want, refused)
+		}
+	}
+	for _, a := range c.EgressAttempts() {
+		for _, ip := range clusterIPs {
+			if strings.HasPrefix(a.Target, ip+":") {
+				t.Errorf("kube-apiserver dialled ClusterIP %s (%+v): it must resolve a Service to its endpoints", ip, a)
+			}
+		}
+		if !a.Refused {
+			if ap, err := netip.ParseAddrPort(a.Target); err != nil || !ap.Addr().IsLoopback() {
+				t.Errorf("the egress proxy connected kube-apiserver to %s, not on loopback (no real node here)", a.Target)
+			}
+		}
+	}
+	t.Logf("egress refused %d target(s): %v", len(refused), refused)
+}
+
+func serviceRef(ns, name string) admissionregistrationv1.WebhookClientConfig {
+	return admissionregistrationv1.WebhookClientConfig{Service: &admissionregistrationv1.ServiceReference{
+		Namespace: ns, Name: name, Path: ptr.To("/validate"), Port: ptr.To[int32](443),
+	}}
 }
 
 // TestStartFailureCleansUp: a failing Start (a missing CRD directory makes

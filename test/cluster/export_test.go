@@ -22,6 +22,7 @@ func (c *Cluster) abandonForTest() {
 	if c.reaper != nil {
 		c.reaper.finish(true)
 	}
+	_ = c.stopEgress() // in-process: it would die with the test process
 	if c.real != nil && c.real.lock != nil {
 		_ = c.real.lock.Close()
 	}

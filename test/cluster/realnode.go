@@ -309,7 +309,7 @@ func (c *Cluster) startRealNode(ctx context.Context, caFile string) error {
 	if err != nil {
 		return err
 	}
-	hport, err := freePort()
+	hport, err := FreePort()
 	if err != nil {
 		return err
 	}
@@ -446,15 +446,6 @@ func run(ctx context.Context, name string, args ...string) error {
 		return fmt.Errorf("%s %s: %w: %s", name, strings.Join(args, " "), err, strings.TrimSpace(string(out)))
 	}
 	return nil
-}
-
-func freePortOn(ip string) (int, error) {
-	l, err := net.Listen("tcp", net.JoinHostPort(ip, "0"))
-	if err != nil {
-		return 0, err
-	}
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port, nil
 }
 
 // writeServingCerts writes a fresh CA, the API server's serving certificate
@@ -642,27 +633,6 @@ fileCheckFrequency: 0s
 staticPodPath: ""
 maxPods: 110
 `, dir, RealNodeBridgeIP, port, healthzPort, "", caFile, RealNodeTaintKey)
-}
-
-// FreePorts returns n distinct free TCP ports on 127.0.0.1: each is held
-// open until all are found, so none is handed out twice.
-func FreePorts(n int) ([]int, error) {
-	var ports []int
-	var ls []net.Listener
-	defer func() {
-		for _, l := range ls {
-			_ = l.Close()
-		}
-	}()
-	for range n {
-		l, err := net.Listen("tcp", "127.0.0.1:0")
-		if err != nil {
-			return nil, err
-		}
-		ls = append(ls, l)
-		ports = append(ports, l.Addr().(*net.TCPAddr).Port)
-	}
-	return ports, nil
 }
 
 func kubeProxyConfig(kubeconfig, node string, ports []int) string {

@@ -32,6 +32,9 @@
 //
 // The kubelet serves on 10.213.0.1 too (anonymous, AlwaysAllow: it is
 // reachable only from this machine), so `kubectl exec` and `logs` work.
+// kube-apiserver reaches it, and webhooks or aggregated APIs served by pods
+// on the real node, through its egress proxy (egress.go), which allows the
+// pod network and the bridge address only while a real node runs.
 //
 // # Scheduling
 //

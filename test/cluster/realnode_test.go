@@ -110,6 +110,39 @@ func TestRealNode(t *testing.T) {
 	if cs.OK < 10 || ss.OK < 10 || cs.Failed != 0 {
 		t.Errorf("client ok=%d failed=%d (%s), server ok=%d: want both >= 10 and no failure", cs.OK, cs.Failed, cs.LastError, ss.OK)
 	}
+	// kube-apiserver reaches the kubelet through its egress proxy: logs and
+	// exec work, and nothing was refused.
+	logger := workloadPod("logger", "real-0", "client", "--target="+serverIP+":8081", "--interval=200ms", "--stats=:9000")
+	if err := c.Client.Create(ctx, logger); err != nil {
+		t.Fatal(err)
+	}
+	waitPodRunning(ctx, t, c, "work", "logger")
+	var logs string
+	for deadline := time.Now().Add(20 * time.Second); time.Now().Before(deadline); time.Sleep(500 * time.Millisecond) {
+		if logs, _, err = c.Kubectl(ctx, "logs", "-n", "work", "logger"); err == nil && strings.Contains(logs, "connection refused") {
+			break
+		}
+	}
+	if err != nil || !strings.Contains(logs, "connection refused") {
+		t.Errorf("kubectl logs work/logger: %v; output %q, want the client's failed dials", err, logs)
+	}
+	_, stderr, err := c.Kubectl(ctx, "exec", "-n", "work", "server", "--", "/workload")
+	if err == nil || !strings.Contains(stderr, "usage: workload") {
+		t.Errorf("kubectl exec work/server -- /workload: %v, stderr %q: want the workload's usage and exit status 2", err, stderr)
+	}
+	if refused := c.EgressRefused(); len(refused) > 0 {
+		t.Errorf("the egress proxy refused %v with a real node", refused)
+	}
+	kubelet := 0
+	for _, a := range c.EgressAttempts() {
+		if strings.HasPrefix(a.Target, RealNodeBridgeIP+":") && !a.Refused && a.Err == "" {
+			kubelet++
+		}
+	}
+	if kubelet == 0 {
+		t.Errorf("no connection to the kubelet on %s went through the egress proxy: %+v", RealNodeBridgeIP, c.EgressAttempts())
+	}
+
 	// What the running node changed: the cleanup below has work to do.
 	during, err := TakeHostSnapshot()
 	if err != nil {

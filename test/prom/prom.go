@@ -161,9 +161,9 @@ func startWithConfig(ctx context.Context, t TB, config string, targets []string)
 var errPortTaken = errors.New("port taken")
 
 func start(ctx context.Context, bin, dir, cfg string, targets []string, try int) (*Server, error) {
-	port, err := freePort()
+	port, err := cluster.FreePort()
 	if err != nil {
-		return nil, err
+		return nil, fmt.Errorf("prom: find a free port: %w", err)
 	}
 	addr := net.JoinHostPort("127.0.0.1", strconv.Itoa(port))
 	client, err := api.NewClient(api.Config{Address: "http://" + addr})
@@ -330,15 +330,6 @@ func checkLoopback(target string) error {
 		return fmt.Errorf("prom: target %q is not on the loopback interface; tests scrape 127.0.0.1 only", target)
 	}
 	return nil
-}
-
-func freePort() (int, error) {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		return 0, fmt.Errorf("prom: find a free port: %w", err)
-	}
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port, nil
 }
 
 func exitText(err error) string {

@@ -80,9 +80,9 @@ func Start(ctx context.Context, t TB) *Registry {
 	}
 	dir := t.TempDir()
 	r := &Registry{bin: bin, dir: dir, Storage: filepath.Join(dir, "storage")}
-	port, err := freePort()
+	port, err := cluster.FreePort()
 	if err != nil {
-		t.Fatalf("registry: %v", err)
+		t.Fatalf("registry: find a free port: %v", err)
 	}
 	r.Addr = net.JoinHostPort("127.0.0.1", strconv.Itoa(port))
 	t.Cleanup(r.Stop)
@@ -181,13 +181,4 @@ func (r *Registry) Logs() string {
 func (r *Registry) BlobPath(digest string) string {
 	hex := strings.TrimPrefix(digest, "sha256:")
 	return filepath.Join(r.Storage, "docker", "registry", "v2", "blobs", "sha256", hex[:2], hex, "data")
-}
-
-func freePort() (int, error) {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		return 0, err
-	}
-	defer l.Close() //nolint:errcheck // only its port is wanted
-	return l.Addr().(*net.TCPAddr).Port, nil
 }

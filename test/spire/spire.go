@@ -102,16 +102,6 @@ func ShortTempDir(t testing.TB, prefix string) string {
 	return d
 }
 
-func freePort(t testing.TB) int {
-	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port
-}
-
 // StartServer starts a spire-server and waits until it is healthy.
 func StartServer(t testing.TB, opts ServerOptions) *Server {
 	t.Helper()
@@ -123,15 +113,18 @@ func StartServer(t testing.TB, opts ServerOptions) *Server {
 		opts.DefaultSVIDTTL = time.Hour
 	}
 	dir := ShortTempDir(t, "mks")
+	port, err := cluster.FreePort()
+	if err != nil {
+		t.Fatalf("spire: find a free port: %v", err)
+	}
 	s := &Server{
 		BinDir:      bin,
 		Dir:         dir,
 		Socket:      filepath.Join(dir, "api.sock"),
-		Address:     fmt.Sprintf("127.0.0.1:%d", freePort(t)),
+		Address:     fmt.Sprintf("127.0.0.1:%d", port),
 		TrustDomain: opts.TrustDomain,
 		config:      filepath.Join(dir, "server.conf"),
 	}
-	_, port, _ := net.SplitHostPort(s.Address)
 	psat := ""
 	if opts.Kubeconfig != "" {
 		psat = fmt.Sprintf(`
@@ -148,7 +141,7 @@ func StartServer(t testing.TB, opts ServerOptions) *Server {
 	}
 	conf := fmt.Sprintf(`server {
   bind_address = "127.0.0.1"
-  bind_port = %q
+  bind_port = "%d"
   socket_path = %q
   trust_domain = %q
   data_dir = %q
