@@ -36,6 +36,8 @@ func TestNamespaceLabelling(t *testing.T) {
 		Spec: meshv1.MeshSpec{
 			Version:    "1.28.2",
 			Namespaces: meshv1.NamespacesSpec{Selector: &metav1.LabelSelector{MatchLabels: map[string]string{"mesh": "on"}}},
+			// The switch to Sidecar below moves in waves; no bake keeps it short.
+			Rollout: meshv1.RolloutSpec{Namespaces: meshv1.NamespaceRolloutSpec{Bake: &metav1.Duration{}}},
 		},
 	}
 	g.Expect(k8s.Create(ctx, mesh)).To(Succeed())

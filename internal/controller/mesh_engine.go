@@ -277,7 +277,9 @@ func (r *MeshReconciler) engineFacts(ctx context.Context, mesh *meshv1.Mesh, nam
 	}
 	for _, name := range names {
 		ns := byName[name]
-		if ns == nil {
+		if ns == nil || foreignDataplane(ns) {
+			// Another manager's dataplane label: meshkeeper does not move
+			// it (reconcileNamespaces reports the conflict).
 			continue
 		}
 		f := plan.NamespaceFact{Name: name, At: placementOf(ns)}
@@ -302,6 +304,18 @@ func releaseComponent(name string) bundle.Component {
 		return bundle.Istiod
 	}
 	return bundle.Component(name)
+}
+
+// foreignDataplane says whether a namespace carries a dataplane label
+// meshkeeper does not own (set by its owner or another Istio install).
+func foreignDataplane(ns *corev1.Namespace) bool {
+	owned := ownedLabelKeys(ns)
+	for _, k := range []string{meshv1.LabelDataplaneMode, meshv1.LabelRevision} {
+		if _, set := ns.Labels[k]; set && !owned[k] {
+			return true
+		}
+	}
+	return false
 }
 
 // placementOf is where the labels meshkeeper owns put a namespace.
