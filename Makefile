@@ -104,6 +104,14 @@ bench-datapath: ## As root: conns/s and latency direct vs eBPF vs iptables REDIR
 		| tee .tmp/bench-datapath.txt | hack/benchtable.sh
 	@echo "(raw results: .tmp/bench-datapath.txt)"
 
+.PHONY: bench-scale
+bench-scale: cluster-bins ## A kwok scale run (500 nodes, 5,000 namespaces, 5,000 pods; MESHKEEPER_SCALE_NODES/_NAMESPACES/_PODS override): install, canary upgrade, CPU, RSS, API requests at rest, reconcile p99; prints a markdown table and the profile's top meshkeeper entries.
+	@mkdir -p .tmp
+	MESHKEEPER_SCALE=1 MESHKEEPER_REQUIRE_CLUSTER=1 go test -count=1 -timeout 60m -v -run '^TestScale$$' ./test/scale/ | tee .tmp/bench-scale.log
+	@echo; cat .tmp/bench-scale.md
+	@echo; echo "CPU profile of install + upgrade (.tmp/scale-cpu.pprof), meshkeeper's own code by cumulative time (go tool pprof -top -cum):"
+	go tool pprof -top -cum -show 'meshkeeper/meshkeeper' .tmp/scale-cpu.pprof 2>/dev/null | awk 'NR<=5 || (/meshkeeper\/meshkeeper/ && n++ < 12)'
+
 ##@ Build
 
 .PHONY: build
