@@ -204,7 +204,16 @@ func (r *MeshReconciler) reconcileEngine(ctx context.Context, mesh *meshv1.Mesh,
 	}
 	r.engineEvents(mesh, mem, d)
 
-	res, err := r.runPhases(ctx, view, obs, []phase{
+	if d.Memory != nil {
+		// Look again when the decision says (a bake, the next check, a
+		// window); while a wave moves, soon: the restarted workloads'
+		// rollouts are not watched.
+		obs.requeueAfter = d.Requeue
+		if d.Verb == plan.VerbApply && (obs.requeueAfter == 0 || obs.requeueAfter > 2*time.Second) {
+			obs.requeueAfter = 2 * time.Second
+		}
+	}
+	return r.runPhases(ctx, view, obs, []phase{
 		{"nodes", r.reconcileNodes},
 		{"gateway-api", r.reconcileGatewayAPI},
 		{"components", r.reconcileComponents},
@@ -216,15 +225,6 @@ func (r *MeshReconciler) reconcileEngine(ctx context.Context, mesh *meshv1.Mesh,
 		{"retire", r.retireComponents},
 		{"mtls", r.reconcileMTLS},
 	})
-	if d.Requeue > 0 && (res.RequeueAfter == 0 || d.Requeue < res.RequeueAfter) && d.Memory != nil {
-		res.RequeueAfter = d.Requeue
-	}
-	if d.Memory != nil && (res.RequeueAfter == 0 || res.RequeueAfter > 5*time.Second) && d.Verb == plan.VerbApply {
-		// Moving: restarts and labels are watched only in part (a
-		// workload's rollout is not); look again soon.
-		res.RequeueAfter = 2 * time.Second
-	}
-	return res, err
 }
 
 // blockedSwitch says why a rolled-back switch is not tried again.
