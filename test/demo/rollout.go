@@ -205,7 +205,7 @@ func rollouts(ctx context.Context, c *cluster.Cluster, s *slos, step func(string
 		return err
 	}
 	step("Switching to Sidecar: the rollout engine moves the namespaces wave by wave (shop-staging first), restarting their workloads into sidecars, judged like a version rollout; the node components go after the last wave")
-	if _, stderr, err := c.Kubectl(ctx, "patch", "mesh", "default", "--type=merge", "-p", `{"spec":{"dataplane":{"mode":"Sidecar"}}}`); err != nil {
+	if _, stderr, err := c.Kubectl(ctx, "patch", "mesh", "default", "--type=merge", "-p", `{"spec":{"dataplane":{"mode":"Sidecar","redirection":null,"kernelFallback":null}}}`); err != nil {
 		return fmt.Errorf("patch spec.dataplane.mode: %w: %s", err, stderr)
 	}
 	if err := follow(ctx, c, 8*time.Minute, func(m *meshv1.Mesh) bool {
