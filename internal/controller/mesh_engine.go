@@ -11,6 +11,7 @@ import (
 
 	corev1 "k8s.io/api/core/v1"
 	"k8s.io/apimachinery/pkg/api/equality"
+	"k8s.io/apimachinery/pkg/api/meta"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/utils/clock"
 	ctrl "sigs.k8s.io/controller-runtime"
@@ -476,10 +477,25 @@ func (r *MeshReconciler) recordRollout(ctx context.Context, mesh *meshv1.Mesh, o
 	}
 	patched := obs.base.DeepCopy()
 	patched.Status.Rollout = ro.DeepCopy()
+	if obs.base.Status.Rollout == nil {
+		// A rollout starts: Ready says so in the same write, not only in
+		// the reconcile's last one.
+		msg := "Rolling out: " + ro.Message
+		for _, t := range []string{meshv1.ConditionReady, meshv1.ConditionReconciling} {
+			status := metav1.ConditionFalse
+			if t == meshv1.ConditionReconciling {
+				status = metav1.ConditionTrue
+			}
+			meta.SetStatusCondition(&patched.Status.Conditions, metav1.Condition{Type: t, Status: status,
+				Reason: meshv1.ReasonRollingOut, Message: msg, ObservedGeneration: mesh.Generation})
+		}
+	}
 	if err := r.Status().Patch(ctx, patched, client.MergeFromWithOptions(obs.base, client.MergeFromWithOptimisticLock{})); err != nil {
 		return fmt.Errorf("record the rollout's decision: %w", err)
 	}
 	obs.base.Status.Rollout = ro.DeepCopy()
+	// base keeps its conditions: the reconcile's last patch writes them in
+	// full, and the Ready transition is told from them (an event).
 	obs.base.ResourceVersion = patched.ResourceVersion
 	mesh.ResourceVersion = patched.ResourceVersion
 	return nil
