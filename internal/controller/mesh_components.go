@@ -75,17 +75,14 @@ func (r *MeshReconciler) reconcileComponents(ctx context.Context, mesh *meshv1.M
 	if eo := obs.engine; eo != nil && eo.releases != nil {
 		// The engine's decision lists every release, each at its bundle.
 		in.ServeBoth = eo.serveBoth
-		istiods := 0
 		for _, rel := range eo.releases {
 			rb, err := r.Catalog.Resolve(rel.Version)
 			if err != nil {
 				return fmt.Errorf("release %s: %w", rel, err)
 			}
 			name := string(rel.Component)
-			if rel.Component == bundle.Istiod {
-				if istiods++; istiods > 1 {
-					name = "istiod-previous"
-				}
+			if s := eo.decision.Step; rel.Component == bundle.Istiod && s != nil && rel.Version != s.Version {
+				name = "istiod-previous" // the revision the hop leaves
 			}
 			items = append(items, item{rb, rel.Component, name})
 		}

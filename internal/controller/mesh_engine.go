@@ -11,6 +11,7 @@ import (
 
 	corev1 "k8s.io/api/core/v1"
 	"k8s.io/apimachinery/pkg/api/equality"
+	"k8s.io/apimachinery/pkg/api/meta"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/utils/clock"
 	ctrl "sigs.k8s.io/controller-runtime"
@@ -204,7 +205,16 @@ func (r *MeshReconciler) reconcileEngine(ctx context.Context, mesh *meshv1.Mesh,
 	}
 	r.engineEvents(mesh, mem, d)
 
-	res, err := r.runPhases(ctx, view, obs, []phase{
+	if d.Memory != nil {
+		// Look again when the decision says (a bake, the next check, a
+		// window); while a wave moves, soon: the restarted workloads'
+		// rollouts are not watched.
+		obs.requeueAfter = d.Requeue
+		if d.Verb == plan.VerbApply && (obs.requeueAfter == 0 || obs.requeueAfter > 2*time.Second) {
+			obs.requeueAfter = 2 * time.Second
+		}
+	}
+	return r.runPhases(ctx, view, obs, []phase{
 		{"nodes", r.reconcileNodes},
 		{"gateway-api", r.reconcileGatewayAPI},
 		{"components", r.reconcileComponents},
@@ -216,15 +226,6 @@ func (r *MeshReconciler) reconcileEngine(ctx context.Context, mesh *meshv1.Mesh,
 		{"retire", r.retireComponents},
 		{"mtls", r.reconcileMTLS},
 	})
-	if d.Requeue > 0 && (res.RequeueAfter == 0 || d.Requeue < res.RequeueAfter) && d.Memory != nil {
-		res.RequeueAfter = d.Requeue
-	}
-	if d.Memory != nil && (res.RequeueAfter == 0 || res.RequeueAfter > 5*time.Second) && d.Verb == plan.VerbApply {
-		// Moving: restarts and labels are watched only in part (a
-		// workload's rollout is not); look again soon.
-		res.RequeueAfter = 2 * time.Second
-	}
-	return res, err
 }
 
 // blockedSwitch says why a rolled-back switch is not tried again.
@@ -476,10 +477,25 @@ func (r *MeshReconciler) recordRollout(ctx context.Context, mesh *meshv1.Mesh, o
 	}
 	patched := obs.base.DeepCopy()
 	patched.Status.Rollout = ro.DeepCopy()
+	if obs.base.Status.Rollout == nil {
+		// A rollout starts: Ready says so in the same write, not only in
+		// the reconcile's last one.
+		msg := "Rolling out: " + ro.Message
+		for _, t := range []string{meshv1.ConditionReady, meshv1.ConditionReconciling} {
+			status := metav1.ConditionFalse
+			if t == meshv1.ConditionReconciling {
+				status = metav1.ConditionTrue
+			}
+			meta.SetStatusCondition(&patched.Status.Conditions, metav1.Condition{Type: t, Status: status,
+				Reason: meshv1.ReasonRollingOut, Message: msg, ObservedGeneration: mesh.Generation})
+		}
+	}
 	if err := r.Status().Patch(ctx, patched, client.MergeFromWithOptions(obs.base, client.MergeFromWithOptimisticLock{})); err != nil {
 		return fmt.Errorf("record the rollout's decision: %w", err)
 	}
 	obs.base.Status.Rollout = ro.DeepCopy()
+	// base keeps its conditions: the reconcile's last patch writes them in
+	// full, and the Ready transition is told from them (an event).
 	obs.base.ResourceVersion = patched.ResourceVersion
 	mesh.ResourceVersion = patched.ResourceVersion
 	return nil

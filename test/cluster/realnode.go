@@ -458,20 +458,7 @@ func writeServingCerts(certDir string, ips, dns []string) ([]byte, error) {
 		return nil, err
 	}
 	now := time.Now().Add(-time.Hour)
-	caTmpl := &x509.Certificate{
-		SerialNumber:          big.NewInt(1),
-		Subject:               pkix.Name{CommonName: "meshkeeper-test-cluster-ca"},
-		NotBefore:             now,
-		NotAfter:              now.Add(48 * time.Hour),
-		KeyUsage:              x509.KeyUsageCertSign | x509.KeyUsageDigitalSignature,
-		BasicConstraintsValid: true,
-		IsCA:                  true,
-	}
-	caDER, err := x509.CreateCertificate(rand.Reader, caTmpl, caTmpl, &caKey.PublicKey, caKey)
-	if err != nil {
-		return nil, err
-	}
-	ca, err := x509.ParseCertificate(caDER)
+	ca, caDER, err := selfSignedCA("meshkeeper-test-cluster-ca", caKey)
 	if err != nil {
 		return nil, err
 	}

@@ -5,7 +5,8 @@
 // (made quick: version 1.26, seconds of bake) and streams `kubectl get mesh`
 // until it is Ready; then an upgrade to 1.27 whose canary namespace breaks
 // its SLO is rolled back by itself, and an upgrade to 1.28 goes through
-// 1.27, node waves then namespace waves. Then it waits for Ctrl-C (or exits
+// 1.27, node waves then namespace waves, and a switch to Sidecar moves the
+// namespaces wave by wave. Then it waits for Ctrl-C (or exits
 // with --exit-when-done; --install-only stops after the install).
 package main
 

@@ -201,6 +201,19 @@ func rollouts(ctx context.Context, c *cluster.Cluster, s *slos, step func(string
 		return err
 	}
 	step("1.28.2 runs everywhere")
+	if err := show(ctx, c); err != nil {
+		return err
+	}
+	step("Switching to Sidecar: the rollout engine moves the namespaces wave by wave (shop-staging first), restarting their workloads into sidecars, judged like a version rollout; the node components go after the last wave")
+	if _, stderr, err := c.Kubectl(ctx, "patch", "mesh", "default", "--type=merge", "-p", `{"spec":{"dataplane":{"mode":"Sidecar","redirection":null,"kernelFallback":null}}}`); err != nil {
+		return fmt.Errorf("patch spec.dataplane.mode: %w: %s", err, stderr)
+	}
+	if err := follow(ctx, c, 8*time.Minute, func(m *meshv1.Mesh) bool {
+		return lastOutcome(m) == "1.28.2 Succeeded" && m.Status.Dataplane.Mode == meshv1.ModeSidecar && ready(m)
+	}); err != nil {
+		return err
+	}
+	step("Sidecar at 1.28.2 everywhere: no ztunnel, no node agent")
 	return show(ctx, c)
 }
 
