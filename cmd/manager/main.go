@@ -13,15 +13,11 @@ import (
 	"strings"
 	"time"
 
-	appsv1 "k8s.io/api/apps/v1"
 	corev1 "k8s.io/api/core/v1"
-	"k8s.io/apimachinery/pkg/labels"
 	"k8s.io/apimachinery/pkg/runtime"
-	"k8s.io/apimachinery/pkg/selection"
 	utilruntime "k8s.io/apimachinery/pkg/util/runtime"
 	clientgoscheme "k8s.io/client-go/kubernetes/scheme"
 	ctrl "sigs.k8s.io/controller-runtime"
-	"sigs.k8s.io/controller-runtime/pkg/cache"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 	"sigs.k8s.io/controller-runtime/pkg/event"
 	"sigs.k8s.io/controller-runtime/pkg/healthz"
@@ -178,31 +174,10 @@ func run(ctx context.Context, o options) error {
 		return fmt.Errorf("create helm client: %w", err)
 	}
 
-	// Cache only the objects meshkeeper's releases render, not every
-	// Deployment, ConfigMap or Secret of the cluster.
-	managedReq, err := labels.NewRequirement(meshv1.LabelComponent, selection.Exists, nil)
-	if err != nil {
-		return err
-	}
-	// Namespaced objects only in the components' namespace: that is all a
-	// Role there lets meshkeeper read (config/rbac).
-	inComponents := map[string]cache.Config{o.componentsNamespace: {}}
-	managed := cache.ByObject{Label: labels.NewSelector().Add(*managedReq), Namespaces: inComponents}
+	// Cache only the objects meshkeeper's releases render (controller.CacheOptions).
 	mgr, err := ctrl.NewManager(cfg, ctrl.Options{
-		Scheme: scheme,
-		Cache: cache.Options{ByObject: map[client.Object]cache.ByObject{
-			&appsv1.Deployment{}:  managed,
-			&appsv1.DaemonSet{}:   managed,
-			&appsv1.StatefulSet{}: managed,
-			&corev1.ConfigMap{}:   managed,
-			&corev1.Service{}:     managed,
-			// Every namespace's service accounts, metadata only: SPIRE
-			// registration writes an entry per service account of each
-			// meshed namespace (read-only, config/rbac).
-			&corev1.ServiceAccount{}:     {},
-			&corev1.Pod{}:                {Namespaces: inComponents},
-			&appsv1.ControllerRevision{}: {Namespaces: inComponents},
-		}},
+		Scheme:                  scheme,
+		Cache:                   controller.CacheOptions(o.componentsNamespace),
 		Metrics:                 metricsserver.Options{BindAddress: o.metricsAddr},
 		HealthProbeBindAddress:  o.probeAddr,
 		LeaderElection:          o.leaderElect,

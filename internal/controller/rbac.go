@@ -8,7 +8,7 @@ package controller
 //
 // Namespaced objects live only in the components' namespace (istio-system):
 // a Role there, not a ClusterRole. The manager's cache is limited to that
-// namespace for those kinds (cmd/manager). Helm's release Secrets, the
+// namespace for those kinds (CacheOptions). Helm's release Secrets, the
 // webhook certificate and the leader lease are in meshkeeper-system (Role in
 // mesh_controller.go); no Secret anywhere else is readable but the SPIRE
 // relay's spire-relay-tls in the components' namespace, by name

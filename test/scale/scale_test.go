@@ -34,11 +34,8 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	"k8s.io/apimachinery/pkg/api/meta"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-	"k8s.io/apimachinery/pkg/labels"
-	"k8s.io/apimachinery/pkg/selection"
 	"k8s.io/client-go/rest"
 	ctrl "sigs.k8s.io/controller-runtime"
-	"sigs.k8s.io/controller-runtime/pkg/cache"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 	"sigs.k8s.io/controller-runtime/pkg/log/zap"
 	ctrlmetrics "sigs.k8s.io/controller-runtime/pkg/metrics"
@@ -335,22 +332,9 @@ func app(namespace string) *appsv1.Deployment {
 func startManager(ctx context.Context, t *testing.T, kc *cluster.Cluster, cfg *rest.Config) {
 	g := NewWithT(t)
 	g.Expect(kc.Client.Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: operatorNamespace}})).To(Succeed())
-	managedReq, err := labels.NewRequirement(meshv1.LabelComponent, selection.Exists, nil)
-	g.Expect(err).NotTo(HaveOccurred())
-	inComponents := map[string]cache.Config{componentsNamespace: {}}
-	managed := cache.ByObject{Label: labels.NewSelector().Add(*managedReq), Namespaces: inComponents}
 	mgr, err := ctrl.NewManager(cfg, ctrl.Options{
-		Scheme: kc.Scheme,
-		Cache: cache.Options{ByObject: map[client.Object]cache.ByObject{
-			&appsv1.Deployment{}:         managed,
-			&appsv1.DaemonSet{}:          managed,
-			&appsv1.StatefulSet{}:        managed,
-			&corev1.ConfigMap{}:          managed,
-			&corev1.Service{}:            managed,
-			&corev1.ServiceAccount{}:     {},
-			&corev1.Pod{}:                {Namespaces: inComponents},
-			&appsv1.ControllerRevision{}: {Namespaces: inComponents},
-		}},
+		Scheme:  kc.Scheme,
+		Cache:   controller.CacheOptions(componentsNamespace),
 		Metrics: metricsserver.Options{BindAddress: "0"},
 	})
 	g.Expect(err).NotTo(HaveOccurred())
