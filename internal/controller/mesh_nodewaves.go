@@ -280,11 +280,16 @@ func (r *MeshReconciler) newestRevisionHash(ctx context.Context, ds *appsv1.Daem
 	return newest.Labels[appsv1.DefaultDaemonSetUniqueLabelKey], nil
 }
 
-// daemonSetPods lists the DaemonSet's pods, past the cache (meshkeeper keeps
-// no cache of the cluster's pods).
+// daemonSetPods lists the DaemonSet's pods from the cache, which holds the
+// pods of the components' namespace only (CacheOptions). A List past the
+// cache each reconcile was the node waves' largest cost at scale (1.4 s of
+// CPU for 500 nodes, make bench-scale). A cache a moment behind the cluster
+// makes a wave wait a reconcile longer (an old pod still listed), as any
+// informer-fed controller does; pods are deleted with their UID as a
+// precondition, so a stale entry never deletes a replacement.
 func (r *MeshReconciler) daemonSetPods(ctx context.Context, ds *appsv1.DaemonSet) ([]corev1.Pod, error) {
 	var list corev1.PodList
-	if err := r.reader().List(ctx, &list, client.InNamespace(ds.Namespace), client.MatchingLabels(ds.Spec.Selector.MatchLabels)); err != nil {
+	if err := r.List(ctx, &list, client.InNamespace(ds.Namespace), client.MatchingLabels(ds.Spec.Selector.MatchLabels)); err != nil {
 		return nil, fmt.Errorf("list pods of %s: %w", ds.Name, err)
 	}
 	pods := list.Items[:0]
