@@ -810,6 +810,12 @@ type RolloutStatus struct {
 	// WaveStartedAt is when the current wave moved; the bake counts from it.
 	// +optional
 	WaveStartedAt *metav1.Time `json:"waveStartedAt,omitempty"`
+	// WorkloadsRestartedAt is when the current namespace wave's workloads
+	// were seen restarted onto the new revision and ready (Sidecar mode: a
+	// sidecar keeps talking to the istiod it was injected for until its pod
+	// is recreated). The wave's bake starts then; unset while they restart.
+	// +optional
+	WorkloadsRestartedAt *metav1.Time `json:"workloadsRestartedAt,omitempty"`
 	// LastCheckAt is when the SLOs were last checked.
 	// +optional
 	LastCheckAt *metav1.Time `json:"lastCheckAt,omitempty"`

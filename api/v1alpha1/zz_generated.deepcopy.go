@@ -906,6 +906,10 @@ func (in *RolloutStatus) DeepCopyInto(out *RolloutStatus) {
 		in, out := &in.WaveStartedAt, &out.WaveStartedAt
 		*out = (*in).DeepCopy()
 	}
+	if in.WorkloadsRestartedAt != nil {
+		in, out := &in.WorkloadsRestartedAt, &out.WorkloadsRestartedAt
+		*out = (*in).DeepCopy()
+	}
 	if in.LastCheckAt != nil {
 		in, out := &in.LastCheckAt, &out.LastCheckAt
 		*out = (*in).DeepCopy()

@@ -206,6 +206,7 @@ func (r *MeshReconciler) reconcileNormal(ctx context.Context, mesh *meshv1.Mesh,
 		{"rollout", r.reconcileRollout},
 		{"mtls-relax", r.relaxMTLS}, // mesh_mtls.go: a rollout removes STRICT before any namespace moves
 		{"namespaces", r.reconcileNamespaces},
+		{"restarts", r.sidecarRestartPhase}, // mesh_sidecar_restarts.go: Sidecar mode, once the labels are in place
 		{"waypoints", r.reconcileWaypoints},
 		{"retire", r.retireComponents},
 		{"conclude", r.concludeRollout},

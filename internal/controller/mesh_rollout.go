@@ -63,6 +63,9 @@ type rolloutState struct {
 	degraded bool
 	// rollingBack: the rollback started in this reconcile.
 	rollingBack bool
+	// restarts: the workloads restarted in this reconcile (Sidecar mode,
+	// mesh_sidecar_restarts.go); pending holds a rollback's end.
+	restarts *sidecarRestarts
 }
 
 // namespaceRevision is the revision a namespace's istio.io/rev points at.
@@ -241,8 +244,10 @@ func (r *MeshReconciler) reconcileRollout(ctx context.Context, mesh *meshv1.Mesh
 	case meshv1.RolloutStepNodes:
 		return r.reconcileNodeWaves(ctx, mesh, obs, waves)
 	case meshv1.RolloutStepNamespaces:
+	case meshv1.RolloutStepRollingBack:
+		return r.rollbackRestarts(ctx, mesh, obs, waves) // then it ends in concludeRollout
 	default:
-		return nil // RollingBack and Retire end in concludeRollout
+		return nil // Retire ends in concludeRollout
 	}
 	ro.Waves = int32(len(waves))
 	if !obs.componentsReady {
@@ -259,6 +264,9 @@ func (r *MeshReconciler) reconcileRollout(ctx context.Context, mesh *meshv1.Mesh
 	}
 	// The wave is judged on the pods of the new revision; the baseline is
 	// the namespaces still on the old one (none after the last wave).
+	if held, err := r.waitForWaveRestarts(ctx, mesh, obs, judged); held || err != nil {
+		return err
+	}
 	scope := waveScope{namespaces: judged, hasBaseline: len(obs.rollout.moved) < len(selected)}
 	return r.judgeWave(ctx, mesh, obs, scope, mesh.Spec.Rollout.Namespaces.EffectiveBake(), func(now time.Time) error {
 		return r.startWave(mesh, obs, waves, now) // after the last wave: retire
@@ -419,7 +427,7 @@ func (r *MeshReconciler) startWave(mesh *meshv1.Mesh, obs *observation, waves []
 	}
 	ro.Wave++
 	setWaveNamespaces(ro, waves[ro.Wave-1])
-	ro.WaveStartedAt = &metav1.Time{Time: now}
+	ro.WaveStartedAt, ro.WorkloadsRestartedAt = &metav1.Time{Time: now}, nil
 	resetChecks(ro)
 	ro.Message = fmt.Sprintf("wave %d/%d moved (%s); baking %s", ro.Wave, len(waves), nameList(waves[ro.Wave-1]),
 		mesh.Spec.Rollout.Namespaces.EffectiveBake())
@@ -466,6 +474,9 @@ func (r *MeshReconciler) concludeRollout(_ context.Context, mesh *meshv1.Mesh, o
 	}
 	if !obs.componentsReady || !obs.retired || !obs.namespacesObserved {
 		return nil
+	}
+	if w := obs.rollout.restarts; w != nil && w.pending {
+		return nil // the moved namespaces' workloads are not back yet
 	}
 	if ro.Step == meshv1.RolloutStepRollingBack {
 		r.finishRollout(mesh, obs, meshv1.OutcomeRolledBack, ro.Message)
