@@ -204,6 +204,7 @@ func (r *MeshReconciler) reconcileNormal(ctx context.Context, mesh *meshv1.Mesh,
 		{"components", r.reconcileComponents},
 		{"identity", r.reconcileIdentity},
 		{"rollout", r.reconcileRollout},
+		{"surges", r.cleanupSurges}, // mesh_nodesurge.go: surge pods left after a rollback
 		{"mtls-relax", r.relaxMTLS}, // mesh_mtls.go: a rollout removes STRICT before any namespace moves
 		{"namespaces", r.reconcileNamespaces},
 		{"restarts", r.sidecarRestartPhase}, // mesh_sidecar_restarts.go: Sidecar mode, once the labels are in place

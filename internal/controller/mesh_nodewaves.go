@@ -244,10 +244,17 @@ func (r *MeshReconciler) moveNodes(ctx context.Context, moved map[string]bool, b
 		for _, p := range pods {
 			states = append(states, podStateOf(&p, hash))
 		}
-		step := replacePods(states, moved, batch, int(ds.Status.DesiredNumberScheduled))
-		for _, name := range step.delete {
-			if err := r.deletePod(ctx, pods, name); err != nil {
+		var step podReplacement
+		if surges(bundle.Component(ds.Labels[meshv1.LabelComponent])) {
+			if step, err = r.moveSurging(ctx, ds, pods, states, moved, batch); err != nil {
 				return nodeProgress{}, err
+			}
+		} else {
+			step = replacePods(states, moved, batch, int(ds.Status.DesiredNumberScheduled))
+			for _, name := range step.delete {
+				if err := r.deletePod(ctx, pods, name); err != nil {
+					return nodeProgress{}, err
+				}
 			}
 		}
 		total.done = total.done && step.done

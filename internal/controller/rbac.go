@@ -35,8 +35,10 @@ package controller
 // +kubebuilder:rbac:groups=rbac.authorization.k8s.io,namespace=istio-system,resources=roles;rolebindings,verbs=get;list;watch;create;update;patch;delete
 //
 // Node waves read the node components' ControllerRevisions and replace their
-// pods node by node (mesh_nodewaves.go), in the components' namespace.
-// +kubebuilder:rbac:groups="",namespace=istio-system,resources=pods,verbs=get;list;watch;delete
+// pods node by node (mesh_nodewaves.go), in the components' namespace;
+// ztunnel's make-before-break (mesh_nodesurge.go) starts a pod of its
+// DaemonSet's template beside the old one first.
+// +kubebuilder:rbac:groups="",namespace=istio-system,resources=pods,verbs=get;list;watch;create;delete
 // +kubebuilder:rbac:groups=apps,namespace=istio-system,resources=controllerrevisions,verbs=get;list;watch
 //
 // A mode switch restarts the workloads of each wave's namespaces, as

@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"slices"
+	"strings"
 	"testing"
 	"time"
 
@@ -110,7 +111,22 @@ func TestNodeWaves(t *testing.T) {
 		// Pods, then the status: a node of a later wave than the status
 		// shows (read after the pods) must still run 1.26.
 		waveOf := map[string]int32{"node-new": 1, "node-mid": 2, "node-old": 3}
+		surged := map[string]bool{}
 		g.Eventually(func() error {
+			// ztunnel moves make-before-break: every node has a ready
+			// ztunnel that is not stopping at every moment, and the new one
+			// starts beside the old one (a surge pod).
+			zt := ztunnelPods(g)
+			for node := range waveOf {
+				if !slices.ContainsFunc(zt[node], func(p corev1.Pod) bool { return p.DeletionTimestamp == nil && podIsReady(&p) }) {
+					return StopTrying(fmt.Sprintf("node %s has no ready ztunnel: %s", node, podNames(zt[node])))
+				}
+				for _, p := range zt[node] {
+					if p.Labels["meshkeeper.dev/surge-of"] == "ztunnel" {
+						surged[node] = true
+					}
+				}
+			}
 			pods := podRevisions(g, "ztunnel")
 			nsRevs := map[string]string{}
 			for _, ns := range namespaces {
@@ -144,6 +160,18 @@ func TestNodeWaves(t *testing.T) {
 		}
 		g.Expect(waves).To(Equal([][]string{{"node-new"}, {"node-mid"}, {"node-old"}}), "the canary pool first, then one node at a time")
 		g.Expect(podRevisions(g, "ztunnel")).To(Equal(allOn("1-27-3")))
+		g.Expect(surged).To(Equal(map[string]bool{"node-new": true, "node-mid": true, "node-old": true}), "a new ztunnel started beside the old one on every node")
+		g.Eventually(func() map[string][]string {
+			left := map[string][]string{}
+			for node, pods := range ztunnelPods(g) {
+				for _, p := range pods {
+					if p.Labels["meshkeeper.dev/surge-of"] != "" {
+						left[node] = append(left[node], p.Name)
+					}
+				}
+			}
+			return left
+		}).Should(BeEmpty(), "no surge pod is left once the nodes have moved")
 		g.Expect(daemonSetStrategy(g, "ztunnel")).To(Equal(appsv1.RollingUpdateDaemonSetStrategyType), "back to a native rolling update")
 		for _, ns := range namespaces {
 			g.Expect(labelsOf(ns)).To(HaveKeyWithValue(meshv1.LabelRevision, "1-27-3"), ns)
@@ -166,6 +194,43 @@ func podRevisions(g Gomega, component string) map[string]string {
 		}
 	}
 	return out
+}
+
+// ztunnelPods maps each node to the ztunnel pods on it: the DaemonSet's and
+// surge pods, stopping or not.
+func ztunnelPods(g Gomega) map[string][]corev1.Pod {
+	var pods corev1.PodList
+	g.Expect(k8s.List(context.Background(), &pods, client.InNamespace(componentsNamespace),
+		client.MatchingLabels{meshv1.LabelComponent: "ztunnel"})).To(Succeed())
+	out := map[string][]corev1.Pod{}
+	for _, p := range pods.Items {
+		out[p.Spec.NodeName] = append(out[p.Spec.NodeName], p)
+	}
+	return out
+}
+
+func podIsReady(p *corev1.Pod) bool {
+	return slices.ContainsFunc(p.Status.Conditions, func(c corev1.PodCondition) bool {
+		return c.Type == corev1.PodReady && c.Status == corev1.ConditionTrue
+	})
+}
+
+func podNames(pods []corev1.Pod) string {
+	var names []string
+	for _, p := range pods {
+		state := "not ready"
+		if podIsReady(&p) {
+			state = "ready"
+		}
+		if p.DeletionTimestamp != nil {
+			state += ", stopping"
+		}
+		names = append(names, fmt.Sprintf("%s (%s)", p.Name, state))
+	}
+	if len(names) == 0 {
+		return "no pod"
+	}
+	return strings.Join(names, ", ")
 }
 
 func daemonSetStrategy(g Gomega, component string) appsv1.DaemonSetUpdateStrategyType {

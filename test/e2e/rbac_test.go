@@ -25,6 +25,7 @@ var _ = Describe("The manager's own ServiceAccount", func() {
 		for _, allowed := range [][]string{
 			{"patch", "deployments", "-n", "istio-system"},
 			{"delete", "pods", "-n", "istio-system"},
+			{"create", "pods", "-n", "istio-system"}, // ztunnel's surge pod in a node wave
 			{"create", "secrets", "-n", localmesh.Namespace},
 			{"create", "clusterroles"},
 			{"bind", "clusterroles/istiod-1-28-2"},
@@ -40,6 +41,7 @@ var _ = Describe("The manager's own ServiceAccount", func() {
 			{"get", "secrets", "-n", "istio-system"},
 			{"list", "secrets", "--all-namespaces"},
 			{"delete", "pods", "-n", "default"},
+			{"create", "pods", "-n", "default"},
 			{"create", "deployments", "-n", "default"},
 			{"delete", "deployments", "-n", "default"},
 			{"update", "statefulsets", "-n", "default"},

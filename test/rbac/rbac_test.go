@@ -41,7 +41,7 @@ var own = map[string]struct {
 	"/namespaces":                      {[]string{"get", "list", "watch", "patch", "create"}, "labels the selected namespaces; creates the components' namespace"},
 	"/nodes":                           {[]string{"get", "list", "watch", "patch"}, "labels nodes with their redirection"},
 	"events.k8s.io/events":             {[]string{"create", "patch"}, "events on the Mesh"},
-	"/pods":                            {[]string{"get", "list", "watch", "delete"}, "node waves replace node-component pods"},
+	"/pods":                            {[]string{"get", "list", "watch", "create", "delete"}, "node waves replace node-component pods; ztunnel's new pod starts beside the old one (a surge pod)"},
 	"apps/controllerrevisions":         {[]string{"get", "list", "watch"}, "node waves compare pod template revisions"},
 	"/secrets":                         {[]string{"get", "list", "watch", "create", "update", "patch", "delete"}, "Helm release storage and the webhook certificate, in meshkeeper-system only"},
 	"coordination.k8s.io/leases":       {[]string{"get", "list", "watch", "create", "update", "patch", "delete"}, "leader election, in meshkeeper-system only"},
