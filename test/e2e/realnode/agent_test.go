@@ -323,7 +323,7 @@ var _ = Describe("The node agent as a real pod on a real node", Ordered, func() 
 		expectScrapedThroughTheShippedConfig(ctx)
 	})
 
-	It("moves the real node's agent and ztunnel to a new version in a node wave under traffic, with no escape and every pod still enrolled", func(ctx SpecContext) {
+	It("moves the real node's agent and ztunnel to a new version in a node wave under traffic, with no failed connection, no escape and every pod still enrolled", func(ctx SpecContext) {
 		expectNodeWaveUnderTraffic(ctx, serverIP, "1.27.3")
 		agentPod = runningAgentPod(ctx)
 	})

@@ -368,8 +368,15 @@ func expectNodeWaveUnderTraffic(ctx context.Context, serverIP, version string) {
 	GinkgoWriter.Printf("\nzero connections failed, zero escapes\n\n")
 }
 
-// lastLines returns the last n lines of s.
+// lastLines returns the last n lines of s, each cut at 200 bytes (the final
+// stats line holds every pod's counters; the table below has those).
 func lastLines(s string, n int) string {
 	lines := strings.Split(strings.TrimRight(s, "\n"), "\n")
-	return strings.Join(lines[max(0, len(lines)-n):], "\n")
+	lines = lines[max(0, len(lines)-n):]
+	for i, l := range lines {
+		if len(l) > 200 {
+			lines[i] = l[:200] + " …"
+		}
+	}
+	return strings.Join(lines, "\n")
 }
