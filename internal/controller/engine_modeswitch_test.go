@@ -14,7 +14,6 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/client"
 
 	meshv1 "github.com/meshkeeper/meshkeeper/api/v1alpha1"
-	"github.com/meshkeeper/meshkeeper/internal/bundle"
 	"github.com/meshkeeper/meshkeeper/internal/restart"
 	"github.com/meshkeeper/meshkeeper/test/prom"
 )
@@ -34,14 +33,7 @@ func TestModeSwitchInWaves(t *testing.T) {
 	ctx := context.Background()
 	g.SetDefaultEventuallyTimeout(2 * slow)
 	dumpMeshOnFailure(t)
-	// No istiod runs here: its injector (the mode switch turns it on beside
-	// ambient) would be called for every pod the restarts create, and its
-	// config validator fails closed. test/istiod has a real istiod inject by
-	// the labels meshkeeper writes.
-	cat, err := bundle.Default().WithValues(bundle.Istiod, map[string]any{
-		"validation": map[string]any{"enabled": false}, "injection": map[string]any{"enabled": false}})
-	g.Expect(err).NotTo(HaveOccurred())
-	suiteCatalog.Use(t, bundle.NewLive(cat, ""))
+	withoutIstiodWebhooks(t, g)
 
 	namespaces := []string{"ms-canary", "ms-a", "ms-b", "ms-c"}
 	workload := prom.NewWorkload(t)

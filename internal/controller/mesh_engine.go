@@ -364,22 +364,31 @@ func (r *MeshReconciler) engineRestarts(ctx context.Context, mesh *meshv1.Mesh, 
 	if eo == nil || len(eo.decision.Restart) == 0 || !obs.namespacesObserved {
 		return nil
 	}
+	return r.restartLabelled(ctx, mesh, eo.decision.Restart, eo.decision.RestartToken, "Restarted for their new dataplane", func(ns *corev1.Namespace) bool {
+		p, ok := eo.placements[ns.Name]
+		return ok && placementOf(ns) == p
+	})
+}
+
+// restartLabelled restarts the workloads of each namespace (restart.Restart
+// with token, paced by PDBs) whose labels are in place (inPlace: a pod
+// recreated before its namespace is relabelled would start on the old
+// dataplane), and records one WorkloadsRestarted event ("<what>: ...")
+// for those it started. Namespaces not relabelled yet (a conflict, or the
+// cache is behind) and namespaces gone are passed over.
+func (r *MeshReconciler) restartLabelled(ctx context.Context, mesh *meshv1.Mesh, namespaces []string, token, what string, inPlace func(*corev1.Namespace) bool) error {
 	var errs []error
 	var started []string
-	for _, ns := range eo.decision.Restart {
-		p, ok := eo.placements[ns]
-		if !ok {
-			continue
-		}
+	for _, ns := range namespaces {
 		var cur corev1.Namespace
 		if err := r.Get(ctx, client.ObjectKey{Name: ns}, &cur); err != nil {
 			errs = append(errs, client.IgnoreNotFound(err))
 			continue
 		}
-		if placementOf(&cur) != p {
-			continue // labels not in place yet (a conflict, or the cache is behind)
+		if !inPlace(&cur) {
+			continue
 		}
-		res, err := restart.Restart(ctx, r.workloads(), ns, eo.decision.RestartToken, restartBudget)
+		res, err := restart.Restart(ctx, r.workloads(), ns, token, restartBudget)
 		if err != nil {
 			errs = append(errs, fmt.Errorf("restart workloads of namespace %s: %w", ns, err))
 			continue
@@ -389,7 +398,7 @@ func (r *MeshReconciler) engineRestarts(ctx context.Context, mesh *meshv1.Mesh, 
 		}
 	}
 	if len(started) > 0 {
-		r.event(mesh, corev1.EventTypeNormal, "WorkloadsRestarted", "Restarted for their new dataplane: %s", someOf(started, "; "))
+		r.event(mesh, corev1.EventTypeNormal, "WorkloadsRestarted", "%s: %s", what, someOf(started, "; "))
 	}
 	return errors.Join(errs...)
 }

@@ -2,7 +2,6 @@ package controller
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"slices"
 	"strings"
@@ -10,7 +9,6 @@ import (
 
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-	"sigs.k8s.io/controller-runtime/pkg/client"
 
 	meshv1 "github.com/meshkeeper/meshkeeper/api/v1alpha1"
 	"github.com/meshkeeper/meshkeeper/internal/restart"
@@ -153,32 +151,7 @@ func (r *MeshReconciler) sidecarRestartPhase(ctx context.Context, mesh *meshv1.M
 	if work == nil || !obs.namespacesObserved {
 		return nil
 	}
-	var errs, started []string
-	for _, ns := range work.namespaces {
-		var cur corev1.Namespace
-		if err := r.Get(ctx, client.ObjectKey{Name: ns}, &cur); err != nil {
-			if client.IgnoreNotFound(err) != nil {
-				errs = append(errs, err.Error())
-			}
-			continue
-		}
-		if cur.Labels[meshv1.LabelRevision] != work.revision {
-			continue // not relabelled yet (a conflict, or the cache is behind)
-		}
-		res, err := restart.Restart(ctx, r.workloads(), ns, work.token, restartBudget)
-		if err != nil {
-			errs = append(errs, fmt.Sprintf("restart workloads of namespace %s: %v", ns, err))
-			continue
-		}
-		if len(res.Restarted) > 0 {
-			started = append(started, fmt.Sprintf("%s (%s)", ns, someOf(res.Restarted, ", ")))
-		}
-	}
-	if len(started) > 0 {
-		r.event(mesh, corev1.EventTypeNormal, "WorkloadsRestarted", "Restarted for the sidecars of %s: %s", work.revision, someOf(started, "; "))
-	}
-	if len(errs) > 0 {
-		return errors.New(someOf(errs, "; "))
-	}
-	return nil
+	return r.restartLabelled(ctx, mesh, work.namespaces, work.token, "Restarted for the sidecars of "+work.revision, func(ns *corev1.Namespace) bool {
+		return ns.Labels[meshv1.LabelRevision] == work.revision
+	})
 }

@@ -14,7 +14,6 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/client"
 
 	meshv1 "github.com/meshkeeper/meshkeeper/api/v1alpha1"
-	"github.com/meshkeeper/meshkeeper/internal/bundle"
 )
 
 // TestStrictMTLS drives spec.security.mtls: Strict on the real API server
@@ -32,13 +31,10 @@ func TestStrictMTLS(t *testing.T) {
 	ctx := context.Background()
 	g.SetDefaultEventuallyTimeout(slow)
 	dumpMeshOnFailure(t)
-	// No istiod runs here, and the istiod chart's config validator fails
-	// closed: every PeerAuthentication write would be refused (test/istiod
-	// has a real istiod validate meshkeeper's object). Without the
-	// validator the API server's own schema is what admits it.
-	cat, err := bundle.Default().WithValues(bundle.Istiod, map[string]any{"validation": map[string]any{"enabled": false}})
-	g.Expect(err).NotTo(HaveOccurred())
-	suiteCatalog.Use(t, bundle.NewLive(cat, ""))
+	// Without istiod's config validator (no istiod runs here) the API
+	// server's own schema is what admits the PeerAuthentication; test/istiod
+	// has a real istiod validate meshkeeper's object.
+	withoutIstiodWebhooks(t, g)
 
 	namespaces := []string{"mt-canary", "mt-a", "mt-b"}
 	for _, ns := range namespaces {

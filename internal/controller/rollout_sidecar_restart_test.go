@@ -10,7 +10,6 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
 	meshv1 "github.com/meshkeeper/meshkeeper/api/v1alpha1"
-	"github.com/meshkeeper/meshkeeper/internal/bundle"
 	"github.com/meshkeeper/meshkeeper/test/prom"
 )
 
@@ -30,13 +29,7 @@ func TestSidecarVersionRolloutRestarts(t *testing.T) {
 	ctx := context.Background()
 	g.SetDefaultEventuallyTimeout(2 * slow)
 	dumpMeshOnFailure(t)
-	// No istiod runs in this suite: its injector and config validator fail
-	// closed, so a restarted pod could never be created. test/istiod has a
-	// real istiod inject by the labels meshkeeper writes.
-	cat, err := bundle.Default().WithValues(bundle.Istiod, map[string]any{
-		"validation": map[string]any{"enabled": false}, "injection": map[string]any{"enabled": false}})
-	g.Expect(err).NotTo(HaveOccurred())
-	suiteCatalog.Use(t, bundle.NewLive(cat, ""))
+	withoutIstiodWebhooks(t, g)
 
 	namespaces := []string{"sr-canary", "sr-a", "sr-b", "sr-c"}
 	workload := prom.NewWorkload(t)

@@ -64,6 +64,19 @@ func (s *swappableCatalog) current() *bundle.Live {
 
 var embeddedLive = bundle.NewLive(bundle.Default(), "")
 
+// withoutIstiodWebhooks makes the reconciler's catalog the embedded one with
+// istiod's injector and config validator off until the test ends. No istiod
+// runs in this suite, and both webhooks fail closed: with them on, no pod a
+// restart creates in a meshed namespace could be admitted. test/istiod has
+// a real istiod inject by the labels meshkeeper writes.
+func withoutIstiodWebhooks(t *testing.T, g gomega.Gomega) {
+	t.Helper()
+	cat, err := bundle.Default().WithValues(bundle.Istiod, map[string]any{
+		"validation": map[string]any{"enabled": false}, "injection": map[string]any{"enabled": false}})
+	g.Expect(err).NotTo(gomega.HaveOccurred())
+	suiteCatalog.Use(t, bundle.NewLive(cat, ""))
+}
+
 func (s *swappableCatalog) Catalog() *bundle.Catalog  { return s.current().Catalog() }
 func (s *swappableCatalog) State() bundle.SourceState { return s.current().State() }
 
