@@ -176,30 +176,13 @@ func surgePods(pods []podState, surgeList []surgeState, moved map[string]bool, b
 	if len(out.create) == 0 {
 		out.create = nil
 	}
-	out.done = len(out.waiting) == 0 && live >= desired
-	if out.done {
-		return out
-	}
-	if len(out.waiting) == 0 {
-		out.waiting = append(out.waiting, fmt.Sprintf("%d of %d pods", live, desired))
-	}
-	slices.Sort(out.waiting)
+	out.done, out.waiting = moveDone(out.waiting, live, desired)
 	return out
 }
 
 // surgePodsOf lists the surge pods of a DaemonSet from the cache.
 func (r *MeshReconciler) surgePodsOf(ctx context.Context, ds *appsv1.DaemonSet) ([]corev1.Pod, error) {
-	var list corev1.PodList
-	if err := r.List(ctx, &list, client.InNamespace(ds.Namespace), client.MatchingLabels{labelSurgeOf: ds.Name}); err != nil {
-		return nil, fmt.Errorf("list surge pods of %s: %w", ds.Name, err)
-	}
-	pods := list.Items[:0]
-	for _, p := range list.Items {
-		if ownerRef(p.OwnerReferences, ds.UID) {
-			pods = append(pods, p)
-		}
-	}
-	return pods, nil
+	return r.podsOf(ctx, ds, client.MatchingLabels{labelSurgeOf: ds.Name}, ownerRef)
 }
 
 // moveSurging runs one step of surgePods for the DaemonSet ds.

@@ -23,13 +23,7 @@ func TestSurgePods(t *testing.T) {
 	surge := func(node string, ready bool) surgeState {
 		return surgeState{name: "zt-surge-" + node, node: node, ready: ready}
 	}
-	set := func(nodes ...string) map[string]bool {
-		m := map[string]bool{}
-		for _, n := range nodes {
-			m[n] = true
-		}
-		return m
-	}
+	set := nodeSet
 	for _, tc := range []struct {
 		name           string
 		pods           []podState

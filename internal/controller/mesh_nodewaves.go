@@ -295,13 +295,20 @@ func (r *MeshReconciler) newestRevisionHash(ctx context.Context, ds *appsv1.Daem
 // informer-fed controller does; pods are deleted with their UID as a
 // precondition, so a stale entry never deletes a replacement.
 func (r *MeshReconciler) daemonSetPods(ctx context.Context, ds *appsv1.DaemonSet) ([]corev1.Pod, error) {
+	return r.podsOf(ctx, ds, client.MatchingLabels(ds.Spec.Selector.MatchLabels), ownedBy)
+}
+
+// podsOf lists, from the cache, the pods of ds's namespace with these labels
+// whose owner references name ds as owns wants (as controller: ownedBy; at
+// all: ownerRef).
+func (r *MeshReconciler) podsOf(ctx context.Context, ds *appsv1.DaemonSet, labels client.MatchingLabels, owns func([]metav1.OwnerReference, types.UID) bool) ([]corev1.Pod, error) {
 	var list corev1.PodList
-	if err := r.List(ctx, &list, client.InNamespace(ds.Namespace), client.MatchingLabels(ds.Spec.Selector.MatchLabels)); err != nil {
+	if err := r.List(ctx, &list, client.InNamespace(ds.Namespace), labels); err != nil {
 		return nil, fmt.Errorf("list pods of %s: %w", ds.Name, err)
 	}
 	pods := list.Items[:0]
 	for _, p := range list.Items {
-		if ownedBy(p.OwnerReferences, ds.UID) {
+		if owns(p.OwnerReferences, ds.UID) {
 			pods = append(pods, p)
 		}
 	}
@@ -404,13 +411,22 @@ func replacePods(pods []podState, moved map[string]bool, batch, desired int) pod
 	for _, p := range stale[:max(min(budget, len(stale)), 0)] {
 		out.delete = append(out.delete, p.name)
 	}
-	out.done = len(out.waiting) == 0 && live >= desired
-	if out.done {
-		return out
-	}
-	if len(out.waiting) == 0 {
-		out.waiting = append(out.waiting, fmt.Sprintf("%d of %d pods", live, desired))
-	}
-	slices.Sort(out.waiting)
+	out.done, out.waiting = moveDone(out.waiting, live, desired)
 	return out
+}
+
+// moveDone says whether a DaemonSet's pods on the moved nodes have moved:
+// nothing is waited for there and the DaemonSet has a live pod for every
+// node it wants one on (a deleted pod's replacement may not exist yet). It
+// returns what is waited for, sorted, naming the missing pods if nothing
+// else.
+func moveDone(waiting []string, live, desired int) (bool, []string) {
+	if len(waiting) == 0 && live >= desired {
+		return true, waiting
+	}
+	if len(waiting) == 0 {
+		waiting = append(waiting, fmt.Sprintf("%d of %d pods", live, desired))
+	}
+	slices.Sort(waiting)
+	return false, waiting
 }

@@ -15,13 +15,7 @@ func TestReplacePods(t *testing.T) {
 	cur := func(node string) podState {
 		return podState{name: "zt-" + node + "-new", node: node, current: true, ready: true}
 	}
-	set := func(nodes ...string) map[string]bool {
-		m := map[string]bool{}
-		for _, n := range nodes {
-			m[n] = true
-		}
-		return m
-	}
+	set := nodeSet
 	for _, tc := range []struct {
 		name    string
 		pods    []podState
@@ -71,4 +65,13 @@ func TestReplacePods(t *testing.T) {
 			g.Expect(got.waiting).To(Equal(tc.waiting))
 		})
 	}
+}
+
+// nodeSet is the set of the named nodes.
+func nodeSet(nodes ...string) map[string]bool {
+	m := map[string]bool{}
+	for _, n := range nodes {
+		m[n] = true
+	}
+	return m
 }
