@@ -255,7 +255,13 @@ func surgePod(ds *appsv1.DaemonSet, node string) *corev1.Pod {
 
 func (r *MeshReconciler) createSurgePod(ctx context.Context, ds *appsv1.DaemonSet, node string) error {
 	p := surgePod(ds, node)
-	if err := r.Create(ctx, p); err != nil && !apierrors.IsAlreadyExists(err) {
+	err := r.Create(ctx, p)
+	switch {
+	case apierrors.IsAlreadyExists(err):
+		// Ours from a reconcile whose cache had not seen it yet, or one
+		// still stopping: the next reconcile sees it.
+		return nil
+	case err != nil:
 		return fmt.Errorf("start %s's new pod beside the old one on node %s: %w", ds.Name, node, err)
 	}
 	log.FromContext(ctx).Info("Started a surge pod: the new ztunnel takes the node's pods before the old one stops", "pod", p.Name, "node", node)
