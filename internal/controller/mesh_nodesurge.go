@@ -57,19 +57,6 @@ const labelSurgeOf = "meshkeeper.dev/surge-of"
 // surges says whether a node component's pods are replaced make-before-break.
 func surges(c bundle.Component) bool { return c == bundle.Ztunnel }
 
-// surgeState is what surgePods needs to know about a surge pod.
-type surgeState struct {
-	name        string
-	node        string
-	ready       bool
-	terminating bool
-}
-
-func surgeStateOf(p *corev1.Pod) surgeState {
-	s := podStateOf(p, "")
-	return surgeState{name: s.name, node: s.node, ready: s.ready, terminating: s.terminating}
-}
-
 // surgeStep is one step of moving a surging DaemonSet's pods.
 type surgeStep struct {
 	create       []string // nodes to start a surge pod on
@@ -88,9 +75,9 @@ type surgeStep struct {
 // another reason counts too). Pods on other nodes are never touched, but a
 // surge pod left on any node whose DaemonSet pod is ready (a rollback, an
 // interrupted rollout) is deleted: it has done its work.
-func surgePods(pods []podState, surgeList []surgeState, moved map[string]bool, batch, desired int) surgeStep {
+func surgePods(pods, surgeList []podState, moved map[string]bool, batch, desired int) surgeStep {
 	var out surgeStep
-	surgeOn := map[string]surgeState{} // live surge pod per node
+	surgeOn := map[string]podState{} // live surge pod per node
 	for _, s := range surgeList {
 		if !s.terminating {
 			surgeOn[s.node] = s
@@ -191,11 +178,7 @@ func (r *MeshReconciler) moveSurging(ctx context.Context, ds *appsv1.DaemonSet, 
 	if err != nil {
 		return podReplacement{}, err
 	}
-	ss := make([]surgeState, 0, len(surgeList))
-	for i := range surgeList {
-		ss = append(ss, surgeStateOf(&surgeList[i]))
-	}
-	step := surgePods(states, ss, moved, batch, int(ds.Status.DesiredNumberScheduled))
+	step := surgePods(states, podStates(surgeList, ""), moved, batch, int(ds.Status.DesiredNumberScheduled))
 	for _, node := range step.create {
 		if err := r.createSurgePod(ctx, ds, node); err != nil {
 			return podReplacement{}, err
@@ -212,6 +195,15 @@ func (r *MeshReconciler) moveSurging(ctx context.Context, ds *appsv1.DaemonSet, 
 		}
 	}
 	return podReplacement{done: step.done, current: step.current, total: step.total, waiting: step.waiting}, nil
+}
+
+// podStates is podStateOf of each pod.
+func podStates(pods []corev1.Pod, hash string) []podState {
+	states := make([]podState, 0, len(pods))
+	for i := range pods {
+		states = append(states, podStateOf(&pods[i], hash))
+	}
+	return states
 }
 
 // surgePodName is the surge pod's name for a node: stable, so a retry after a
@@ -296,18 +288,16 @@ func (r *MeshReconciler) cleanupSurges(ctx context.Context, _ *meshv1.Mesh, obs 
 		if err != nil {
 			return err
 		}
-		readyOn := map[string]bool{}
-		for i := range pods {
-			if s := podStateOf(&pods[i], ""); s.ready && !s.terminating {
-				readyOn[s.node] = true
-			}
+		surgeList, err := r.surgePodsOf(ctx, ds)
+		if err != nil {
+			return err
 		}
-		for i := range list.Items {
-			p := &list.Items[i]
-			if p.DeletionTimestamp == nil && ownerRef(p.OwnerReferences, ds.UID) && readyOn[p.Spec.NodeName] {
-				if err := r.deletePod(ctx, list.Items, p.Name); err != nil {
-					return err
-				}
+		// No node moves here: surgePods only names the surge pods whose
+		// node has its DaemonSet pod ready.
+		step := surgePods(podStates(pods, ""), podStates(surgeList, ""), nil, 0, int(ds.Status.DesiredNumberScheduled))
+		for _, name := range step.deleteSurges {
+			if err := r.deletePod(ctx, surgeList, name); err != nil {
+				return err
 			}
 		}
 	}

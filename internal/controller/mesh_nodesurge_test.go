@@ -20,14 +20,14 @@ func TestSurgePods(t *testing.T) {
 	cur := func(node string) podState {
 		return podState{name: "zt-" + node + "-new", node: node, current: true, ready: true}
 	}
-	surge := func(node string, ready bool) surgeState {
-		return surgeState{name: "zt-surge-" + node, node: node, ready: ready}
+	surge := func(node string, ready bool) podState {
+		return podState{name: "zt-surge-" + node, node: node, ready: ready}
 	}
 	set := nodeSet
 	for _, tc := range []struct {
 		name           string
 		pods           []podState
-		surges         []surgeState
+		surges         []podState
 		moved          map[string]bool
 		batch, desired int
 		create         []string
@@ -47,29 +47,29 @@ func TestSurgePods(t *testing.T) {
 			create:  []string{"a"},
 			waiting: []string{"a: still on the old template", "b: still on the old template", "c: still on the old template"}},
 		{name: "a surge pod that is not ready keeps the old pod and uses up the budget",
-			pods: []podState{old("a"), old("b")}, surges: []surgeState{surge("a", false)},
+			pods: []podState{old("a"), old("b")}, surges: []podState{surge("a", false)},
 			moved: set("a", "b"), batch: 1, desired: 2,
 			waiting: []string{"a: starting the new pod beside the old one", "b: still on the old template"}},
 		{name: "once the surge pod is ready the old pod goes",
-			pods: []podState{old("a")}, surges: []surgeState{surge("a", true)},
+			pods: []podState{old("a")}, surges: []podState{surge("a", true)},
 			moved: set("a"), batch: 1, desired: 1,
 			delete:  []string{"zt-a"},
 			waiting: []string{"a: replacing"}},
 		{name: "the old pod draining, its replacement not created yet: the surge pod stays",
 			pods:   []podState{{name: "zt-a", node: "a", ready: true, terminating: true}, old("b")},
-			surges: []surgeState{surge("a", true)}, moved: set("a", "b"), batch: 1, desired: 2,
+			surges: []podState{surge("a", true)}, moved: set("a", "b"), batch: 1, desired: 2,
 			waiting: []string{"a: replacing", "b: still on the old template"}},
 		{name: "the replacement not ready: the surge pod stays",
 			pods:   []podState{{name: "zt-a-new", node: "a", current: true}},
-			surges: []surgeState{surge("a", true)}, moved: set("a"), batch: 1, desired: 1,
+			surges: []podState{surge("a", true)}, moved: set("a"), batch: 1, desired: 1,
 			waiting: []string{"a: not ready"}},
 		{name: "the replacement ready: the surge pod goes and the node has moved",
 			pods:   []podState{cur("a"), old("b")},
-			surges: []surgeState{surge("a", true)}, moved: set("a"), batch: 1, desired: 2,
+			surges: []podState{surge("a", true)}, moved: set("a"), batch: 1, desired: 2,
 			deleteSurges: []string{"zt-surge-a"}, done: true},
 		{name: "a surge pod draining does not hold the wave nor use the budget",
 			pods:   []podState{cur("a"), old("b")},
-			surges: []surgeState{{name: "zt-surge-a", node: "a", ready: true, terminating: true}}, moved: set("a", "b"), batch: 1, desired: 2,
+			surges: []podState{{name: "zt-surge-a", node: "a", ready: true, terminating: true}}, moved: set("a", "b"), batch: 1, desired: 2,
 			create: []string{"b"}, waiting: []string{"b: still on the old template"}},
 		{name: "an unready pod elsewhere uses up the budget",
 			pods:  []podState{old("a"), {name: "zt-x", node: "x"}},
@@ -77,7 +77,7 @@ func TestSurgePods(t *testing.T) {
 			waiting: []string{"a: still on the old template"}},
 		{name: "a surge pod left on a node that did not move (a rollback) goes once its pod is ready",
 			pods:   []podState{old("a"), old("b")},
-			surges: []surgeState{surge("b", true)}, moved: set(), batch: 1, desired: 2,
+			surges: []podState{surge("b", true)}, moved: set(), batch: 1, desired: 2,
 			deleteSurges: []string{"zt-surge-b"}, done: true},
 		{name: "a moved node without a pod of the DaemonSet is fine",
 			pods:  []podState{old("b")},

@@ -240,10 +240,7 @@ func (r *MeshReconciler) moveNodes(ctx context.Context, moved map[string]bool, b
 		if err != nil {
 			return nodeProgress{}, err
 		}
-		states := make([]podState, 0, len(pods))
-		for _, p := range pods {
-			states = append(states, podStateOf(&p, hash))
-		}
+		states := podStates(pods, hash)
 		var step podReplacement
 		if surges(bundle.Component(ds.Labels[meshv1.LabelComponent])) {
 			if step, err = r.moveSurging(ctx, ds, pods, states, moved, batch); err != nil {
