@@ -55,6 +55,10 @@ type engineObservation struct {
 	// placements are the namespaces' labels wanted; nil: the view mesh's
 	// labels at obs.bundle.
 	placements map[string]plan.Placement
+	// nodeRedirection is, while a rollout runs, the redirection the label
+	// of each node the decision moves follows; the other nodes keep theirs
+	// (mesh_engine_nodes.go). nil: every node follows the view mesh.
+	nodeRedirection map[string]meshv1.Redirection
 	// serveBoth: istiod serves sidecars and ambient while namespaces move
 	// between the two.
 	serveBoth bool
@@ -67,16 +71,26 @@ type engineObservation struct {
 }
 
 // engineOwns says whether the engine runs this Mesh's rollout: one it
-// recorded, or a mode switch Ambient → Sidecar at the installed version.
+// recorded, or a change at the installed version it knows how to run: a
+// mode switch Ambient → Sidecar, or a redirection switch EBPF ↔ IPTables
+// (node by node: mesh_engine_nodes.go).
 func engineOwns(mesh *meshv1.Mesh, obs *observation) bool {
 	st := &mesh.Status
 	if st.Rollout != nil {
 		return st.Rollout.Engine != nil
 	}
 	installed := st.Version.Installed
-	return installed != "" && installed == obs.target &&
-		effectiveMode(st.Dataplane.Mode) == meshv1.ModeAmbient &&
-		mesh.Spec.Dataplane.EffectiveMode() == meshv1.ModeSidecar
+	if installed == "" || installed != obs.target || effectiveMode(st.Dataplane.Mode) != meshv1.ModeAmbient {
+		return false
+	}
+	want := mesh.Spec.Dataplane
+	switch {
+	case want.EffectiveMode() == meshv1.ModeSidecar:
+		return true
+	case want.EffectiveRedirection() != (meshv1.DataplaneSpec{Mode: meshv1.ModeAmbient, Redirection: st.Dataplane.Redirection}).EffectiveRedirection():
+		return true
+	}
+	return false
 }
 
 func effectiveMode(m meshv1.DataplaneMode) meshv1.DataplaneMode {
@@ -179,6 +193,7 @@ func (r *MeshReconciler) reconcileEngine(ctx context.Context, mesh *meshv1.Mesh,
 	if d.Memory != nil {
 		eo.releases = d.Releases
 		eo.placements = placementsOf(facts, d)
+		eo.nodeRedirection = nodeRedirections(d)
 		eo.serveBoth = true
 		if !equality.Semantic.DeepEqual(ro, prev) {
 			// Record first, act next.
@@ -265,9 +280,11 @@ func (r *MeshReconciler) engineFacts(ctx context.Context, mesh *meshv1.Mesh, nam
 			facts.Ready = append(facts.Ready, plan.Release{Component: c, Version: version})
 		}
 	}
-	for _, n := range nodes {
-		facts.Nodes = append(facts.Nodes, plan.NodeFact{Name: n.Name, Labels: n.Labels, At: nodeAt})
+	nf, err := r.nodeFacts(ctx, mesh, nodes, nodeAt, installed)
+	if err != nil {
+		return facts, err
 	}
+	facts.Nodes = nf
 	var list corev1.NamespaceList
 	if err := r.List(ctx, &list); err != nil {
 		return facts, fmt.Errorf("list namespaces: %w", err)
@@ -461,8 +478,18 @@ func (r *MeshReconciler) engineRolloutStatus(mesh *meshv1.Mesh, d plan.Decision,
 				members = append(members, n)
 			}
 		}
-		slices.Sort(members)
-		setWaveNamespaces(ro, members)
+		if s.Action != plan.ActionMoveNamespaces {
+			for n, w := range m.NodeWave {
+				if w == m.Wave {
+					members = append(members, n)
+				}
+			}
+			slices.Sort(members)
+			setWaveNodes(ro, members)
+		} else {
+			slices.Sort(members)
+			setWaveNamespaces(ro, members)
+		}
 		ro.WaveStartedAt = timeRef(metav1.NewTime(m.PhaseAt))
 	}
 	settings := analysis.SettingsFor(mesh.Spec.Analysis)

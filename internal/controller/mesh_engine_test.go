@@ -76,3 +76,49 @@ func labelsOwnedBy(manager string, labels map[string]string) []metav1.ManagedFie
 	b, _ := json.Marshal(map[string]any{"f:metadata": map[string]any{"f:labels": raw}})
 	return []metav1.ManagedFieldsEntry{{Manager: manager, Operation: metav1.ManagedFieldsOperationApply, FieldsV1: &metav1.FieldsV1{Raw: b}}}
 }
+
+// TestNodeRedirectionAt: a node has moved to its label's redirection only
+// once the component that redirects there is ready and the other one has
+// gone from the node (a stopping node agent is still removing its datapath).
+func TestNodeRedirectionAt(t *testing.T) {
+	ready := podState{name: "p-ready", ready: true}
+	unready := podState{name: "p-unready"}
+	stopping := podState{name: "p-stopping", ready: true, terminating: true}
+	for _, tc := range []struct {
+		name, label string
+		agent, cni  []podState
+		want        meshv1.Redirection
+		waiting     string
+	}{
+		{name: "ebpf settled", label: "ebpf", agent: []podState{ready}, want: meshv1.RedirectionEBPF},
+		{name: "ebpf, agent not ready", label: "ebpf", agent: []podState{unready}, waiting: "no ready node-agent pod"},
+		{name: "ebpf, no agent yet", label: "ebpf", waiting: "no ready node-agent pod"},
+		{name: "ebpf, istio-cni still there", label: "ebpf", agent: []podState{ready}, cni: []podState{stopping}, waiting: "p-stopping still running"},
+		{name: "iptables settled", label: "iptables", cni: []podState{ready}, want: meshv1.RedirectionIPTables},
+		{name: "iptables, the agent cleaning up", label: "iptables", agent: []podState{stopping}, cni: []podState{ready}, waiting: "p-stopping still running"},
+		{name: "iptables, only a stopping istio-cni", label: "iptables", cni: []podState{stopping}, waiting: "no ready istio-cni pod"},
+		{name: "blocked, nothing runs", label: "blocked", want: meshv1.RedirectionEBPF},
+		{name: "blocked, istio-cni still there", label: "blocked", cni: []podState{ready}, waiting: "p-ready still running"},
+		{name: "not labelled", label: "", agent: []podState{ready}, waiting: "not labelled meshkeeper.dev/redirection yet"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			got, waiting := nodeRedirectionAt(tc.label, tc.agent, tc.cni)
+			if got != tc.want || waiting != tc.waiting {
+				t.Errorf("nodeRedirectionAt(%q) = %q, %q; want %q, %q", tc.label, got, waiting, tc.want, tc.waiting)
+			}
+		})
+	}
+}
+
+// TestNodeRedirections: only the nodes a decision moves get a new label; a
+// move without a redirection (node components removed) relabels nothing.
+func TestNodeRedirections(t *testing.T) {
+	g := NewWithT(t)
+	d := plan.Decision{Nodes: map[string]plan.NodePlacement{
+		"a": {Version: "1.28.2", Redirection: meshv1.RedirectionIPTables},
+		"b": {},
+	}}
+	g.Expect(nodeRedirections(d)).To(Equal(map[string]meshv1.Redirection{"a": meshv1.RedirectionIPTables}))
+	g.Expect(nodeRedirections(plan.Decision{})).To(BeEmpty())
+	g.Expect(nodeRedirections(plan.Decision{})).NotTo(BeNil(), "non-nil: nodes not moved keep their labels")
+}

@@ -104,7 +104,22 @@ func (r *MeshReconciler) reconcileNodes(ctx context.Context, mesh *meshv1.Mesh, 
 	var enrolments []nodeEnrolment
 	for i := range nodes {
 		n := &nodes[i]
-		d := decideNode(n, byName[n.Name], mesh.Spec.Dataplane, minKernel)
+		spec := mesh.Spec.Dataplane
+		keep := false
+		if eo := obs.engine; eo != nil && eo.nodeRedirection != nil {
+			// An engine rollout moves nodes one wave at a time: only the
+			// nodes its decision moves are relabelled (mesh_engine_nodes.go).
+			red, moves := eo.nodeRedirection[n.Name]
+			if moves {
+				spec.Redirection = red
+			}
+			_, labelled := n.Labels[meshv1.LabelRedirection]
+			keep = !moves && labelled
+		}
+		d := decideNode(n, byName[n.Name], spec, minKernel)
+		if keep {
+			d.redirection = meshv1.NodeRedirection(n.Labels[meshv1.LabelRedirection])
+		}
 		decisions = append(decisions, d)
 		if err := r.applyNodeLabel(ctx, n, d.redirection); err != nil {
 			errs = append(errs, err)

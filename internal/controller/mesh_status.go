@@ -136,7 +136,10 @@ func applyStatus(mesh *meshv1.Mesh, obs *observation, reconcileErr error) {
 		slices.Sort(obs.conflicts)
 		st.Dataplane.Conflicts, st.Dataplane.ConflictsOmitted = obs.conflicts, 0 // capped by boundStatus
 	}
-	if obs.planned {
+	switch {
+	case obs.planned && obs.engine != nil:
+		st.Plan = obs.plan // the engine's decision says where each step is
+	case obs.planned:
 		st.Plan = planStates(obs.plan, obs)
 	}
 	if obs.identity.observed {

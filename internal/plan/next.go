@@ -166,8 +166,20 @@ type NodeFact struct {
 	Labels map[string]string
 	// At is what its node pods run, ready.
 	At NodePlacement
+	// FixedRedirection: the node redirects the same way whatever the mesh
+	// asks (it cannot run eBPF and falls back to iptables), so only its
+	// version moves; a redirection switch leaves it as it is.
+	FixedRedirection bool
 	// Waiting names what is not ready (e.g. "ztunnel-x7k2p CrashLoopBackOff", "node NotReady").
 	Waiting string
+}
+
+// isAt is whether the node runs p (its redirection aside when it is fixed).
+func (n NodeFact) isAt(p NodePlacement) bool {
+	if n.FixedRedirection && p.Version != "" {
+		return n.At.Version == p.Version
+	}
+	return n.At == p
 }
 
 // Phase is where the current wave or step is.
@@ -604,7 +616,7 @@ func (e *engine) notMoved() []string {
 	if waveStep(s) {
 		if nodeStep(s) {
 			for _, n := range e.facts.Nodes {
-				if e.mem.NodeWave[n.Name] == e.mem.Wave && n.At != want.nodeAt(n.Name) {
+				if e.mem.NodeWave[n.Name] == e.mem.Wave && !n.isAt(want.nodeAt(n.Name)) {
 					out = append(out, withWhy("node "+n.Name, n.Waiting))
 				}
 			}
@@ -885,7 +897,7 @@ func (e *engine) rollingBack() Decision {
 		}
 	}
 	for _, n := range e.facts.Nodes {
-		if n.At != want.nodeAt(n.Name) {
+		if !n.isAt(want.nodeAt(n.Name)) {
 			missing = append(missing, "node "+n.Name)
 		}
 	}
@@ -1116,7 +1128,7 @@ func (e *engine) decideWorld(v Verb, want world, msg string) Decision {
 	}
 	for _, n := range e.facts.Nodes {
 		at := want.nodeAt(n.Name)
-		if n.At != at {
+		if !n.isAt(at) {
 			if d.Nodes == nil {
 				d.Nodes = map[string]NodePlacement{}
 			}

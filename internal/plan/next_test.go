@@ -60,9 +60,12 @@ type simNS struct {
 }
 
 type simNode struct {
-	labels  map[string]string
-	at      NodePlacement
-	stuck   bool
+	labels map[string]string
+	at     NodePlacement
+	stuck  bool
+	// fixed: the node cannot run eBPF and falls back to iptables whatever
+	// the mesh asks.
+	fixed   bool
 	movedAt time.Time
 	history []NodePlacement
 }
@@ -170,7 +173,7 @@ func (s *sim) facts() Facts {
 		if x.stuck {
 			w = "ztunnel CrashLoopBackOff"
 		}
-		f.Nodes = append(f.Nodes, NodeFact{Name: n, Labels: x.labels, At: x.at, Waiting: w})
+		f.Nodes = append(f.Nodes, NodeFact{Name: n, Labels: x.labels, At: x.at, FixedRedirection: x.fixed, Waiting: w})
 	}
 	f.Ready = slices.Clone(s.ready)
 	return f
@@ -313,6 +316,12 @@ func (s *sim) act(d Decision) {
 		}
 		if x.stuck && at.Version != "" {
 			continue // its new pod never becomes ready
+		}
+		if x.fixed && at.Version != "" {
+			if at.Version == x.at.Version {
+				s.t.Errorf("%s: fallback node %s told to move to %s: its redirection cannot change", s.offset(), name, at)
+			}
+			at.Redirection = meshv1.RedirectionIPTables
 		}
 		if d.Memory != nil && !rollingBack && slices.Contains(x.history, at) && at.Version != "" {
 			s.t.Errorf("%s: node %s moved back to %s outside a rollback", s.offset(), name, at)
@@ -519,6 +528,35 @@ func scenarios() []scenario {
 		check: func(t *testing.T, s *sim) {
 			wantOutcome(t, s, meshv1.OutcomeSucceeded)
 			wantNodes(t, s, NodePlacement{"1.27.3", meshv1.RedirectionIPTables})
+		},
+	}, {
+		// node-05 cannot run eBPF and falls back to iptables: the switch to
+		// eBPF moves every other node and leaves it as it is, without
+		// waiting for it until the progress deadline.
+		name: "redirection-switch-with-a-fallback-node",
+		in: func() Inputs {
+			return upgradeInputs(spec("1.27.3"), Installed{Version: "1.27.3", Mode: meshv1.ModeAmbient, Redirection: meshv1.RedirectionIPTables})
+		},
+		setup: func(s *sim) {
+			s.nodes["node-05"].fixed = true
+			for _, x := range s.nodes {
+				x.at.Redirection = meshv1.RedirectionIPTables
+			}
+		},
+		check: func(t *testing.T, s *sim) {
+			wantOutcome(t, s, meshv1.OutcomeSucceeded)
+			for _, n := range slices.Sorted(maps.Keys(s.nodes)) {
+				want := NodePlacement{"1.27.3", meshv1.RedirectionEBPF}
+				if n == "node-05" {
+					want.Redirection = meshv1.RedirectionIPTables
+				}
+				if got := s.nodes[n].at; got != want {
+					t.Errorf("node %s runs %s, want %s", n, got, want)
+				}
+			}
+			if h := s.nodes["node-05"].history; len(h) > 0 {
+				t.Errorf("the fallback node moved: %v", h)
+			}
 		},
 	}, {
 		name:  "breach-canary-node-wave",
