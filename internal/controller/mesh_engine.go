@@ -71,24 +71,24 @@ type engineObservation struct {
 }
 
 // engineOwns says whether the engine runs this Mesh's rollout: one it
-// recorded, or a change at the installed version it knows how to run: a
-// mode switch Ambient → Sidecar, or a redirection switch EBPF ↔ IPTables
-// (node by node: mesh_engine_nodes.go).
+// recorded, or a change of dataplane at the installed version: a mode
+// switch either way, or a redirection switch EBPF ↔ IPTables (nodes move
+// wave by wave: mesh_engine_nodes.go).
 func engineOwns(mesh *meshv1.Mesh, obs *observation) bool {
 	st := &mesh.Status
 	if st.Rollout != nil {
 		return st.Rollout.Engine != nil
 	}
 	installed := st.Version.Installed
-	if installed == "" || installed != obs.target || effectiveMode(st.Dataplane.Mode) != meshv1.ModeAmbient {
+	if installed == "" || installed != obs.target {
 		return false
 	}
-	want := mesh.Spec.Dataplane
+	have, want := effectiveMode(st.Dataplane.Mode), mesh.Spec.Dataplane
 	switch {
-	case want.EffectiveMode() == meshv1.ModeSidecar:
+	case have != want.EffectiveMode():
 		return true
-	case want.EffectiveRedirection() != (meshv1.DataplaneSpec{Mode: meshv1.ModeAmbient, Redirection: st.Dataplane.Redirection}).EffectiveRedirection():
-		return true
+	case have == meshv1.ModeAmbient:
+		return want.EffectiveRedirection() != (meshv1.DataplaneSpec{Mode: meshv1.ModeAmbient, Redirection: st.Dataplane.Redirection}).EffectiveRedirection()
 	}
 	return false
 }

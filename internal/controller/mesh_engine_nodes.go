@@ -14,8 +14,9 @@ import (
 	"github.com/meshkeeper/meshkeeper/internal/plan"
 )
 
-// Nodes in an engine rollout. A redirection switch (EBPF ↔ IPTables) moves
-// node by node, in the node waves status.plan shows. What redirects on a
+// Nodes in an engine rollout. A redirection switch (EBPF ↔ IPTables), and
+// the node components' install of a switch Sidecar → Ambient, move node by
+// node, in the node waves status.plan shows. What redirects on a
 // node is chosen by its meshkeeper.dev/redirection label: the node agent's
 // DaemonSet selects ebpf, istio-cni's iptables. So moving a node is writing
 // its label; the DaemonSet controller then starts the one and stops the
@@ -74,6 +75,12 @@ func (r *MeshReconciler) nodeFacts(ctx context.Context, mesh *meshv1.Mesh, nodes
 		label := n.Labels[meshv1.LabelRedirection]
 		red, waiting := nodeRedirectionAt(label, onNode[n.Name][bundle.NodeAgent], onNode[n.Name][bundle.CNI])
 		f := plan.NodeFact{Name: n.Name, Labels: n.Labels, At: plan.NodePlacement{Version: nodeAt.Version, Redirection: red}, Waiting: waiting}
+		if label == "" {
+			// Nothing redirects on a node without the label (neither the
+			// node agent nor istio-cni runs there), whatever ztunnel does:
+			// it is not in the mesh's node set yet.
+			f.At = plan.NodePlacement{}
+		}
 		if minKernel != nil && label != string(meshv1.NodeRedirectionBlocked) && fallback == meshv1.FallbackIPTables {
 			// A node that cannot run eBPF falls back to iptables whichever
 			// redirection the mesh asks for: a switch does not move it.

@@ -111,7 +111,7 @@ func (r *MeshReconciler) reconcileNodes(ctx context.Context, mesh *meshv1.Mesh, 
 			// nodes its decision moves are relabelled (mesh_engine_nodes.go).
 			red, moves := eo.nodeRedirection[n.Name]
 			if moves {
-				spec.Redirection = red
+				spec.Mode, spec.Redirection = meshv1.ModeAmbient, red
 			}
 			_, labelled := n.Labels[meshv1.LabelRedirection]
 			keep = !moves && labelled
