@@ -36,14 +36,7 @@ func TestModeSwitchInWaves(t *testing.T) {
 	withoutIstiodWebhooks(t, g)
 
 	namespaces := []string{"ms-canary", "ms-a", "ms-b", "ms-c"}
-	workload := prom.NewWorkload(t)
-	for _, ns := range namespaces {
-		mkNS(g, ns, map[string]string{"ms-mesh": "on"})
-		workload.SetRatio(ns, 1)
-		mkDeployment(g, ns, "app")
-	}
-	srv, err := prom.Start(ctx, t, workload.Addr)
-	g.Expect(err).NotTo(HaveOccurred())
+	workload, srv := judgedNamespaces(t, g, "ms-mesh", true, namespaces...)
 
 	mesh := &meshv1.Mesh{
 		ObjectMeta: metav1.ObjectMeta{Name: "default"},
@@ -140,6 +133,24 @@ func TestModeSwitchInWaves(t *testing.T) {
 		g.Eventually(releaseNames).ShouldNot(ContainElements("ztunnel", "node-agent", "istio-cni"))
 		g.Expect(m.Status.Plan).To(HaveEach(HaveField("State", meshv1.StepDone)))
 	})
+}
+
+// judgedNamespaces creates namespaces labelled selector=on, each with a
+// healthy SLO series served by a test workload (optionally a Deployment
+// "app" the kwok nodes run), and a real Prometheus scraping it.
+func judgedNamespaces(t *testing.T, g Gomega, selector string, withApp bool, names ...string) (*prom.Workload, *prom.Server) {
+	t.Helper()
+	workload := prom.NewWorkload(t)
+	for _, ns := range names {
+		mkNS(g, ns, map[string]string{selector: "on"})
+		workload.SetRatio(ns, 1)
+		if withApp {
+			mkDeployment(g, ns, "app")
+		}
+	}
+	srv, err := prom.Start(context.Background(), t, workload.Addr)
+	g.Expect(err).NotTo(HaveOccurred())
+	return workload, srv
 }
 
 // placementOfNS is "<revision> <mode>" as the labels meshkeeper owns put it.

@@ -34,13 +34,7 @@ func TestRedirectionSwitchInWaves(t *testing.T) {
 	dumpMeshOnFailure(t)
 
 	namespaces := []string{"rs-a", "rs-b"}
-	workload := prom.NewWorkload(t)
-	for _, ns := range namespaces {
-		mkNS(g, ns, map[string]string{"rs-mesh": "on"})
-		workload.SetRatio(ns, 1)
-	}
-	srv, err := prom.Start(ctx, t, workload.Addr)
-	g.Expect(err).NotTo(HaveOccurred())
+	workload, srv := judgedNamespaces(t, g, "rs-mesh", false, namespaces...)
 
 	one := intstr.FromInt32(1)
 	mesh := &meshv1.Mesh{

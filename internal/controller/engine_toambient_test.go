@@ -33,14 +33,7 @@ func TestSidecarToAmbientInWaves(t *testing.T) {
 	withoutIstiodWebhooks(t, g)
 
 	namespaces := []string{"ta-canary", "ta-a", "ta-b"}
-	workload := prom.NewWorkload(t)
-	for _, ns := range namespaces {
-		mkNS(g, ns, map[string]string{"ta-mesh": "on"})
-		workload.SetRatio(ns, 1)
-		mkDeployment(g, ns, "app")
-	}
-	srv, err := prom.Start(ctx, t, workload.Addr)
-	g.Expect(err).NotTo(HaveOccurred())
+	workload, srv := judgedNamespaces(t, g, "ta-mesh", true, namespaces...)
 
 	one := intstr.FromInt32(1)
 	mesh := &meshv1.Mesh{

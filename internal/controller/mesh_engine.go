@@ -302,7 +302,7 @@ func (r *MeshReconciler) engineFacts(ctx context.Context, mesh *meshv1.Mesh, nam
 		}
 		f := plan.NamespaceFact{Name: name, At: placementOf(ns)}
 		if mem != nil && mem.Restart != "" && (mem.Phase == plan.PhaseRollingBack || mem.NamespaceWave[name] == mem.Wave) {
-			done, waiting, err := restart.Observe(ctx, r.workloads(), name, mem.Restart)
+			done, waiting, err := r.observeRestart(ctx, name, mem.Restart)
 			if err != nil {
 				return facts, fmt.Errorf("observe the restart of namespace %s: %w", name, err)
 			}
@@ -314,6 +314,48 @@ func (r *MeshReconciler) engineFacts(ctx context.Context, mesh *meshv1.Mesh, nam
 		facts.Namespaces = append(facts.Namespaces, f)
 	}
 	return facts, nil
+}
+
+// observeRestart is restart.Observe, remembered once true: a namespace seen
+// rolled out with a token is not read again for it. A wave's move is
+// complete once (the engine never asks again after), and each Observe is
+// four uncached LISTs, every reconcile of a wave in flight, for every
+// namespace of the wave.
+func (r *MeshReconciler) observeRestart(ctx context.Context, ns, token string) (bool, string, error) {
+	if rolledOut.seen(ns, token) {
+		return true, "", nil
+	}
+	done, waiting, err := restart.Observe(ctx, r.workloads(), ns, token)
+	if err == nil && done {
+		rolledOut.record(ns, token)
+	}
+	return done, waiting, err
+}
+
+// rolledOut is, per namespace, the last restart token its workloads were
+// seen rolled out with (one Mesh per cluster; the reconciler is copied per
+// reconcile, so it lives here, like scrapeIntervals). One entry per
+// namespace: a new token replaces the old one.
+var rolledOut = &rolledOutCache{}
+
+type rolledOutCache struct {
+	mu     sync.Mutex
+	tokens map[string]string
+}
+
+func (c *rolledOutCache) seen(ns, token string) bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return token != "" && c.tokens[ns] == token
+}
+
+func (c *rolledOutCache) record(ns, token string) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.tokens == nil {
+		c.tokens = map[string]string{}
+	}
+	c.tokens[ns] = token
 }
 
 // releaseComponent is the component a release runs (istiod-1-28-2: istiod).

@@ -45,13 +45,9 @@ func (r *MeshReconciler) nodeFacts(ctx context.Context, mesh *meshv1.Mesh, nodes
 			minKernel = &v
 		}
 	}
-	var reports meshv1.MeshNodeList
-	if err := r.List(ctx, &reports); err != nil {
-		return nil, fmt.Errorf("list meshnodes: %w", err)
-	}
-	byName := map[string]*meshv1.MeshNode{}
-	for i := range reports.Items {
-		byName[reports.Items[i].Name] = &reports.Items[i]
+	byName, err := r.meshNodes(ctx)
+	if err != nil {
+		return nil, err
 	}
 	var pods corev1.PodList
 	if err := r.List(ctx, &pods, client.InNamespace(r.ComponentsNamespace), client.HasLabels{meshv1.LabelComponent}); err != nil {

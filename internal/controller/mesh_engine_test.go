@@ -1,13 +1,17 @@
 package controller
 
 import (
+	"context"
 	"encoding/json"
+	"sync/atomic"
 	"testing"
 	"time"
 
 	. "github.com/onsi/gomega"
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"sigs.k8s.io/controller-runtime/pkg/client"
+	"sigs.k8s.io/controller-runtime/pkg/client/interceptor"
 
 	meshv1 "github.com/meshkeeper/meshkeeper/api/v1alpha1"
 	"github.com/meshkeeper/meshkeeper/internal/bundle"
@@ -121,4 +125,33 @@ func TestNodeRedirections(t *testing.T) {
 	g.Expect(nodeRedirections(d)).To(Equal(map[string]meshv1.Redirection{"a": meshv1.RedirectionIPTables}))
 	g.Expect(nodeRedirections(plan.Decision{})).To(BeEmpty())
 	g.Expect(nodeRedirections(plan.Decision{})).NotTo(BeNil(), "non-nil: nodes not moved keep their labels")
+}
+
+// TestObserveRestartReadsARolledOutNamespaceOnce: a wave's namespaces are
+// observed every reconcile while the wave moves, four uncached LISTs each;
+// one seen rolled out with the wave's token is not read again, and a new
+// token (the next wave, a rollback) reads it afresh.
+func TestObserveRestartReadsARolledOutNamespaceOnce(t *testing.T) {
+	g := NewWithT(t)
+	ctx := context.Background()
+	mkNS(g, "obs-empty", nil) // no workloads: rolled out with any token
+	var lists atomic.Int64
+	ww, err := client.NewWithWatch(kc.Config, client.Options{Scheme: kc.Scheme})
+	g.Expect(err).NotTo(HaveOccurred())
+	r := &MeshReconciler{Client: k8s, Workloads: interceptor.NewClient(ww, interceptor.Funcs{
+		List: func(ctx context.Context, c client.WithWatch, list client.ObjectList, opts ...client.ListOption) error {
+			lists.Add(1)
+			return c.List(ctx, list, opts...)
+		},
+	})}
+	observe := func(token string) int64 {
+		before := lists.Load()
+		done, waiting, err := r.observeRestart(ctx, "obs-empty", token)
+		g.Expect(err).NotTo(HaveOccurred())
+		g.Expect(done).To(BeTrue(), waiting)
+		return lists.Load() - before
+	}
+	g.Expect(observe("2026-12-03T17:00:00Z")).To(BeEquivalentTo(4), "deployments, statefulsets, daemonsets, PDBs")
+	g.Expect(observe("2026-12-03T17:00:00Z")).To(BeZero(), "seen rolled out with this token: not read again")
+	g.Expect(observe("rollback-2026-12-03T17:05:00Z")).To(BeEquivalentTo(4), "a new token is observed afresh")
 }

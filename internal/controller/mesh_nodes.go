@@ -87,13 +87,9 @@ func (r *MeshReconciler) reconcileNodes(ctx context.Context, mesh *meshv1.Mesh, 
 	if err != nil {
 		return err
 	}
-	var reports meshv1.MeshNodeList
-	if err := r.List(ctx, &reports); err != nil {
-		return fmt.Errorf("list meshnodes: %w", err)
-	}
-	byName := map[string]*meshv1.MeshNode{}
-	for i := range reports.Items {
-		byName[reports.Items[i].Name] = &reports.Items[i]
+	byName, err := r.meshNodes(ctx)
+	if err != nil {
+		return err
 	}
 	minKernel, err := kernel.Parse(obs.bundle.MinKernel)
 	if err != nil {
@@ -133,6 +129,19 @@ func (r *MeshReconciler) reconcileNodes(ctx context.Context, mesh *meshv1.Mesh, 
 	obs.notEnrolled, obs.enrolmentRecheck = podsNotEnrolled(enrolments, r.now(), obs.notEnrolledGrace)
 	obs.nodesObserved = true
 	return errors.Join(errs...)
+}
+
+// meshNodes are the node agents' reports (MeshNode), by node name.
+func (r *MeshReconciler) meshNodes(ctx context.Context) (map[string]*meshv1.MeshNode, error) {
+	var reports meshv1.MeshNodeList
+	if err := r.List(ctx, &reports); err != nil {
+		return nil, fmt.Errorf("list meshnodes: %w", err)
+	}
+	byName := make(map[string]*meshv1.MeshNode, len(reports.Items))
+	for i := range reports.Items {
+		byName[reports.Items[i].Name] = &reports.Items[i]
+	}
+	return byName, nil
 }
 
 // applyNodeLabel sets (or, with "", removes) meshkeeper's redirection label

@@ -165,13 +165,11 @@ func TestWaypointsMoveWithWaves(t *testing.T) {
 	ctx := context.Background()
 	g.SetDefaultEventuallyTimeout(slow)
 
-	workload := prom.NewWorkload(t)
-	for _, ns := range []string{"wv-canary", "wv-b"} {
-		mkNS(g, ns, map[string]string{"wv-mesh": "on"})
-		workload.SetRatio(ns, 1)
-	}
-	srv, err := prom.Start(ctx, t, workload.Addr)
-	g.Expect(err).NotTo(HaveOccurred())
+	// Three namespaces: with the canary at 0.9 the node waves, which judge
+	// every namespace, see 0.967 and pass; two (0.95 against min 0.95)
+	// broke the node waves instead, whenever their checks saw the canary's
+	// new ratio.
+	workload, srv := judgedNamespaces(t, g, "wv-mesh", false, "wv-canary", "wv-b", "wv-c")
 	mesh := &meshv1.Mesh{
 		ObjectMeta: metav1.ObjectMeta{Name: "default"},
 		Spec: meshv1.MeshSpec{
