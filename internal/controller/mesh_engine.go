@@ -510,28 +510,20 @@ func (r *MeshReconciler) engineRolloutStatus(mesh *meshv1.Mesh, d plan.Decision,
 		ro.Step = meshv1.RolloutStepNamespaces
 	}
 	if m.Wave > 0 {
-		ro.Wave, ro.Waves = int32(m.Wave), int32(m.NamespaceWaves)
+		// A namespace step's wave lists namespaces, a node step's nodes.
+		waveOf, waves, set := m.NamespaceWave, m.NamespaceWaves, setWaveNamespaces
 		if s.Action != plan.ActionMoveNamespaces {
-			ro.Waves = int32(m.NodeWaves)
+			waveOf, waves, set = m.NodeWave, m.NodeWaves, setWaveNodes
 		}
+		ro.Wave, ro.Waves = int32(m.Wave), int32(waves)
 		var members []string
-		for n, w := range m.NamespaceWave {
-			if w == m.Wave && s.Action == plan.ActionMoveNamespaces {
+		for n, w := range waveOf {
+			if w == m.Wave {
 				members = append(members, n)
 			}
 		}
-		if s.Action != plan.ActionMoveNamespaces {
-			for n, w := range m.NodeWave {
-				if w == m.Wave {
-					members = append(members, n)
-				}
-			}
-			slices.Sort(members)
-			setWaveNodes(ro, members)
-		} else {
-			slices.Sort(members)
-			setWaveNamespaces(ro, members)
-		}
+		slices.Sort(members)
+		set(ro, members)
 		ro.WaveStartedAt = timeRef(metav1.NewTime(m.PhaseAt))
 	}
 	settings := analysis.SettingsFor(mesh.Spec.Analysis)

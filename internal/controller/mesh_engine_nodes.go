@@ -110,7 +110,7 @@ func nodeRedirectionAt(label string, agent, cni []podState) (meshv1.Redirection,
 	for _, p := range wantGone {
 		waiting = append(waiting, p.name+" still running")
 	}
-	if red != "" && label != string(meshv1.NodeRedirectionBlocked) {
+	if label != string(meshv1.NodeRedirectionBlocked) {
 		ready := false
 		for _, p := range wantReady {
 			ready = ready || (p.ready && !p.terminating)
